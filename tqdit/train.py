@@ -50,8 +50,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     if model.in_channels != data.shape[1] or model.num_classes != int(targets.max()) + 1:
         raise ValueError(f"model {cfg.model.arch} does not fit the MNIST digits (1 channel, 10 classes)")
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+    if cfg.compile:
+        model.compile()  # after the EMA copy, so the saved weights come from a plain module
     diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
 
     model.train()

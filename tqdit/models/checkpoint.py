@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tqdit.errors import TqditError
 from tqdit.models.dit import DiT
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TqditError, ValueError):
     """A checkpoint that cannot be used: missing, unreadable, unsafe, or of another architecture."""
 
 
