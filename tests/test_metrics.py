@@ -75,7 +75,7 @@ def test_classifier_features_shapes_and_accuracy(extractor):
 
 class UInt8Images(torch.utils.data.Dataset):
     def __init__(self, images):
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        self.images = torch.tensor(images).permute(0, 3, 1, 2)
 
     def __len__(self):
         return len(self.images)
