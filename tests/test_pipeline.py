@@ -12,10 +12,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+FAST_QUANT = ["quant.candidates=10", "quant.rounds=1", "quant.num_inputs=8", "quant.calib.num_samples=4", "groups=2"]
+
+
 def run_job(tmp_path: Path, name: str, *overrides: str) -> Path:
     job_dir = tmp_path / name
-    command = [sys.executable, "run.py", f"hydra.run.dir={job_dir}", f"eval.cache_dir={tmp_path / 'cache'}",
-               "num_samples=20", "batch_size=8", "sampler.steps=4", *overrides]
+    command = [sys.executable, "run.py", f"hydra.run.dir={job_dir}", f"cache_dir={tmp_path / 'cache'}",
+               "num_samples=20", "batch_size=8", "sampler.steps=4", *FAST_QUANT, *overrides]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "FID" in result.stdout and "results:" in result.stdout
@@ -23,7 +26,7 @@ def run_job(tmp_path: Path, name: str, *overrides: str) -> Path:
 
 
 def test_job_writes_results_samples_and_grid(tmp_path):
-    job_dir = run_job(tmp_path, "a")
+    job_dir = run_job(tmp_path, "a", "quant=fp")
     results = json.loads((job_dir / "results.json").read_text())
     assert set(results["metrics"]) == {"fid", "sfid", "is", "precision", "recall"}
     assert all(np.isfinite(v) for v in results["metrics"].values())
@@ -38,12 +41,12 @@ def test_job_writes_results_samples_and_grid(tmp_path):
 
 
 def test_job_is_deterministic_and_independent_of_batch_size(tmp_path):
-    first = run_job(tmp_path, "first")
-    second = run_job(tmp_path, "second", "batch_size=20")
+    first = run_job(tmp_path, "first", "quant=fp")
+    second = run_job(tmp_path, "second", "quant=fp", "batch_size=20")
     with np.load(first / "samples.npz") as a, np.load(second / "samples.npz") as b:
         # float round-off can differ with the batch shape; uint8 pixels almost never do
         assert (a["arr_0"] != b["arr_0"]).mean() < 1e-3
-    again = run_job(tmp_path, "again")
+    again = run_job(tmp_path, "again", "quant=fp")
     with np.load(first / "samples.npz") as a, np.load(again / "samples.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     metrics = [json.loads((d / "results.json").read_text())["metrics"] for d in (first, again)]
@@ -57,14 +60,61 @@ def test_missing_checkpoint_fails_with_one_clear_line(tmp_path):
     assert result.stderr.strip() == "error: model.checkpoint=/nonexistent/dit.pt: file not found; give the path of the weights file"
 
 
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
 @pytest.mark.parametrize("override,message", [
     ("sampler.steps=ddim600", "no integer stride gives exactly 600"),
     ("num_samples=5", "num_samples=5 must be an integer of at least eval.is_splits=10"),
     ("model.arch=DiT-XXL/2", "model.arch=DiT-XXL/2 is unknown"),
     ("dtype=fp64", "unknown dtype 'fp64'"),
+    ("bits=9", "w_bits=9 must be an integer bit width from 2 to 8"),
+    ("a_bits=1.5", "a_bits=1.5 must be an integer bit width"),
+    ("groups=51", "groups=51 must be an integer from 1 to the number of sampling steps (50)"),
+    ("quant=mrq a_bits=2", "multi-region quantization needs at least 3 bits"),
+    ("quant.search=newton", "quant.search=newton is unknown"),
+    ("quant.load=/nonexistent.safetensors", "quant.load=/nonexistent.safetensors: file not found"),
 ])
-def test_bad_config_fails_before_any_work(tmp_path, override, message):
-    result = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path}", override],
+def test_bad_config_is_refused_before_any_work(override, message):
+    from tqdit.errors import TqditError
+    from tqdit.pipeline.job import validate
+
+    with pytest.raises(TqditError) as error:
+        validate(compose(*override.split()))
+    assert message in str(error.value)
+
+
+def test_default_and_sweep_values_validate():
+    from tqdit.pipeline.job import validate
+
+    for overrides in ([], ["bits=6"], ["w_bits=4", "a_bits=8"], ["groups=5"], ["groups=25"], ["quant=uniform", "groups=99"]):
+        validate(compose(*overrides))  # groups are ignored by methods without time groups
+
+
+def test_unknown_method_is_a_hydra_error_naming_the_options(tmp_path):
+    result = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path}", "quant=nope"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "samples.npz").exists()
+    assert result.returncode == 1 and "Could not find 'quant/nope'" in result.stderr and "mrq_tgq" in result.stderr
+
+
+def test_quantized_job_records_method_and_reloads_its_calibration(tmp_path):
+    job = run_job(tmp_path, "w4a8", "quant=mrq_tgq", "w_bits=4", "a_bits=8")
+    results = json.loads((job / "results.json").read_text())
+    quant = results["quant"]
+    assert (quant["method"], quant["w_bits"], quant["a_bits"], quant["groups"]) == ("mrq_tgq", 4, 8, 2)
+    assert quant["quantized_layers"] == 28 and len(quant["scope_layers"]) == 28 and quant["scope"] == "blocks"
+    assert quant["calibration_s"] > 0 and quant["peak_memory_bytes"] > 0 and quant["calibration_set_cached"] is False
+    assert (job / "quant_params.safetensors").is_file()
+    again = run_job(tmp_path, "reload", "quant=mrq_tgq", "w_bits=4", "a_bits=8", f"quant.load={job / 'quant_params.safetensors'}")
+    reloaded = json.loads((again / "results.json").read_text())
+    assert reloaded["quant"]["loaded_from"].endswith("quant_params.safetensors") and "calibration_s" not in reloaded["quant"]
+    with np.load(job / "samples.npz") as a, np.load(again / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])  # same parameters, same samples
+    cached = run_job(tmp_path, "uniform", "quant=uniform", "bits=6")
+    record = json.loads((cached / "results.json").read_text())["quant"]
+    assert record["calibration_set_cached"] is True  # the sweep's second job reuses the captured set
+    assert record["groups"] is None and record["search"] == "lp"

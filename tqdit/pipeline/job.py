@@ -7,6 +7,7 @@ composed config and the job directory in.
 from __future__ import annotations
 
 import io
+import math
 import platform
 import time
 from pathlib import Path
@@ -17,11 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from tqdit.data import load_digits
+from tqdit.data.calibration import CalibrationSpec, cached_capture
 from tqdit.diffusion import create_diffusion, space_timesteps
 from tqdit.errors import TqditError
 from tqdit.metrics import all_metrics, build_extractor, extract_features, reference_features
 from tqdit.models import DIT_CONFIGS, load_model
 from tqdit.pipeline.generate import generate
+from tqdit.quant import METHODS, USES_TIME_GROUPS, QuantConfig, SearchConfig, load_quant_state, resolve_scope, save_quant_state
 from tqdit.utils import atomic_write_bytes, atomic_write_json, resolve_device, resolve_dtype, sha256_file
 
 
@@ -44,9 +47,70 @@ def validate(cfg: DictConfig) -> None:
         raise TqditError(str(error)) from None
     check(not (cfg.dtype == "fp16" and device.type == "cpu"), "dtype=fp16 is not supported on the CPU; use dtype=fp32 or bf16")
     check(cfg.labels in ("balanced", "random"), f"labels={cfg.labels} is unknown: use balanced or random")
+    quant = cfg.quant
+    check(quant.name in METHODS, f"quant={quant.name} is unknown: choose one of {', '.join(METHODS)}")
+    for key in ("w_bits", "a_bits"):
+        value = cfg[key]
+        check(isinstance(value, int) and not isinstance(value, bool) and (2 <= value <= 8 or value == 16),
+              f"{key}={value} must be an integer bit width from 2 to 8 (or 16 as a no-op check); set bits= or {key}=")
+    if quant.name in ("mrq", "mrq_tgq"):
+        check(cfg.a_bits >= 3, f"a_bits={cfg.a_bits}: multi-region quantization needs at least 3 bits (one selects the region)")
+    if quant.name in USES_TIME_GROUPS:
+        steps = len(space_timesteps(1000, cfg.sampler.steps))
+        check(isinstance(cfg.groups, int) and 1 <= cfg.groups <= steps,
+              f"groups={cfg.groups} must be an integer from 1 to the number of sampling steps ({steps})")
+    check(quant.search in ("hessian", "mse", "lp", "minmax", "percentile"),
+          f"quant.search={quant.search} is unknown: use hessian, mse, lp, minmax or percentile")
+    check(quant.load is None or Path(str(quant.load)).expanduser().is_file(),
+          f"quant.load={quant.load}: file not found; point it at a job's quant_params.safetensors")
     checkpoint = cfg.model.checkpoint
     check(checkpoint is None or Path(str(checkpoint)).expanduser().is_file(),
           f"model.checkpoint={checkpoint}: file not found; give the path of the weights file")
+
+
+def quant_config(cfg: DictConfig) -> QuantConfig:
+    """The method-facing settings (plain dataclasses; methods never see Hydra)."""
+    q = cfg.quant
+    scope = OmegaConf.to_container(q.scope) if OmegaConf.is_list(q.scope) else q.scope
+    grouped = OmegaConf.to_container(q.grouped) if OmegaConf.is_list(q.grouped) else q.grouped
+    search = SearchConfig(criterion=q.search, rounds=q.rounds, candidates=q.candidates, alpha_min=q.alpha_min,
+                          alpha_max=q.alpha_max, p=q.p, percentile=q.percentile, batch=q.search_batch)
+    groups = cfg.groups if q.name in USES_TIME_GROUPS else 1
+    return QuantConfig(w_bits=cfg.w_bits, a_bits=cfg.a_bits, scope=scope, time_groups=groups, grouped=grouped,
+                       search=search, num_inputs=q.num_inputs, capture_batch=q.capture_batch, seed=q.seed)
+
+
+def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
+    """Calibrate and quantize ``model`` in place (or load saved parameters); returns what results record."""
+    method = cfg.quant.name
+    qcfg = quant_config(cfg)
+    record = {"method": method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "groups": qcfg.time_groups if method in USES_TIME_GROUPS else None,
+              "search": cfg.quant.search, "scope": qcfg.scope, "quantized_layers": 0}
+    if method == "fp":
+        record.update(w_bits=None, a_bits=None, search=None, scope=None)
+        return record
+    record["scope_layers"] = resolve_scope(model, qcfg.scope)
+    if cfg.quant.load:
+        saved_method, _, info = load_quant_state(model, cfg.quant.load)
+        if saved_method != method:
+            raise TqditError(f"quant.load={cfg.quant.load} was calibrated by {saved_method}, not quant={method}; use quant={saved_method}")
+        record.update(loaded_from=str(cfg.quant.load), **info)
+        return record
+    calib_cfg = cfg.quant.calib
+    spec = CalibrationSpec(policy=calib_cfg.policy, num_samples=calib_cfg.num_samples, num_steps=calib_cfg.num_steps,
+                           seed=calib_cfg.seed, cfg_scale=cfg.sampler.cfg_scale, cfg_channels=cfg.sampler.cfg_channels,
+                           method=cfg.sampler.method, clip_denoised=cfg.sampler.clip_denoised)
+    start = time.perf_counter()
+    calib, cached = cached_capture(model, diffusion, spec, cfg.cache_dir)
+    record["calibration_capture_s"] = round(time.perf_counter() - start, 2)
+    record["calibration_set_cached"] = cached
+    _, cost = METHODS[method](model, calib, qcfg)
+    for name, value in cost.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FloatingPointError(f"calibration produced a non-finite {name}")
+    record.update(cost)
+    save_quant_state(model, job_dir / "quant_params.safetensors", method, diffusion.timesteps)
+    return record
 
 
 def save_samples(job_dir: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -99,10 +163,14 @@ def run_job(cfg: DictConfig, job_dir: str | Path) -> dict:
 
     start = time.perf_counter()
     model = load_model(cfg.model.arch, cfg.model.input_size, cfg.model.checkpoint).to(device=device, dtype=dtype)
-    if cfg.compile:
-        model.compile()  # ~1.9x on DiT-XL/2 on an H100 (README, Performance); costs a minute to compile
     diffusion = create_diffusion(cfg.sampler.steps, learn_sigma=model.learn_sigma)
     timings["load_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    quant_record = quantize_model(cfg, model, diffusion, job_dir)
+    timings["quantize_s"] = time.perf_counter() - start
+    if cfg.compile:
+        model.compile()  # ~1.9x for FP DiT-XL/2 on an H100 (README, Performance); costs a minute to compile
 
     start = time.perf_counter()
     images, labels = generate(
@@ -120,6 +188,7 @@ def run_job(cfg: DictConfig, job_dir: str | Path) -> dict:
 
     results = {
         "metrics": metrics,
+        "quant": quant_record,
         "seed": cfg.seed,
         "num_samples": cfg.num_samples,
         "timings": {k: round(v, 2) for k, v in timings.items()},
@@ -133,8 +202,10 @@ def run_job(cfg: DictConfig, job_dir: str | Path) -> dict:
 
 
 def summary_line(results: dict) -> str:
-    m, cfg = results["metrics"], results["config"]
-    return (f"{cfg['model']['arch']} {cfg['sampler']['method']}-{cfg['sampler']['steps']} cfg={cfg['sampler']['cfg_scale']} "
+    m, cfg, q = results["metrics"], results["config"], results["quant"]
+    method = q["method"] if q["method"] == "fp" else f"{q['method']} W{q['w_bits']}A{q['a_bits']}" + (f" G={q['groups']}" if q["groups"] else "")
+    calibration = f", calibration {q['calibration_s']:.0f} s" if "calibration_s" in q else ""
+    return (f"{method} | {cfg['model']['arch']} {cfg['sampler']['method']}-{cfg['sampler']['steps']} cfg={cfg['sampler']['cfg_scale']} "
             f"N={results['num_samples']} seed={results['seed']}: FID {m['fid']:.3f}  sFID {m['sfid']:.3f}  IS {m['is']:.3f}  "
             f"precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
-            f"(sampling {results['timings']['sampling_s']:.0f} s, {results['image_steps_per_s']:.0f} image-steps/s)")
+            f"(sampling {results['timings']['sampling_s']:.0f} s, {results['image_steps_per_s']:.0f} image-steps/s{calibration})")

@@ -1,0 +1,76 @@
+"""Calibration time and peak memory of a method on DiT-XL/2 shapes (random weights), one run.
+
+    python benchmarks/calibration_cost.py [--method mrq_tgq] [--steps 250] [--groups 10] [--bits 8]
+        [--num-inputs 256] [--trajectories 32] [--out cost.json]
+
+Steps: build DiT-XL/2 (256×256, latent 32×32×4) with N(0, 0.02) weights on the GPU, capture the
+calibration set from FP DDPM trajectories with guidance 1.5 (policy ``all``), then calibrate.
+Reports the capture and calibration seconds separately and the peak GPU memory of each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from tqdit.data.calibration import CalibrationSpec, capture
+from tqdit.diffusion import create_diffusion
+from tqdit.models import build_dit
+from tqdit.quant import METHODS, QuantConfig, SearchConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="DiT-XL/2")
+    parser.add_argument("--method", default="mrq_tgq")
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--groups", type=int, default=10)
+    parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--num-inputs", type=int, default=256)
+    parser.add_argument("--trajectories", type=int, default=32)
+    parser.add_argument("--capture-batch", type=int, default=8)
+    parser.add_argument("--search-batch", type=int, default=32)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = build_dit(args.model, input_size=32)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    model = model.to(device).eval()
+    diffusion = create_diffusion(args.steps)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    calib = capture(model, diffusion, CalibrationSpec(num_samples=args.trajectories, cfg_scale=1.5, cfg_channels=3))
+    capture_s = time.perf_counter() - start
+    capture_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    print(f"captured {len(calib)} inputs from {args.trajectories} trajectories × {args.steps} steps in {capture_s:.1f} s "
+          f"(peak {capture_peak:.2f} GiB)", flush=True)
+
+    cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, time_groups=args.groups, num_inputs=args.num_inputs,
+                      capture_batch=args.capture_batch, search=SearchConfig(batch=args.search_batch))
+    _, cost = METHODS[args.method](model, calib, cfg)
+    peak = cost["peak_memory_bytes"] / 2**30
+    print(f"{args.method} W{args.bits}A{args.bits} G={args.groups}: calibration {cost['calibration_s']:.1f} s, "
+          f"peak {peak:.2f} GiB, {cost['quantized_layers']} layers, {cost['calibration_inputs']} inputs", flush=True)
+    result = {"model": args.model, "method": args.method, "steps": args.steps, "groups": args.groups, "bits": args.bits,
+              "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__, "capture_s": round(capture_s, 1),
+              "capture_peak_gib": round(capture_peak, 2), "calibration_s": cost["calibration_s"],
+              "calibration_peak_gib": round(peak, 2), "quantized_layers": cost["quantized_layers"],
+              "calibration_inputs": cost["calibration_inputs"]}
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Quantizers, MRQ, TGQ and the Hessian-guided search, checked against independent computations."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tqdit.data.calibration import CalibrationSpec, capture
+from tqdit.diffusion import PerSampleNoise, create_diffusion, guided_model, sample_loop
+from tqdit.models import DiT
+from tqdit.quant import (METHODS, GeluMRQ, QuantConfig, QuantLinear, SearchConfig, SoftmaxMRQ, UniformQuantizer,
+                         group_table, load_quant_state, quantizers, resolve_scope, save_quant_state, wrap)
+from tqdit.quant.search import linear_problem, search_layer
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8, 16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_uniform_values_on_grid_and_error_within_half_step(bits, symmetric):
+    x = torch.randn(4000) * 2 + (0 if symmetric else 1.5)
+    low, high = torch.tensor(-1.5), torch.tensor(2.5)
+    q = UniformQuantizer(bits, symmetric)
+    q.set_range(low, high)
+    out = q(x)
+    scale, zero = q.scale.item(), q.zero_point.item()
+    codes = out / scale + zero
+    assert torch.allclose(codes, codes.round(), atol=1e-3)  # on the grid
+    assert codes.min() >= q.qmin - 1e-3 and codes.max() <= q.qmax + 1e-3  # inside the code range
+    lo_edge, hi_edge = (q.qmin - zero) * scale, (q.qmax - zero) * scale
+    inside = (x >= lo_edge) & (x <= hi_edge)
+    assert (out[inside] - x[inside]).abs().max() <= scale / 2 + 1e-6  # round-to-nearest inside the range
+    assert torch.allclose(out[x > hi_edge], torch.tensor(hi_edge)) and torch.allclose(out[x < lo_edge], torch.tensor(lo_edge))
+    expected = (high - low) / (2**bits - 1) if not symmetric else high.abs() / (2 ** (bits - 1) - 1)
+    assert scale == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_per_channel_weight_scales():
+    w = torch.randn(6, 10) * torch.tensor([0.1, 1, 5, 0.01, 2, 3])[:, None]
+    q = UniformQuantizer(4, symmetric=True, channels=6, axis=0)
+    maxabs = w.abs().amax(dim=1)
+    q.set_range(-maxabs, maxabs)
+    assert torch.allclose(q.scale[0], maxabs / 7)
+    out = q(w)
+    for c in range(6):  # each output channel on its own grid, never clipped
+        codes = out[c] / (maxabs[c] / 7)
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 7 + 1e-4
+        assert (out[c] - w[c]).abs().max() <= maxabs[c] / 14 + 1e-6
+
+
+def test_straight_through_gradient_inside_range():
+    q = UniformQuantizer(4, symmetric=True)
+    q.set_range(torch.tensor(-1.0), torch.tensor(1.0))
+    x = torch.tensor([-3.0, -0.52, 0.1, 0.49, 2.0], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_softmax_mrq_quantizes_each_region_with_its_own_step_and_no_offset():
+    bits, exponent = 6, 4
+    split, levels = 2.0**-exponent, 2 ** (bits - 1) - 1
+    x = torch.softmax(torch.randn(8, 64, 64) * 3, dim=-1)
+    q = SoftmaxMRQ(bits)
+    q.set_split(torch.tensor([exponent]))
+    out = q(x)
+    below = x < split
+    step_lo, step_hi = split / levels, 1.0 / levels
+    assert torch.allclose(out[below], torch.round(x[below] / step_lo) * step_lo)
+    assert torch.allclose(out[~below], torch.round(x[~below] / step_hi) * step_hi)
+    assert step_hi / step_lo == 2**exponent  # power-of-two ratio
+    assert (out[~below] - x[~below]).abs().max() <= step_hi / 2 + 1e-6  # no +s offset (the released code's bug)
+    assert (out[below] - x[below]).abs().max() <= step_lo / 2 + 1e-7
+    assert (out != x).any() and below.any() and (~below).any()
+
+
+def test_gelu_mrq_negative_region_fixed_positive_searched():
+    bits, positive = 8, 0.02
+    x = F.gelu(torch.randn(20000) * 2, approximate="tanh")
+    q = GeluMRQ(bits)
+    q.set_positive_scale(torch.tensor([positive]))
+    out = q(x)
+    negative_step = 0.16997 / 2 ** (bits - 1)
+    neg = x < 0
+    assert torch.allclose(out[neg], torch.round(x[neg] / negative_step) * negative_step)
+    assert (out[neg] - x[neg]).abs().max() <= negative_step / 2 + 1e-7
+    top = (2 ** (bits - 1) - 1) * positive
+    assert torch.allclose(out[~neg], torch.clamp(torch.round(x[~neg] / positive), 0, 127) * positive)
+    assert out.max() == pytest.approx(top) and out.min() >= -0.17
+
+
+def tiny_dit(depth=2):
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=depth, num_heads=2, num_classes=3).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("steps", [50, 100, 250])
+def test_time_groups_follow_the_sampling_steps(steps):
+    model = tiny_dit(depth=1)
+    diffusion = create_diffusion(steps)
+    for groups in sorted({1, 5, 10, 25, steps}):
+        cfg = QuantConfig(w_bits=8, a_bits=8, time_groups=groups)
+        quantized = tiny_dit(depth=1)
+        wrap(quantized, cfg, diffusion.timesteps)
+        seen = {}
+        labels = torch.tensor([0, 1])
+
+        def record(index, x, t):
+            seen[index] = t[0].item()
+
+        model_fn = guided_model(quantized, labels, 1.5, None)
+
+        def observed(x, t):
+            out = model_fn(x, t)
+            context = quantized.quant_context  # None when G = 1: every step is in group 0
+            observed.groups.append(0 if context is None else context.single)
+            return out
+
+        observed.groups = []
+        sample_loop(observed, diffusion, PerSampleNoise(0, [0, 1], (1, 8, 8)), on_step=record)
+        order = sorted(seen, reverse=True)  # the sampler visits respaced indices S-1 .. 0
+        expected = [i * groups // steps for i in order]  # independent: step i of S lies in group ⌊i·G/S⌋
+        assert observed.groups == expected
+        assert sorted(set(observed.groups)) == list(range(groups))
+        assert observed.groups == sorted(observed.groups, reverse=True)  # contiguous groups, noisiest last
+        sizes = np.bincount(observed.groups)
+        assert sizes.max() - sizes.min() <= 1  # equal groups (to one step)
+
+
+def test_groups_outside_the_schedule_are_refused():
+    with pytest.raises(ValueError, match="groups=51 must be between 1 and the number of sampling steps \\(50\\)"):
+        group_table(create_diffusion(50).timesteps, 51)
+
+
+def test_hessian_search_beats_minmax_on_a_constructed_layer():
+    """Input channel 3 carries outliers that only unimportant outputs read; the loss sees outputs 2 and 7.
+
+    Min-max spends the 4-bit range on the outliers; the Hessian-guided score knows that clipping
+    them costs the loss nothing and picks a much finer step.
+    """
+    torch.manual_seed(0)
+    inputs = torch.randn(64, 16, 24)
+    inputs[:, :4, 3] = 40.0
+    linear = torch.nn.Linear(24, 12)
+    with torch.no_grad():
+        linear.weight[[2, 7], 3] = 0.0
+    importance = torch.zeros(12)
+    importance[[2, 7]] = 1.0
+    grads = [importance.expand(16, 12).clone() for _ in range(64)]
+    groups = torch.zeros(64, dtype=torch.long)
+
+    def weighted_error(search: str) -> float:
+        q = QuantLinear(linear, UniformQuantizer(4, symmetric=False), UniformQuantizer(8, True, channels=12, axis=0))
+        search_layer(linear_problem(q, list(inputs), grads, groups), SearchConfig(criterion=search, rounds=2))
+        with torch.no_grad():
+            error = q(inputs) - linear(inputs)
+        return float((error * importance).square().mean())
+
+    hessian, mse, minmax = weighted_error("hessian"), weighted_error("mse"), weighted_error("minmax")
+    assert hessian < 0.25 * minmax, (hessian, minmax)
+    assert hessian < mse < minmax, (hessian, mse, minmax)  # the output MSE does not know which outputs matter
+
+
+def calibrated(method: str, bits: int = 8, groups: int = 2, search: str = "hessian"):
+    torch.manual_seed(0)
+    model = tiny_dit()
+    diffusion = create_diffusion(6)
+    calib = capture(model, diffusion, CalibrationSpec(num_samples=4, cfg_scale=1.5))
+    cfg = QuantConfig(w_bits=bits, a_bits=bits, time_groups=groups, num_inputs=12, capture_batch=8,
+                      search=SearchConfig(criterion=search, candidates=20, rounds=2))
+    quantized, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
+    return model, quantized, cost, calib, diffusion
+
+
+def output_error(fp, quantized, calib) -> float:
+    """Relative output error on trajectory inputs (the distribution calibration saw), all steps."""
+    with torch.no_grad():
+        ref = fp(calib.x, calib.t, calib.y)
+        return float((quantized(calib.x, calib.t, calib.y) - ref).square().mean() / ref.square().mean())
+
+
+def test_sixteen_bits_is_a_near_no_op():
+    fp, quantized, cost, calib, _ = calibrated("mrq_tgq", bits=16)
+    assert cost["quantized_layers"] == 14  # 7 per block: qkv, proj, fc1, fc2, adaLN, two matmuls
+    assert output_error(fp, quantized, calib) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["uniform", "mrq", "tgq", "mrq_tgq"])
+def test_methods_quantize_every_scoped_layer(method):
+    fp, quantized, cost, calib, _ = calibrated(method, bits=6)
+    assert all(q.enabled for _, q in quantizers(quantized))
+    assert len(quantizers(quantized)) == 2 * 14
+    error6 = output_error(fp, quantized, calib)
+    assert 0 < error6 < 0.1
+    kinds = {type(q).__name__ for _, q in quantizers(quantized)}
+    assert ("SoftmaxMRQ" in kinds and "GeluMRQ" in kinds) == method.startswith("mrq")
+    grouped = {q.groups for _, q in quantizers(quantized) if not (isinstance(q, UniformQuantizer) and q.scale.shape[1] > 1)}
+    assert grouped == ({2} if "tgq" in method else {1})
+
+
+def test_fewer_bits_more_error():
+    errors = []
+    for bits in (8, 6, 4):
+        fp, quantized, _, calib, _ = calibrated("uniform", bits=bits)
+        errors.append(output_error(fp, quantized, calib))
+    assert errors[0] < errors[1] < errors[2]
+
+
+def test_saved_parameters_reload_to_the_same_model(tmp_path):
+    fp, quantized, _, _, diffusion = calibrated("mrq_tgq", bits=6)
+    path = tmp_path / "quant_params.safetensors"
+    save_quant_state(quantized, path, "mrq_tgq", diffusion.timesteps)
+    fresh = copy.deepcopy(fp)
+    method, loaded_cfg, info = load_quant_state(fresh, path)
+    assert method == "mrq_tgq" and loaded_cfg.time_groups == 2 and info["quantizers_loaded"] == 28
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([999, 999, 0, 0]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, y), quantized(x, t, y), atol=0, rtol=0)
+        # both halves of the schedule really use different parameters
+        assert not torch.equal(fresh(x[:2], t[2:], y[:2]), fresh(x[:2], t[:2], y[:2]))
+
+
+def test_scope_is_shared_and_resolvable():
+    model = tiny_dit()
+    assert len(resolve_scope(model, "blocks")) == 14
+    assert len(resolve_scope(model, "all")) == 18
+    assert resolve_scope(model, ["blocks.0.mlp.*"]) == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    with pytest.raises(ValueError, match="matches no Linear"):
+        resolve_scope(model, ["nothing.*"])

@@ -1,0 +1,116 @@
+"""Calibration sets: the FP model's own sampling trajectories, captured at chosen steps.
+
+The FP sampler runs exactly as in evaluation (class labels, classifier-free guidance), and every
+model input of the chosen steps is kept: with guidance, both halves of the doubled batch — the
+conditional input (x_t, t, y) and the unconditional one (x_t, t, null). Policies:
+
+- ``all``      every sampling step (time grouping needs data from every group);
+- ``uniform``  ``num_steps`` steps at a uniform stride over the trajectory (Q-Diffusion style);
+- ``ndtc``     PTQ4DM's normally distributed timestep calibration (baselines work, not yet here).
+
+Sets are cached on disk under a key that hashes the model weights and every setting that changes
+the captured data, so the jobs of a sweep capture once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load, save
+
+from tqdit.diffusion import GaussianDiffusion, PerSampleNoise, guided_model, sample_loop
+from tqdit.utils import atomic_write_bytes
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    policy: str = "all"           # all | uniform
+    num_samples: int = 32         # FP trajectories (images); each step yields 2 inputs with guidance
+    num_steps: int | None = None  # for policy=uniform: how many steps to keep
+    seed: int = 1234              # trajectories' seed (kept apart from evaluation seeds)
+    cfg_scale: float = 1.5
+    cfg_channels: int | None = None
+    method: str = "ddpm"
+    clip_denoised: bool = False
+
+
+@dataclass
+class CalibrationSet:
+    """Model inputs captured along FP trajectories: x (M, C, H, W), t (M,) original steps, y (M,), step index (M,)."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+    step: torch.Tensor  # respaced index of the sampling step (0 = last, cleanest)
+    timesteps: torch.Tensor  # the sampling schedule it was captured with (original timestep per index)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+
+def kept_steps(spec: CalibrationSpec, num_steps: int) -> list[int]:
+    """Respaced step indices captured by the policy."""
+    if spec.policy == "all":
+        return list(range(num_steps))
+    if spec.policy == "uniform":
+        count = spec.num_steps or num_steps
+        if not 1 <= count <= num_steps:
+            raise ValueError(f"calibration num_steps={count} must be between 1 and the {num_steps} sampling steps")
+        return sorted({round(i) for i in np.linspace(0, num_steps - 1, count)})
+    raise ValueError(f"unknown calibration policy '{spec.policy}': use all or uniform")
+
+
+def capture(model, diffusion: GaussianDiffusion, spec: CalibrationSpec) -> CalibrationSet:
+    """Run the FP sampler on ``spec.num_samples`` balanced labels and keep the inputs of the chosen steps."""
+    device = next(model.parameters()).device
+    keep = set(kept_steps(spec, diffusion.num_steps))
+    indices = np.arange(spec.num_samples)
+    labels = torch.as_tensor(indices % model.num_classes, device=device)
+    xs, ts, ys, steps = [], [], [], []
+    use_cfg = spec.cfg_scale != 1.0
+
+    def on_step(index, x, t):
+        if index in keep:
+            both = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, model.null_class)])) if use_cfg else (x, t, labels)
+            xs.append(both[0].cpu()), ts.append(both[1].cpu()), ys.append(both[2].cpu())
+            steps.append(torch.full((len(both[1]),), index, dtype=torch.long))
+
+    noise = PerSampleNoise(spec.seed, indices, (model.in_channels, model.input_size, model.input_size), device)
+    sample_loop(guided_model(model, labels, spec.cfg_scale, spec.cfg_channels), diffusion, noise,
+                method=spec.method, clip_denoised=spec.clip_denoised, on_step=on_step)
+    return CalibrationSet(torch.cat(xs).float(), torch.cat(ts), torch.cat(ys), torch.cat(steps), torch.as_tensor(diffusion.timesteps))
+
+
+def model_fingerprint(model) -> str:
+    """sha256 over the model's state (names, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+        digest.update(value.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_capture(model, diffusion: GaussianDiffusion, spec: CalibrationSpec, cache_dir: str | Path | None) -> tuple[CalibrationSet, bool]:
+    """(calibration set, whether it came from the cache). The key covers weights, schedule and spec."""
+    key_source = json.dumps({"v": CACHE_VERSION, "model": model_fingerprint(model), "timesteps": diffusion.timesteps.tolist(),
+                             "spec": asdict(spec)}, sort_keys=True)
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:24]
+    path = Path(cache_dir).expanduser() / f"calibration-{key}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            tensors = load(path.read_bytes())
+            return CalibrationSet(tensors["x"], tensors["t"], tensors["y"], tensors["step"], tensors["timesteps"]), True
+        except Exception:  # damaged entry: capture again
+            path.unlink(missing_ok=True)
+    calib = capture(model, diffusion, spec)
+    if path is not None:
+        atomic_write_bytes(path, save({"x": calib.x.contiguous(), "t": calib.t, "y": calib.y, "step": calib.step, "timesteps": calib.timesteps}))
+    return calib, False

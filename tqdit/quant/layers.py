@@ -1,0 +1,111 @@
+"""Quantized layers and the layer scope shared by every method.
+
+``QuantLinear`` fake-quantizes its input (per-tensor, optionally per time group) and its weight
+(per output channel); ``QuantMatMul`` fake-quantizes both operands of an attention matmul. Which
+modules are wrapped is the scope: a list of module-name patterns, the same for every method.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tqdit.models.dit import DiT, MatMul
+
+# Named scopes. Default "blocks": every Linear in the DiT blocks (qkv, proj, fc1, fc2, adaLN
+# modulation) and both attention matmuls (q·kᵀ and softmax·V, both operands). "all" adds the
+# timestep-embedder MLP and the final layer (adaLN and linear). The patch embedding, the label
+# table and the norms stay in floating point.
+SCOPES: dict[str, list[str]] = {
+    "blocks": ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2",
+               "blocks.*.adaLN_modulation.1", "blocks.*.attn.qk_matmul", "blocks.*.attn.av_matmul"],
+    "tq_dit_code": ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2",
+                    "blocks.*.attn.qk_matmul", "blocks.*.attn.av_matmul", "final_layer.linear"],
+}
+SCOPES["all"] = SCOPES["blocks"] + ["t_embedder.mlp.0", "t_embedder.mlp.2", "final_layer.adaLN_modulation.1", "final_layer.linear"]
+
+
+def resolve_scope(model: nn.Module, scope: str | list[str]) -> list[str]:
+    """Names of the Linear/MatMul modules that ``scope`` (a SCOPES key or a pattern list) selects."""
+    patterns = SCOPES[scope] if isinstance(scope, str) and scope in SCOPES else scope
+    if isinstance(patterns, str):
+        raise ValueError(f"unknown quant.scope '{scope}': use one of {', '.join(SCOPES)} or a list of module-name patterns")
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, (nn.Linear, MatMul)) and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not names:
+        raise ValueError(f"quant.scope {list(patterns)} matches no Linear or attention matmul of the model")
+    return names
+
+
+class QuantLinear(nn.Module):
+    """Linear with a fake-quantized input (``act``) and weight (``weight_quant``, per output channel)."""
+
+    def __init__(self, linear: nn.Linear, act: nn.Module, weight_quant: nn.Module):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.act, self.weight_quant = act, weight_quant
+        self._frozen_weight: torch.Tensor | None = None
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self._frozen_weight is not None:
+            return self._frozen_weight
+        return self.weight_quant(self.weight)
+
+    def freeze(self) -> None:
+        """Quantize the weight once, so inference does not redo it every call."""
+        self._frozen_weight = self.weight_quant(self.weight).detach() if self.weight_quant.enabled else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act(x), self.quantized_weight(), self.bias)
+
+
+class QuantMatMul(nn.Module):
+    """``a @ b`` with both operands fake-quantized."""
+
+    def __init__(self, a_quant: nn.Module, b_quant: nn.Module):
+        super().__init__()
+        self.a_quant, self.b_quant = a_quant, b_quant
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.a_quant(a) @ self.b_quant(b)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantizers(model: nn.Module):
+    """(name, quantizer) for every quantizer module in the model."""
+    from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, UniformQuantizer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (UniformQuantizer, SoftmaxMRQ, GeluMRQ))]
+
+
+@contextmanager
+def quantization_disabled(model: nn.Module):
+    """Run the wrapped model in full precision (calibration captures FP activations), then restore."""
+    saved = [(q, q.enabled) for _, q in quantizers(model)]
+    frozen = [(m, m._frozen_weight) for m in model.modules() if isinstance(m, QuantLinear)]
+    for q, _ in saved:
+        q.enabled = False
+    for m, _ in frozen:
+        m._frozen_weight = None
+    try:
+        yield
+    finally:
+        for q, state in saved:
+            q.enabled = state
+        for m, weight in frozen:
+            m._frozen_weight = weight
+
+
+def use_explicit_attention(model: DiT) -> None:
+    """Quantized matmuls need the explicit attention path (the fused kernel hides them)."""
+    for block in model.blocks:
+        block.attn.fused = not any(isinstance(m, QuantMatMul) for m in (block.attn.qk_matmul, block.attn.av_matmul))

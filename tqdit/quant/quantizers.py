@@ -1,0 +1,271 @@
+"""Quantizer primitives: uniform (symmetric/asymmetric, per-tensor/per-channel) and TQ-DiT's two
+multi-region quantizers (post-softmax, post-GELU), all optionally holding one parameter set per
+time group.
+
+Every quantizer is a fake quantizer: it returns dequantized values, so a quantized model runs with
+ordinary kernels. Rounding is round-half-to-even through ``torch.fake_quantize_per_*_affine`` (one
+fused kernel, with the straight-through gradient inside the clipping range for methods that learn).
+
+Time groups: a quantizer built with ``groups = G > 1`` stores G parameter sets (leading dimension)
+and reads the current per-sample group ids from a shared :class:`TimeGroupContext`, filled once per
+model call from the timesteps. Selection is a tensor gather, never a Python branch per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+GELU_MIN = 0.16997  # |min of GELU(tanh)|, the fixed range of MRQ's negative post-GELU region
+
+
+class TimeGroupContext:
+    """Per-sample time-group ids shared by all grouped quantizers of one model."""
+
+    def __init__(self, group_of_timestep: torch.Tensor):
+        self.group_of_timestep = group_of_timestep  # (1000,) int64: original timestep -> group
+        self.groups: torch.Tensor | None = None  # (batch,) int64, set per model call
+        self.single: int | None = None  # the group when the whole batch shares one (always while sampling)
+
+    def set_timesteps(self, t: torch.Tensor) -> None:
+        table = self.group_of_timestep.to(t.device)
+        self.set_groups(table[t.long()])
+
+    def set_groups(self, groups: torch.Tensor) -> None:
+        self.groups = groups
+        first = int(groups[0])
+        self.single = first if bool((groups == first).all()) else None
+
+    def per_sample(self, values: torch.Tensor, batch: int) -> torch.Tensor:
+        """values (G,) -> (batch,) for the current call's samples."""
+        if self.groups is None or self.groups.shape[0] != batch:
+            raise RuntimeError("time-grouped quantizer called without the timesteps of this batch "
+                               f"(groups for {None if self.groups is None else self.groups.shape[0]} samples, batch {batch})")
+        return values[self.groups]
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a ``bits``-bit code: [-2^(b-1), 2^(b-1)-1] signed, [0, 2^b-1] unsigned."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None) -> torch.Tensor:
+    """clamp(round(x / scale) + zero_point, qmin, qmax) − zero_point, times scale (computed in float32).
+
+    ``axis`` None: one (scale, zero_point) for the tensor; otherwise one per index along ``axis``.
+    With gradients, PyTorch's fused fake-quantize ops provide the straight-through estimator; without,
+    four in-place passes are used, which on the CPU run 3× faster than those ops (same values:
+    both round x·(1/scale) half to even).
+    """
+    dtype = x.dtype
+    x = x.float()
+    scale = scale.float().to(x.device)
+    zero_point = zero_point.to(device=x.device, dtype=torch.int32)
+    if torch.is_grad_enabled() and x.requires_grad:
+        if axis is None:
+            out = torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
+        else:
+            out = torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zero_point.reshape(-1), axis % x.dim(), qmin, qmax)
+        return out.to(dtype)
+    if axis is None:
+        shape = ()
+    else:
+        shape = [1] * x.dim()
+        shape[axis % x.dim()] = -1
+    scale, zero_point = scale.reshape(shape), zero_point.reshape(shape).float()
+    out = x * (1.0 / scale)
+    out.round_()
+    out = torch.clamp(out, qmin - zero_point, qmax - zero_point) if axis is not None or zero_point.dim() else out.clamp_(qmin - zero_point.item(), qmax - zero_point.item())
+    return out.mul_(scale).to(dtype)
+
+
+def fake_quant_scalar(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """``fake_quant`` with Python-number parameters: no device sync, in-place passes on the CPU path."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero_point, qmin, qmax).to(x.dtype)
+    out = x.float() * (1.0 / scale)
+    out.round_().clamp_(qmin - zero_point, qmax - zero_point)
+    return out.mul_(scale).to(x.dtype)
+
+
+class UniformQuantizer(nn.Module):
+    """Uniform quantizer: x̂ = (clamp(round(x/Δ) + z, qmin, qmax) − z)·Δ.
+
+    symmetric: signed codes, z = 0. asymmetric: unsigned codes with a zero point.
+    ``channels``: per-channel along ``axis`` (weights: output channels) when > 1.
+    ``groups``: time groups (activations only). ``bits >= 16`` is a real 16-bit grid (a near no-op check).
+    """
+
+    def __init__(self, bits: int, symmetric: bool, channels: int = 1, axis: int = 0, groups: int = 1,
+                 context: TimeGroupContext | None = None):
+        super().__init__()
+        if not 2 <= bits <= 16:
+            raise ValueError(f"bit width {bits} is outside the supported 2..16")
+        if groups > 1 and channels > 1:
+            raise ValueError("per-channel quantizers cannot be time-grouped")
+        if groups > 1 and context is None:
+            raise ValueError("a time-grouped quantizer needs a TimeGroupContext")
+        self.bits, self.symmetric, self.axis, self.groups, self.context = bits, symmetric, axis, groups, context
+        self.qmin, self.qmax = qrange(bits, signed=symmetric)
+        self.register_buffer("scale", torch.ones(groups, channels))
+        self.register_buffer("zero_point", torch.zeros(groups, channels, dtype=torch.int32))
+        self.enabled = False  # off until calibrated
+
+    def set_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Parameters that map [low, high] onto the code range.
+
+        ``low``/``high`` broadcast to (groups, channels): a scalar, (channels,) for per-channel
+        weights, or (groups, 1) for time-grouped activations.
+        """
+        scale, zero_point = range_to_params(low, high, self.bits, self.symmetric)
+        self.scale.copy_(scale.expand_as(self.scale))
+        self.zero_point.copy_(zero_point.expand_as(self.zero_point))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Enable the quantizer and cache per-tensor parameters as Python numbers (after setting or loading)."""
+        self.enabled = True
+        if self.scale.shape[1] == 1:
+            self._scalars = [(float(s), int(z)) for s, z in zip(self.scale[:, 0].tolist(), self.zero_point[:, 0].tolist())]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.scale.shape[1] > 1:
+            return fake_quant(x, self.scale[0], self.zero_point[0], self.qmin, self.qmax, axis=self.axis)
+        group = 0 if self.groups == 1 else self.context.single
+        if group is None:  # samples from several time groups in one batch
+            batch = x.shape[0]
+            scale = self.context.per_sample(self.scale[:, 0], batch)
+            zero_point = self.context.per_sample(self.zero_point[:, 0], batch)
+            return fake_quant(x, scale, zero_point, self.qmin, self.qmax, axis=0)
+        scale, zero_point = self._scalars[group]
+        return fake_quant_scalar(x, scale, zero_point, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"bits={self.bits}, {kind}, channels={self.scale.shape[1]}, groups={self.groups}"
+
+
+def range_to_params(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of a uniform grid covering [low, high]; symmetric grids cover ±max(|low|, |high|)."""
+    low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        scale = torch.maximum(low.abs(), high.abs()) / qmax
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        low, high = torch.minimum(low, torch.zeros_like(low)), torch.maximum(high, torch.zeros_like(high))
+        scale = (high - low) / (qmax - qmin)
+        zero_point = torch.clamp(torch.round(-low / scale.clamp(min=1e-12)), qmin, qmax).to(torch.int32)
+    return scale.clamp(min=1e-8), zero_point
+
+
+def two_region_quant(x: torch.Tensor, threshold, step_below, step_above, qmin: int, qmax: int) -> torch.Tensor:
+    """Each value on its own region's grid: step = step_below if x < threshold else step_above,
+    x̂ = clamp(round(x / step), qmin, qmax) · step. Parameters are Python numbers or per-sample
+    tensors shaped to broadcast over x. With gradients, a straight-through estimator."""
+    xf = x.float()
+    if isinstance(step_below, torch.Tensor) or isinstance(step_above, torch.Tensor):
+        below = torch.as_tensor(step_below, dtype=torch.float32, device=x.device)
+        above = torch.as_tensor(step_above, dtype=torch.float32, device=x.device)
+        step = torch.where(xf < threshold, below, above)
+    else:
+        step = torch.where(xf < threshold, step_below, step_above)
+    out = torch.div(xf, step).round_().clamp_(qmin, qmax).mul_(step)
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = xf + (out - xf).detach()
+    return out.to(x.dtype)
+
+
+class SoftmaxMRQ(nn.Module):
+    """Multi-region quantizer for post-softmax values in [0, 1] (TQ-DiT MRQ; PTQ4ViT's twin uniform).
+
+    With b bits, one code bit selects the region and b−1 bits index inside it. Values below the
+    split s = 2^-i use Δ_lo = s / (2^(b-1) − 1) on [0, s]; values at or above s use
+    Δ_hi = 1 / (2^(b-1) − 1) on [0, 1]. Δ_hi / Δ_lo = 2^i, a power of two. Each value is quantized
+    in its own region only (the released code adds both branches, offsetting large values by s).
+    ``split_exponent`` i (0..19) is the searched parameter, one per time group.
+    """
+
+    def __init__(self, bits: int, groups: int = 1, context: TimeGroupContext | None = None):
+        super().__init__()
+        if not 3 <= bits <= 16:
+            raise ValueError(f"multi-region quantization needs 3..16 bits, got {bits}")
+        self.bits, self.groups, self.context = bits, groups, context
+        self.levels = 2 ** (bits - 1) - 1
+        self.register_buffer("split_exponent", torch.zeros(groups, dtype=torch.int64))
+        self.enabled = False
+
+    def set_split(self, exponent: torch.Tensor) -> None:
+        self.split_exponent.copy_(torch.as_tensor(exponent).long().reshape(self.groups))
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.enabled = True
+        self._exponents = self.split_exponent.tolist()
+
+    def quantize(self, x: torch.Tensor, exponent: torch.Tensor | int) -> torch.Tensor:
+        """Quantize with per-sample split exponents ``exponent`` (batch,) or one exponent for all."""
+        if isinstance(exponent, int):
+            split = 2.0**-exponent
+        else:
+            split = torch.pow(2.0, -torch.as_tensor(exponent, device=x.device).float()).reshape((-1,) + (1,) * (x.dim() - 1))
+        return two_region_quant(x, split, split / self.levels, 1.0 / self.levels, 0, self.levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        group = 0 if self.groups == 1 else self.context.single
+        if group is None:
+            return self.quantize(x, self.context.per_sample(self.split_exponent, x.shape[0]))
+        return self.quantize(x, self._exponents[group])
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, groups={self.groups}, splits=2^-{self.split_exponent.tolist()}"
+
+
+class GeluMRQ(nn.Module):
+    """Multi-region quantizer for post-GELU values (TQ-DiT MRQ).
+
+    Negative values (GELU ≥ −0.16997) use a fixed Δ₋ = 0.16997 / 2^(b-1) on [−0.16997, 0] with codes
+    −2^(b-1)..0; positive values use a searched Δ₊ on [0, (2^(b-1) − 1)·Δ₊]. Each value is quantized
+    in its own region. ``positive_scale`` Δ₊ is the searched parameter, one per time group.
+    """
+
+    def __init__(self, bits: int, groups: int = 1, context: TimeGroupContext | None = None):
+        super().__init__()
+        if not 3 <= bits <= 16:
+            raise ValueError(f"multi-region quantization needs 3..16 bits, got {bits}")
+        self.bits, self.groups, self.context = bits, groups, context
+        self.levels = 2 ** (bits - 1) - 1
+        self.negative_scale = GELU_MIN / 2 ** (bits - 1)
+        self.register_buffer("positive_scale", torch.ones(groups))
+        self.enabled = False
+
+    def set_positive_scale(self, scale: torch.Tensor) -> None:
+        self.positive_scale.copy_(torch.as_tensor(scale, dtype=torch.float32).reshape(self.groups))
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.enabled = True
+        self._scales = self.positive_scale.tolist()
+
+    def quantize(self, x: torch.Tensor, positive_scale: torch.Tensor | float) -> torch.Tensor:
+        """Quantize with per-sample positive steps (batch,) or one step for all."""
+        if not isinstance(positive_scale, float):
+            positive_scale = torch.as_tensor(positive_scale, device=x.device, dtype=torch.float32).reshape((-1,) + (1,) * (x.dim() - 1))
+        return two_region_quant(x, 0.0, self.negative_scale, positive_scale, -(2 ** (self.bits - 1)), self.levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        group = 0 if self.groups == 1 else self.context.single
+        if group is None:
+            return self.quantize(x, self.context.per_sample(self.positive_scale, x.shape[0]))
+        return self.quantize(x, self._scales[group])
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, groups={self.groups}, negative_step={self.negative_scale:.3g}"

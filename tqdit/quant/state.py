@@ -1,0 +1,56 @@
+"""Saving and reloading calibrated quantizer parameters (safetensors), to re-sample without recalibrating."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from tqdit.errors import TqditError
+from tqdit.quant.calibrate import QuantConfig, wrap
+from tqdit.quant.layers import QuantLinear, quantizers
+from tqdit.quant.search import SearchConfig
+from tqdit.utils import atomic_write_bytes
+
+
+def save_quant_state(model, path: str | Path, method: str, timesteps: np.ndarray) -> None:
+    """Every quantizer's buffers, with the method, its effective config and the schedule in the metadata."""
+    cfg = model.quant_config
+    tensors = {f"{name}.{buffer}": value.detach().cpu().contiguous()
+               for name, q in quantizers(model) if q.enabled for buffer, value in q.named_buffers()}
+    metadata = {"method": method, "config": json.dumps(asdict(cfg)), "timesteps": json.dumps([int(t) for t in timesteps])}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_quant_state(model, path: str | Path) -> tuple[str, QuantConfig, dict]:
+    """Wrap ``model`` as recorded in ``path`` and load its calibrated parameters; returns (method, config, info)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TqditError(f"quant.load={path}: file not found; point it at a job's quant_params.safetensors")
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    config = json.loads(metadata["config"])
+    config["search"] = SearchConfig(**config["search"])
+    cfg = QuantConfig(**config)
+    wrap(model, cfg, np.array(json.loads(metadata["timesteps"])))
+    device = next(model.parameters()).device
+    loaded = 0
+    for name, q in quantizers(model):
+        keys = [f"{name}.{buffer}" for buffer, _ in q.named_buffers()]
+        if all(key in tensors for key in keys):
+            for buffer, value in q.named_buffers():
+                value.copy_(tensors[f"{name}.{buffer}"].to(device))
+            q.refresh()
+            loaded += 1
+    if loaded == 0:
+        raise TqditError(f"{path} holds no quantizer parameters for this model; was it saved from another model?")
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.freeze()
+    return metadata["method"], cfg, {"quantizers_loaded": loaded}
