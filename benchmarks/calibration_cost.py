@@ -53,7 +53,7 @@ def main() -> None:
     calib = capture(model, diffusion, CalibrationSpec(num_samples=args.trajectories, cfg_scale=1.5, cfg_channels=3))
     capture_s = time.perf_counter() - start
     capture_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    print(f"captured {len(calib)} inputs from {args.trajectories} trajectories × {args.steps} steps in {capture_s:.1f} s "
+    print(f"\ncaptured {len(calib)} inputs from {args.trajectories} trajectories × {args.steps} steps in {capture_s:.1f} s "
           f"(peak {capture_peak:.2f} GiB)", flush=True)
 
     cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, time_groups=args.groups, num_inputs=args.num_inputs,

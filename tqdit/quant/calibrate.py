@@ -211,7 +211,8 @@ def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: boo
     units: dict[str, list[str]] = {}
     for name in names:
         units.setdefault(unit_of(name), []).append(name)
-    for unit, members in tqdm(units.items(), desc="calibrate", unit="unit", disable=not progress):
+    bar = tqdm(units.items(), desc="calibrate", unit="unit", disable=not progress)
+    for unit, members in bar:
         records = capture_unit(model, unit, members, x, t, y, probes, need_grads, cfg.capture_batch)
         for name in members:
             module, record = model.get_submodule(name), records[name]
@@ -222,6 +223,8 @@ def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: boo
                 problem = matmul_problem(module, record["inputs"][0], record["inputs"][1], grads, sample_groups)
             search_layer(problem, cfg.search, model.quant_context)
         del records
+        if device.type == "cuda":
+            bar.set_postfix(peak_gib=f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}")
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.freeze()

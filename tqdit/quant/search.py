@@ -73,7 +73,7 @@ class Grid:
     def reduce(self, per_element: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """Per-bin sums of an error tensor shaped like the quantizer's input."""
         per_sample = per_element.reshape(per_element.shape[0], -1).sum(dim=1)
-        return torch.zeros(self.bins, dtype=torch.float64, device=per_sample.device).index_add_(0, groups, per_sample.double())
+        return torch.zeros(self.bins, dtype=torch.float64, device=per_sample.device).index_add_(0, groups.to(per_sample.device), per_sample.double())
 
 
 class ActivationGrid(Grid):
@@ -91,13 +91,13 @@ class ActivationGrid(Grid):
             else:
                 low[g], high[g] = chosen.min(), chosen.max()
         self.low, self.high = low, high
-
-    def params(self, alpha: torch.Tensor, groups: torch.Tensor):
-        return range_to_params(alpha * self.low[groups.cpu()], alpha * self.high[groups.cpu()], self.q.bits, self.q.symmetric)
+        # (candidates, groups) tables on the data's device: applying a candidate is a gather, never a sync
+        scale, zero_point = range_to_params(self.alphas[:, None] * low[None], self.alphas[:, None] * high[None], quantizer.bits, quantizer.symmetric)
+        device = samples[0].device
+        self.scale_table, self.zero_table = scale.to(device), zero_point.to(device)
 
     def apply(self, x, k, groups):
-        scale, zero_point = self.params(self.alphas[k], groups)
-        return fake_quant(x, scale.to(x.device), zero_point.to(x.device), self.q.qmin, self.q.qmax, axis=0)
+        return fake_quant(x, self.scale_table[k][groups], self.zero_table[k][groups], self.q.qmin, self.q.qmax, axis=0)
 
     def commit(self, best):
         alpha = torch.ones(self.bins) if best is None else self.alphas[best.cpu()]
@@ -121,7 +121,7 @@ class WeightGrid(Grid):
         return per_element.reshape(-1, per_element.shape[-1]).sum(dim=0).double()  # output channel = last dim
 
     def commit(self, best):
-        alpha = torch.ones(self.bins, device=self.maxabs.device) if best is None else self.alphas.to(self.maxabs.device)[best]
+        alpha = torch.ones(self.bins, device=self.maxabs.device) if best is None else self.alphas.to(self.maxabs.device)[best.to(self.maxabs.device)]
         self.q.set_range(-alpha * self.maxabs, alpha * self.maxabs)
 
 
@@ -150,9 +150,10 @@ class GeluGrid(Grid):
             chosen = torch.cat([s.reshape(-1) for s, sg in zip(samples, groups.tolist()) if sg == g])
             self.high[g] = _quantile(chosen, cfg.percentile) if cfg.criterion == "percentile" else chosen.max()
         self.high = self.high.clamp(min=1e-6)
+        self.step_table = (self.alphas[:, None] * self.high[None] / self.q.levels).to(samples[0].device)
 
     def apply(self, x, k, groups):
-        return self.q.quantize(x, (self.alphas[k] * self.high[groups.cpu()] / self.q.levels).to(x.device))
+        return self.q.quantize(x, self.step_table[k][groups])
 
     def commit(self, best):
         alpha = torch.ones(self.bins) if best is None else self.alphas[best.cpu()]
@@ -227,10 +228,10 @@ def search_layer(problem: LayerProblem, cfg: SearchConfig, context=None) -> None
         return
     for _ in range(cfg.rounds):
         for index, grid in enumerate(grids):
-            scores = torch.zeros(grid.num, grid.bins, dtype=torch.float64)
+            device = problem.operands[-1].data[0].device
+            scores = torch.zeros(grid.num, grid.bins, dtype=torch.float64, device=device)  # on the device: no sync per candidate
             for part in _chunks(problem, cfg.batch):
                 groups = problem.groups[part]
-                device = problem.operands[-1].data[0].device
                 if context is not None:
                     context.set_groups(groups.to(device))
                 operands = [None if i == index else (op.quantizer(op.data) if op.is_weight else op.quantizer(_stack(op.data, part)))
@@ -242,13 +243,13 @@ def search_layer(problem: LayerProblem, cfg: SearchConfig, context=None) -> None
                 bins = quantizer_groups(target.quantizer, groups).to(reference.device)
                 for k in range(grid.num):
                     operands[index] = grid.apply(raw[index], k, bins if not target.is_weight else None)
-                    error = problem.combine(operands) - reference
+                    error = problem.combine(operands).sub_(reference)
                     if grad is not None:
-                        error = error * grad
-                    per_element = error.float().square()
+                        error.mul_(grad)
+                    per_element = error.float().square_()
                     # Weights are ranked per output channel (the last dim of the output).
-                    scores[k] += (grid.reduce(per_element) if target.is_weight else grid.reduce(per_element, bins)).cpu()
-            grid.commit(scores.argmin(dim=0))
+                    scores[k] += grid.reduce(per_element) if target.is_weight else grid.reduce(per_element, bins)
+            grid.commit(scores.argmin(dim=0).cpu())
 
 
 def _fit_tensor(op: Operand, grid: Grid, groups: torch.Tensor, cfg: SearchConfig) -> None:
@@ -257,16 +258,17 @@ def _fit_tensor(op: Operand, grid: Grid, groups: torch.Tensor, cfg: SearchConfig
         grid.commit(None)
         return
     power = cfg.p if cfg.criterion == "lp" else 2.0
-    scores = torch.zeros(grid.num, grid.bins, dtype=torch.float64)
+    device = op.data.device if op.is_weight else op.data[0].device
+    scores = torch.zeros(grid.num, grid.bins, dtype=torch.float64, device=device)
     bins_all = quantizer_groups(op.quantizer, groups)
     if op.is_weight:
         for k in range(grid.num):
             error = (grid.apply(op.data, k) - op.data).abs().pow(power)
-            scores[k] = error.reshape(error.shape[0], -1).sum(dim=1).double().cpu()
+            scores[k] = error.reshape(error.shape[0], -1).sum(dim=1).double()
     else:
         for start in range(0, len(groups), cfg.batch):
             part = slice(start, min(start + cfg.batch, len(groups)))
-            x, bins = _stack(op.data, part), bins_all[part].to(op.data[0].device)
+            x, bins = _stack(op.data, part), bins_all[part].to(device)
             for k in range(grid.num):
-                scores[k] += grid.reduce((grid.apply(x, k, bins) - x).abs().pow(power), bins).cpu()
-    grid.commit(scores.argmin(dim=0))
+                scores[k] += grid.reduce((grid.apply(x, k, bins) - x).abs().pow(power), bins)
+    grid.commit(scores.argmin(dim=0).cpu())
