@@ -2,7 +2,7 @@
 
 Reads every ``results.json`` below the given directories (several sweeps merge into one table),
 groups jobs that differ only in the sampling seed, and prints mean ± std over seeds: FID, sFID,
-IS, precision, recall, ΔFID vs the FP rows of the same setting, calibration seconds and peak GB.
+IS, precision, recall, ΔFID vs the FP job of the same setting and seed (paired), calibration seconds and peak GB.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pandas as pd
 
 METRICS = ["fid", "sfid", "is", "precision", "recall"]
 KEYS = ["model", "method", "w_bits", "a_bits", "groups", "steps", "num_samples"]
+METHOD_ORDER = ["fp", "uniform", "ptq4dm", "qdiffusion", "ptq4dit", "mrq", "tgq", "mrq_tgq"]  # baselines, then TQ-DiT's parts
 
 
 def load_results(directories: list[str | Path]) -> pd.DataFrame:
@@ -35,23 +36,51 @@ def load_results(directories: list[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_fid_change(frame: pd.DataFrame) -> pd.Series:
+    """Per job: FID minus the FID of the FP job with the same model, steps, N and seed (NaN without one).
+
+    Pairing by seed removes most of the seed-to-seed spread, which at small N is larger than the
+    effect of 8-bit quantization (the same seed means the same noise and labels for every method).
+    """
+    pair = ["model", "steps", "num_samples", "seed"]
+    fp = frame[frame["method"] == "fp"].drop_duplicates(pair).set_index(pair)["fid"]
+    return pd.Series([row.fid - fp.get(tuple(getattr(row, k) for k in pair), float("nan")) for row in frame.itertuples()],
+                     index=frame.index, dtype=float)
+
+
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per setting: mean and std over seeds, ΔFID vs FP of the same model/steps/N."""
+    """One row per setting: mean and std over seeds, and ΔFID vs FP paired by seed (mean ± std)."""
     keys = [k for k in KEYS if k in frame]
     filled = frame.assign(**{k: frame[k].astype(object).where(frame[k].notna(), "–") for k in keys})
+    filled["dfid"] = paired_fid_change(frame)
     grouped = filled.groupby(keys, sort=False, dropna=False)
-    table = grouped[METRICS + ["calibration_s", "peak_gb"]].mean()
-    spread = grouped[METRICS].std(ddof=1).add_suffix("_std")
+    table = grouped[METRICS + ["dfid", "calibration_s", "peak_gb"]].mean()
+    spread = grouped[METRICS + ["dfid"]].std(ddof=1).add_suffix("_std")
     table = table.join(spread).join(grouped.size().rename("seeds")).reset_index()
-    fp = table[table["method"] == "fp"].set_index(["model", "steps", "num_samples"])["fid"]
-    table["dfid"] = [row.fid - fp.get((row.model, row.steps, row.num_samples), float("nan")) for row in table.itertuples()]
-    return table
+    return table.sort_values(by=["model", "steps", "num_samples", "w_bits", "a_bits", "method", "groups"],
+                             key=_sort_key, ascending=[True, True, True, False, False, True, True], kind="stable",
+                             ignore_index=True)
+
+
+def _sort_key(column: pd.Series) -> pd.Series:
+    """FP first, then widest bits first; methods in METHOD_ORDER; "–" (not applicable) sorts as +inf."""
+    if column.name == "method":
+        return column.map(lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+    if column.name in ("w_bits", "a_bits", "groups"):
+        return column.map(lambda v: float("inf") if v == "–" else float(v))
+    return column
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     def cell(row, metric, digits):
         std = row.get(f"{metric}_std")
         return f"{row[metric]:.{digits}f}" + (f" ± {std:.{digits}f}" if pd.notna(std) and row["seeds"] > 1 else "")
+
+    def signed(row, metric):
+        if pd.isna(row[metric]):
+            return "–"
+        std = row.get(f"{metric}_std")
+        return f"{row[metric]:+.2f}" + (f" ± {std:.2f}" if pd.notna(std) and row["seeds"] > 1 else "")
 
     def integer(value):
         return "–" if value == "–" or pd.isna(value) else str(int(value))
@@ -64,7 +93,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     for _, row in table.iterrows():
         calib = "–" if pd.isna(row["calibration_s"]) else f"{row['calibration_s']:.0f}"
         peak = "–" if pd.isna(row["peak_gb"]) else f"{row['peak_gb']:.2f}"
-        lines.append(f"| {row['method']} | {bits(row)} | {integer(row['groups'])} | {cell(row, 'fid', 2)} | {row['dfid']:+.2f} | "
+        lines.append(f"| {row['method']} | {bits(row)} | {integer(row['groups'])} | {cell(row, 'fid', 2)} | {signed(row, 'dfid')} | "
                      f"{cell(row, 'sfid', 1)} | {cell(row, 'is', 2)} | {cell(row, 'precision', 3)} | {cell(row, 'recall', 3)} | "
                      f"{calib} | {peak} | {row['seeds']} |")
     return "\n".join(lines)
