@@ -78,6 +78,10 @@ def compose(*overrides: str):
     ("quant=mrq a_bits=2", "multi-region quantization needs at least 3 bits"),
     ("quant.search=newton", "quant.search=newton is unknown"),
     ("quant.load=/nonexistent.safetensors", "quant.load=/nonexistent.safetensors: file not found"),
+    ("quant=ptq4dm quant.search=hessian", "quant.search=hessian: ptq4dm chooses its scales by lp as its paper does"),
+    ("quant=qdiffusion +quant.params.iterations=5", "quant.params has unknown keys ['iterations'] for quant=qdiffusion"),
+    ("quant=mrq_tgq +quant.params.mean=0.3", "quant=mrq_tgq takes no method parameters"),
+    ("quant=qdiffusion quant.recon.iters=-1", "quant.recon.iters, act_iters must be integers"),
 ])
 def test_bad_config_is_refused_before_any_work(override, message):
     from tqdit.errors import TqditError
@@ -91,7 +95,8 @@ def test_bad_config_is_refused_before_any_work(override, message):
 def test_default_and_sweep_values_validate():
     from tqdit.pipeline.job import validate
 
-    for overrides in ([], ["bits=6"], ["w_bits=4", "a_bits=8"], ["groups=5"], ["groups=25"], ["quant=uniform", "groups=99"]):
+    for overrides in ([], ["bits=6"], ["w_bits=4", "a_bits=8"], ["groups=5"], ["groups=25"], ["quant=uniform", "groups=99"],
+                      ["quant=ptq4dm"], ["quant=qdiffusion", "quant/recon=quick"], ["quant=ptq4dit", "quant.params.ssc=false"]):
         validate(compose(*overrides))  # groups are ignored by methods without time groups
 
 
@@ -118,3 +123,30 @@ def test_quantized_job_records_method_and_reloads_its_calibration(tmp_path):
     record = json.loads((cached / "results.json").read_text())["quant"]
     assert record["calibration_set_cached"] is True  # the sweep's second job reuses the captured set
     assert record["groups"] is None and record["search"] == "lp"
+
+
+RECON_FAST = ["quant/recon=quick", "quant.recon.iters=20", "quant.recon.act_iters=5", "quant.num_inputs=16"]
+
+
+def test_ptq4dit_job_saves_folded_weights_and_reloads_them(tmp_path):
+    job = run_job(tmp_path, "ptq4dit", "quant=ptq4dit", "bits=6", *RECON_FAST)
+    quant = json.loads((job / "results.json").read_text())["quant"]
+    assert quant["method"] == "ptq4dit" and quant["recon"]["iters"] == 20 and quant["recon"]["p"] == 2.0
+    assert quant["params"]["ssc"] is True and len(quant["reconstruction"]["error_after"]) == 4
+    again = run_job(tmp_path, "reload", "quant=ptq4dit", "bits=6", *RECON_FAST, f"quant.load={job / 'quant_params.safetensors'}")
+    assert json.loads((again / "results.json").read_text())["quant"]["parameters_loaded"] > 0
+    with np.load(job / "samples.npz") as a, np.load(again / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_sweeping_groups_runs_a_method_without_time_groups_once(tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", "num_samples=20",
+               "batch_size=10", "sampler.steps=4", *FAST_QUANT[:-1], "quant=ptq4dm", "groups=2,3,4"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
+    assert len(jobs) == 3 and sum("metrics" in j for j in jobs) == 1 and sum("duplicate_of" in j for j in jobs) == 2
+    assert result.stdout.count("skipped: groups has no effect on quant=ptq4dm") == 2
+    from tqdit.report import load_results
+    assert len(load_results([sweep])) == 1

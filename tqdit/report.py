@@ -23,6 +23,8 @@ def load_results(directories: list[str | Path]) -> pd.DataFrame:
     for directory in directories:
         for path in sorted(Path(directory).rglob("results.json")):
             result = json.loads(path.read_text())
+            if "duplicate_of" in result:  # a job its method did not need (see pipeline.job.identical_finished_job)
+                continue
             quant, config = result.get("quant", {"method": "fp"}), result["config"]
             rows.append({
                 "model": config["model"]["arch"], "method": quant["method"], "w_bits": quant.get("w_bits"),

@@ -6,10 +6,15 @@ conditional input (x_t, t, y) and the unconditional one (x_t, t, null). Policies
 
 - ``all``      every sampling step (time grouping needs data from every group);
 - ``uniform``  ``num_steps`` steps at a uniform stride over the trajectory (Q-Diffusion style);
-- ``ndtc``     PTQ4DM's normally distributed timestep calibration (baselines work, not yet here).
 
 Sets are cached on disk under a key that hashes the model weights and every setting that changes
-the captured data, so the jobs of a sweep capture once.
+the captured data, so the jobs of a sweep capture once. Jobs capture every step by default and each
+method then *selects* its inputs from the shared set (one capture serves the whole sweep):
+
+- ``select_per_group``  the same number of random inputs from every time group (TQ-DiT's methods);
+- ``select_uniform_steps``  ``steps`` steps at a uniform stride, ``per_step`` inputs each (Q-Diffusion, PTQ4DiT);
+- ``select_ndtc``  PTQ4DM's normally distributed timestep calibration: steps drawn from N(μ, σ)
+  (fractions of the trajectory, counted from the clean end), one input per draw.
 """
 
 from __future__ import annotations
@@ -66,6 +71,54 @@ def kept_steps(spec: CalibrationSpec, num_steps: int) -> list[int]:
             raise ValueError(f"calibration num_steps={count} must be between 1 and the {num_steps} sampling steps")
         return sorted({round(i) for i in np.linspace(0, num_steps - 1, count)})
     raise ValueError(f"unknown calibration policy '{spec.policy}': use all or uniform")
+
+
+def select_per_group(step: np.ndarray, group_of_step: np.ndarray, per_group: int, seed: int) -> np.ndarray:
+    """Indices of ``per_group`` random inputs from every time group (fewer where a group has fewer)."""
+    rng = np.random.default_rng(seed)
+    step_group = group_of_step[step]
+    chosen = []
+    for g in np.unique(group_of_step):
+        pool = np.flatnonzero(step_group == g)
+        if len(pool) == 0:
+            raise ValueError(f"the calibration set has no inputs from time group {g}; capture all steps (policy=all)")
+        chosen.append(np.sort(rng.choice(pool, min(per_group, len(pool)), replace=False)))
+    return np.concatenate(chosen)
+
+
+def select_uniform_steps(step: np.ndarray, num_steps: int, steps: int, per_step: int, seed: int) -> np.ndarray:
+    """Q-Diffusion's time step-aware calibration: ``steps`` sampling steps at a uniform stride over the
+    whole trajectory (clean end and noisy end included), ``per_step`` random inputs at each."""
+    steps = min(steps, num_steps)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for s in sorted({round(v) for v in np.linspace(0, num_steps - 1, steps)}):
+        pool = np.flatnonzero(step == s)
+        if len(pool) == 0:
+            raise ValueError(f"the calibration set has no inputs from sampling step {s}; capture all steps (policy=all)")
+        chosen.append(np.sort(rng.choice(pool, min(per_step, len(pool)), replace=False)))
+    return np.concatenate(chosen)
+
+
+def ndtc_steps(num_steps: int, count: int, mean: float, std: float, rng: np.random.Generator) -> np.ndarray:
+    """PTQ4DM's NDTC: ``count`` sampling-step indices (0 = cleanest) with fraction u ~ N(mean, std) of the
+    trajectory counted from the clean end, step = clamp(⌊u · num_steps⌋, 0, num_steps − 1)."""
+    fraction = rng.normal(mean, std, size=count)
+    return np.clip(np.floor(fraction * num_steps), 0, num_steps - 1).astype(np.int64)
+
+
+def select_ndtc(step: np.ndarray, num_steps: int, count: int, mean: float, std: float, seed: int) -> np.ndarray:
+    """Indices of ``count`` inputs whose steps follow NDTC; each draw takes a random input of that step
+    (from a different trajectory while the step has unused ones)."""
+    rng = np.random.default_rng(seed)
+    wanted = ndtc_steps(num_steps, count, mean, std, rng)
+    chosen = []
+    for s, n in zip(*np.unique(wanted, return_counts=True)):
+        pool = np.flatnonzero(step == s)
+        if len(pool) == 0:
+            raise ValueError(f"the calibration set has no inputs from sampling step {s}; capture all steps (policy=all)")
+        chosen.append(rng.choice(pool, n, replace=n > len(pool)))
+    return np.sort(np.concatenate(chosen))
 
 
 def capture(model, diffusion: GaussianDiffusion, spec: CalibrationSpec) -> CalibrationSet:

@@ -7,9 +7,11 @@ composed config and the job directory in.
 from __future__ import annotations
 
 import io
+import json
 import math
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,9 @@ from tqdit.metrics import all_metrics, build_extractor, extract_features, refere
 from tqdit.models import DIT_CONFIGS, load_model
 from tqdit.pipeline.generate import generate
 from tqdit.quant import METHODS, USES_TIME_GROUPS, QuantConfig, SearchConfig, load_quant_state, resolve_scope, save_quant_state
+from tqdit.quant.calibrate import method_settings
+from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
+from tqdit.quant.reconstruct import ReconConfig
 from tqdit.utils import atomic_write_bytes, atomic_write_json, resolve_device, resolve_dtype, sha256_file
 
 
@@ -61,6 +66,19 @@ def validate(cfg: DictConfig) -> None:
               f"groups={cfg.groups} must be an integer from 1 to the number of sampling steps ({steps})")
     check(quant.search in ("hessian", "mse", "lp", "minmax", "percentile"),
           f"quant.search={quant.search} is unknown: use hessian, mse, lp, minmax or percentile")
+    fixed = FIXED_SEARCH.get(quant.name)
+    check(fixed is None or quant.search == fixed,
+          f"quant.search={quant.search}: {quant.name} chooses its scales by {fixed} as its paper does; drop quant.search= or use quant=uniform")
+    if quant.name in SETTINGS:
+        try:
+            method_settings(SETTINGS[quant.name], OmegaConf.to_container(quant.params), quant.name)
+        except (TypeError, ValueError) as error:
+            raise TqditError(str(error)) from None
+    elif quant.params:
+        raise TqditError(f"quant.params={OmegaConf.to_container(quant.params)}: quant={quant.name} takes no method parameters; remove them")
+    recon = quant.recon
+    check(all(isinstance(recon[k], int) and recon[k] >= 0 for k in ("iters", "act_iters")) and recon.batch >= 1,
+          "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
     check(quant.load is None or Path(str(quant.load)).expanduser().is_file(),
           f"quant.load={quant.load}: file not found; point it at a job's quant_params.safetensors")
     checkpoint = cfg.model.checkpoint
@@ -76,8 +94,10 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
     search = SearchConfig(criterion=q.search, rounds=q.rounds, candidates=q.candidates, alpha_min=q.alpha_min,
                           alpha_max=q.alpha_max, p=q.p, percentile=q.percentile, batch=q.search_batch)
     groups = cfg.groups if q.name in USES_TIME_GROUPS else 1
+    recon = ReconConfig(**OmegaConf.to_container(q.recon))
     return QuantConfig(w_bits=cfg.w_bits, a_bits=cfg.a_bits, scope=scope, time_groups=groups, grouped=grouped,
-                       search=search, num_inputs=q.num_inputs, capture_batch=q.capture_batch, seed=q.seed)
+                       search=search, num_inputs=q.num_inputs, capture_batch=q.capture_batch, seed=q.seed,
+                       recon=recon, params=OmegaConf.to_container(q.params))
 
 
 def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
@@ -90,6 +110,10 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
         record.update(w_bits=None, a_bits=None, search=None, scope=None)
         return record
     record["scope_layers"] = resolve_scope(model, qcfg.scope)
+    if method in SETTINGS:
+        record["params"] = qcfg.params
+    if method in RECONSTRUCTS:
+        record["recon"] = asdict(qcfg.recon)
     if cfg.quant.load:
         saved_method, _, info = load_quant_state(model, cfg.quant.load)
         if saved_method != method:
@@ -152,10 +176,44 @@ def evaluate(images: np.ndarray, eval_cfg: DictConfig, device: torch.device) -> 
     return all_metrics(generated, reference, splits=eval_cfg.is_splits, k=eval_cfg.pr_k)
 
 
-def run_job(cfg: DictConfig, job_dir: str | Path) -> dict:
-    """Run one configured job and return (and write) its results."""
+def identical_finished_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path) -> Path | None:
+    """For a method without time groups: a finished job of the same sweep whose config differs only in ``groups``.
+
+    ``groups`` means nothing to such a method, so ``-m quant=ptq4dm,mrq_tgq groups=5,10,25`` would
+    otherwise repeat identical ptq4dm jobs. Decision: run the first, and let the others point to it.
+    """
+    if cfg.quant.name in USES_TIME_GROUPS:
+        return None
+    mine = OmegaConf.to_container(cfg, resolve=True)
+    mine.pop("groups", None)
+    for path in sorted(sweep_dir.rglob("results.json")):
+        if path.parent.resolve() == job_dir.resolve():
+            continue
+        try:
+            other = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        config = dict(other.get("config") or {})
+        config.pop("groups", None)
+        if "duplicate_of" not in other and config == mine:
+            return path.parent
+    return None
+
+
+def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None = None) -> dict:
+    """Run one configured job and return (and write) its results.
+
+    In a sweep (``sweep_dir`` given), a job identical to a finished one except for a ``groups`` value its method ignores is
+    not run again: its ``results.json`` names the job it duplicates (reports skip it).
+    """
     job_dir = Path(job_dir)
     validate(cfg)
+    original = identical_finished_job(cfg, job_dir, Path(sweep_dir)) if sweep_dir is not None else None
+    if original is not None:
+        results = {"duplicate_of": str(original), "config": OmegaConf.to_container(cfg, resolve=True),
+                   "reason": f"groups has no effect on quant={cfg.quant.name}; identical to {original.name}"}
+        atomic_write_json(job_dir / "results.json", results)
+        return results
     timings: dict[str, float] = {}
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     torch.backends.cuda.matmul.allow_tf32 = True  # as the reference sampler does
@@ -202,6 +260,8 @@ def run_job(cfg: DictConfig, job_dir: str | Path) -> dict:
 
 
 def summary_line(results: dict) -> str:
+    if "duplicate_of" in results:
+        return f"skipped: {results['reason']}"
     m, cfg, q = results["metrics"], results["config"], results["quant"]
     method = q["method"] if q["method"] == "fp" else f"{q['method']} W{q['w_bits']}A{q['a_bits']}" + (f" G={q['groups']}" if q["groups"] else "")
     calibration = f", calibration {q['calibration_s']:.0f} s" if "calibration_s" in q else ""

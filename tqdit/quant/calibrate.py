@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from tqdit.data.calibration import CalibrationSet
+from tqdit.data.calibration import CalibrationSet, select_per_group
 from tqdit.models.dit import DiT, MatMul
 from tqdit.quant.layers import QuantLinear, QuantMatMul, quantization_disabled, replace_module, resolve_scope, use_explicit_attention
+from tqdit.quant.reconstruct import ReconConfig
 from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, TimeGroupContext, UniformQuantizer
 from tqdit.quant.search import SearchConfig, linear_problem, matmul_problem, search_layer
 
@@ -44,6 +45,7 @@ class QuantConfig:
 
     w_bits: int = 8
     a_bits: int = 8
+    weight_symmetric: bool = True  # per-output-channel weight grids: symmetric (most methods) or asymmetric (PTQ4DiT)
     scope: str | list = "blocks"
     multi_region: bool = False
     time_groups: int = 1
@@ -52,6 +54,8 @@ class QuantConfig:
     num_inputs: int = 256  # calibration inputs in all, split evenly over the time groups (at least 1 each)
     capture_batch: int = 32
     seed: int = 0
+    recon: ReconConfig = field(default_factory=ReconConfig)  # block reconstruction (Q-Diffusion, PTQ4DiT)
+    params: dict = field(default_factory=dict)  # method-specific settings (each method validates its own)
 
 
 def activation_positions(name: str) -> tuple[str, ...]:
@@ -117,25 +121,11 @@ def wrap(model: DiT, cfg: QuantConfig, timesteps: np.ndarray) -> list[str]:
         if isinstance(module, MatMul):
             new = QuantMatMul(*(_activation_quantizer(p, cfg, context) for p in positions))
         else:
-            weight_quant = UniformQuantizer(cfg.w_bits, symmetric=True, channels=module.out_features, axis=0)
+            weight_quant = UniformQuantizer(cfg.w_bits, symmetric=cfg.weight_symmetric, channels=module.out_features, axis=0)
             new = QuantLinear(module, _activation_quantizer(positions[0], cfg, context), weight_quant)
         replace_module(model, name, new.to(module.weight.device if isinstance(module, nn.Linear) else next(model.parameters()).device))
     use_explicit_attention(model)
     return names
-
-
-def select_inputs(calib: CalibrationSet, groups_of_step: np.ndarray, per_group: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indices into calib, group of each): ``per_group`` random inputs from every time group."""
-    rng = np.random.default_rng(seed)
-    step_group = groups_of_step[calib.step.numpy()]
-    chosen, groups = [], []
-    for g in np.unique(groups_of_step):
-        pool = np.flatnonzero(step_group == g)
-        if len(pool) == 0:
-            raise ValueError(f"the calibration set has no inputs from time group {g}; capture all steps (policy=all)")
-        pick = rng.choice(pool, min(per_group, len(pool)), replace=False)
-        chosen.append(np.sort(pick)), groups.append(np.full(len(pick), g))
-    return np.concatenate(chosen), np.concatenate(groups)
 
 
 def unit_of(name: str) -> str:
@@ -185,8 +175,13 @@ def capture_unit(model: DiT, unit: str, names: list[str], x, t, y, probes, need_
     return records  # gradients arrive batch by batch (one backward each), so they line up with the inputs
 
 
-def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: bool = True) -> tuple[DiT, dict]:
-    """Quantize ``model`` in place with the configured quantizers and search; returns (model, cost)."""
+def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: bool = True,
+              index: np.ndarray | None = None) -> tuple[DiT, dict]:
+    """Quantize ``model`` in place with the configured quantizers and search; returns (model, cost).
+
+    ``index``: which calibration inputs to use (a method's own selection); default: ⌈num_inputs / G⌉
+    random inputs from each time group.
+    """
     timesteps = calib.timesteps.numpy()
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -196,8 +191,9 @@ def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: boo
     names = wrap(model, cfg, timesteps)
     steps = len(timesteps)
     groups_of_step = (np.arange(steps) * cfg.time_groups) // steps
-    per_group = -(-cfg.num_inputs // cfg.time_groups)
-    index, sample_groups = select_inputs(calib, groups_of_step, per_group, cfg.seed)
+    if index is None:
+        index = select_per_group(calib.step.numpy(), groups_of_step, -(-cfg.num_inputs // cfg.time_groups), cfg.seed)
+    sample_groups = groups_of_step[calib.step.numpy()[index]]
     x, t, y = calib.x[index].to(device), calib.t[index].to(device), calib.y[index].to(device)
     x = x.to(next(model.parameters()).dtype)
     sample_groups = torch.as_tensor(sample_groups, dtype=torch.long)
@@ -230,11 +226,23 @@ def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: boo
             module.freeze()
     if model.quant_context is not None:
         model.quant_context.groups, model.quant_context.single = None, None
-    seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
-    cost = {"calibration_s": round(seconds, 2), "peak_memory_bytes": int(peak), "peak_memory_kind": kind,
+    peak, kind = peak_memory(device)
+    cost = {"calibration_s": round(time.perf_counter() - start, 2), "peak_memory_bytes": peak, "peak_memory_kind": kind,
             "quantized_layers": len(names), "calibration_inputs": len(t)}
     return model, cost
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak memory so far: the CUDA allocator's peak (reset when calibration starts) or the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "process_max_rss"
+
+
+def method_settings(kind, params: dict, method: str):
+    """A method's own settings dataclass from ``quant.params``; unknown keys are an error, not ignored."""
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"quant.params has unknown keys {unknown} for quant={method}; known keys: {', '.join(sorted(known))}")
+    return kind(**params)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, UniformQuantizer, fake_quant, range_to_params
 
 OUTPUT_CRITERIA = ("hessian", "mse")
+SCORED_ELEMENTS = 1 << 22  # tensor criteria score at most this many elements per activation operand
 TENSOR_CRITERIA = ("lp", "minmax", "percentile")
 
 
@@ -105,24 +106,31 @@ class ActivationGrid(Grid):
 
 
 class WeightGrid(Grid):
-    """Per-output-channel symmetric weight quantizer: candidate k uses α_k · max|W_c|."""
+    """Per-output-channel weight quantizer: candidate k uses α_k · max|W_c| (symmetric grid) or
+    α_k · [min W_c, max W_c] (asymmetric grid, PTQ4DiT)."""
 
     def __init__(self, quantizer: UniformQuantizer, weight: torch.Tensor, cfg: SearchConfig):
         self.q, self.weight = quantizer, weight
-        self.maxabs = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1).float().clamp(min=1e-8)
+        rows = weight.detach().reshape(weight.shape[0], -1).float()
+        if quantizer.symmetric:
+            self.high = rows.abs().amax(dim=1).clamp(min=1e-8)
+            self.low = -self.high
+        else:
+            self.low, self.high = rows.amin(dim=1).clamp(max=0), rows.amax(dim=1).clamp(min=0)
         self.alphas = cfg.alphas()
         self.num, self.bins = len(self.alphas), weight.shape[0]
 
     def apply(self, x, k, groups=None):
-        scale = (self.alphas[k] * self.maxabs / self.q.qmax).to(x.device)
-        return fake_quant(x, scale, torch.zeros_like(scale, dtype=torch.int32), self.q.qmin, self.q.qmax, axis=0)
+        scale, zero_point = range_to_params(self.alphas[k] * self.low, self.alphas[k] * self.high, self.q.bits, self.q.symmetric)
+        return fake_quant(x, scale.to(x.device), zero_point.to(x.device), self.q.qmin, self.q.qmax, axis=0)
 
     def reduce(self, per_element, groups=None):
         return per_element.reshape(-1, per_element.shape[-1]).sum(dim=0).double()  # output channel = last dim
 
     def commit(self, best):
-        alpha = torch.ones(self.bins, device=self.maxabs.device) if best is None else self.alphas.to(self.maxabs.device)[best.to(self.maxabs.device)]
-        self.q.set_range(-alpha * self.maxabs, alpha * self.maxabs)
+        device = self.high.device
+        alpha = torch.ones(self.bins, device=device) if best is None else self.alphas.to(device)[best.to(device)]
+        self.q.set_range(alpha * self.low, alpha * self.high)
 
 
 class SoftmaxGrid(Grid):
@@ -266,9 +274,14 @@ def _fit_tensor(op: Operand, grid: Grid, groups: torch.Tensor, cfg: SearchConfig
             error = (grid.apply(op.data, k) - op.data).abs().pow(power)
             scores[k] = error.reshape(error.shape[0], -1).sum(dim=1).double()
     else:
+        # Score on at most SCORED_ELEMENTS evenly strided elements (the range itself comes from all of them):
+        # the Lp error of a per-tensor grid is an average, and a strided subsample estimates it closely.
+        total = sum(t.numel() for t in op.data)
+        stride = max(1, -(-total // SCORED_ELEMENTS))
         for start in range(0, len(groups), cfg.batch):
             part = slice(start, min(start + cfg.batch, len(groups)))
             x, bins = _stack(op.data, part), bins_all[part].to(device)
+            x = x.reshape(x.shape[0], -1)[:, ::stride]
             for k in range(grid.num):
                 scores[k] += grid.reduce((grid.apply(x, k, bins) - x).abs().pow(power), bins)
     grid.commit(scores.argmin(dim=0).cpu())

@@ -14,15 +14,22 @@ from safetensors.torch import save
 from tqdit.errors import TqditError
 from tqdit.quant.calibrate import QuantConfig, wrap
 from tqdit.quant.layers import QuantLinear, quantizers
+from tqdit.quant.reconstruct import ReconConfig
 from tqdit.quant.search import SearchConfig
 from tqdit.utils import atomic_write_bytes
 
 
 def save_quant_state(model, path: str | Path, method: str, timesteps: np.ndarray) -> None:
-    """Every quantizer's buffers, with the method, its effective config and the schedule in the metadata."""
+    """Every quantizer's buffers, with the method, its effective config and the schedule in the metadata.
+
+    Methods that change weights (AdaRound's rounding, PTQ4DiT's folded balancing) list them in
+    ``model.quant_modified_parameters``; those are saved too, under ``param.<name>``.
+    """
     cfg = model.quant_config
     tensors = {f"{name}.{buffer}": value.detach().cpu().contiguous()
                for name, q in quantizers(model) if q.enabled for buffer, value in q.named_buffers()}
+    for name in getattr(model, "quant_modified_parameters", []):
+        tensors[f"param.{name}"] = model.get_parameter(name).detach().cpu().contiguous()
     metadata = {"method": method, "config": json.dumps(asdict(cfg)), "timesteps": json.dumps([int(t) for t in timesteps])}
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
@@ -37,9 +44,15 @@ def load_quant_state(model, path: str | Path) -> tuple[str, QuantConfig, dict]:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     config = json.loads(metadata["config"])
     config["search"] = SearchConfig(**config["search"])
+    config["recon"] = ReconConfig(**config.get("recon", {}))
     cfg = QuantConfig(**config)
     wrap(model, cfg, np.array(json.loads(metadata["timesteps"])))
     device = next(model.parameters()).device
+    modified = sorted(key[len("param."):] for key in tensors if key.startswith("param."))
+    for name in modified:
+        with torch.no_grad():
+            model.get_parameter(name).copy_(tensors[f"param.{name}"].to(device))
+    model.quant_modified_parameters = modified
     loaded = 0
     for name, q in quantizers(model):
         keys = [f"{name}.{buffer}" for buffer, _ in q.named_buffers()]
@@ -53,4 +66,4 @@ def load_quant_state(model, path: str | Path) -> tuple[str, QuantConfig, dict]:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.freeze()
-    return metadata["method"], cfg, {"quantizers_loaded": loaded}
+    return metadata["method"], cfg, {"quantizers_loaded": loaded, "parameters_loaded": len(modified)}

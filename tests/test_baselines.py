@@ -1,0 +1,224 @@
+"""Baselines: PTQ4DM's NDTC, Q-Diffusion's reconstruction (AdaRound, LSQ), PTQ4DiT's CSB/SSC folding."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from tqdit.data.calibration import CalibrationSpec, capture, ndtc_steps, select_ndtc, select_uniform_steps
+from tqdit.diffusion import create_diffusion
+from tqdit.quant import METHODS, QuantConfig, QuantLinear, SearchConfig, load_quant_state, quantizers, save_quant_state
+from tqdit.quant.calibrate import calibrate
+from tqdit.quant.methods.ptq4dit import balancing_factors, fold_adaln, salience_balance
+from tqdit.quant.reconstruct import AdaRoundWeight, ReconConfig, reconstruct_blocks
+
+from test_quant import output_error, tiny_dit
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.manual_seed(0)
+    model = tiny_dit()
+    with torch.no_grad():  # weights of std 0.075: block outputs of order 1, as in a trained DiT
+        for param in model.parameters():
+            param.mul_(0.25)
+    diffusion = create_diffusion(6)
+    calib = capture(model, diffusion, CalibrationSpec(num_samples=6, cfg_scale=1.5))
+    return model, calib
+
+
+# ---------------------------------------------------------------- PTQ4DM: NDTC
+
+
+def test_ndtc_steps_follow_the_configured_normal():
+    steps, mean, std, count = 50, 0.4, 0.4, 40000
+    drawn = ndtc_steps(steps, count, mean, std, np.random.default_rng(0))
+    # independent expectation: P(step k) = P(k ≤ u·S < k+1) under N(mean, std), the tails folded into 0 and S−1
+    edges = stats.norm.cdf(np.arange(1, steps) / steps, mean, std)
+    probs = np.diff(np.concatenate([[0.0], edges, [1.0]]))
+    observed = np.bincount(drawn, minlength=steps)
+    assert stats.chisquare(observed, probs * count).pvalue > 1e-3
+    assert drawn.min() == 0 and drawn.max() == steps - 1
+    # skewed toward the clean end (step 0): more than half of the draws in the cleaner half
+    assert (drawn < steps // 2).mean() > 0.55
+
+
+def test_ndtc_selection_takes_trajectory_inputs_of_the_drawn_steps():
+    step = np.repeat(np.arange(10), 8)  # 10 sampling steps, 8 inputs each
+    index = select_ndtc(step, 10, 200, 0.4, 0.4, seed=3)
+    expected = np.sort(ndtc_steps(10, 200, 0.4, 0.4, np.random.default_rng(3)))
+    np.testing.assert_array_equal(np.sort(step[index]), expected)
+
+
+def test_uniform_stride_selection_covers_both_ends():
+    step = np.repeat(np.arange(50), 4)
+    index = select_uniform_steps(step, 50, 25, 3, seed=0)
+    chosen = np.unique(step[index])
+    assert len(chosen) == 25 and chosen[0] == 0 and chosen[-1] == 49
+    assert np.all(np.bincount(step[index])[chosen] == 3)
+
+
+# ---------------------------------------------------------------- PTQ4DiT: CSB, SSC, folding
+
+
+def input_maxima(model, names, calib) -> dict:
+    """max |input| per input channel over all calibration inputs, by forward hooks (independent of the method)."""
+    result = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: result.__setitem__(n, torch.maximum(result.get(n, torch.zeros(a[0].shape[-1])), a[0].abs().amax(dim=(0, 1)))))
+        for n in names]
+    with torch.no_grad():
+        model(calib.x, calib.t, calib.y)
+    for h in hooks:
+        h.remove()
+    return result
+
+
+def test_balancing_leaves_the_fp_model_unchanged(setting):
+    model, calib = setting
+    balanced = copy.deepcopy(model)
+    changed = salience_balance(balanced, calib.x, calib.t, calib.y, calib.step.numpy())
+    assert "blocks.0.adaLN_modulation.1.bias" in changed and "blocks.1.attn.qkv.weight" in changed
+    with torch.no_grad():
+        reference = model(calib.x, calib.t, calib.y)
+        out = balanced(calib.x, calib.t, calib.y)
+    assert (out - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item())
+    assert not torch.equal(balanced.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("layer", ["attn.qkv", "attn.proj", "mlp.fc1"])
+def test_csb_gives_both_operands_the_geometric_mean_salience(setting, layer):
+    model, calib = setting
+    only_last_step = calib.step == 0  # one step: SSC reduces to plain CSB with s(X) = max|X|
+    x, t, y = calib.x[only_last_step], calib.t[only_last_step], calib.y[only_last_step]
+    one_step = type(calib)(x, t, y, calib.step[only_last_step], calib.timesteps)
+    names = [f"blocks.{i}.{layer}" for i in range(len(model.blocks))]
+    before_x = input_maxima(model, names, one_step)
+    before_w = {n: model.get_submodule(n).weight.abs().amax(dim=0) for n in names}
+    balanced = copy.deepcopy(model)
+    salience_balance(balanced, x, t, y, one_step.step.numpy(), layers=[layer])
+    after_x = input_maxima(balanced, names, one_step)
+    for n in names:
+        target = torch.sqrt(before_x[n] * before_w[n])
+        torch.testing.assert_close(after_x[n], target, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(balanced.get_submodule(n).weight.abs().amax(dim=0), target, rtol=1e-4, atol=1e-6)
+
+
+def test_ssc_weights_steps_by_softmax_of_minus_spearman():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 16, generator=generator)
+    s_w = weight.abs().amax(dim=0)
+    order = s_w.argsort()
+    aligned = torch.empty(16)
+    aligned[order] = torch.linspace(1, 2, 16)  # same ranking as s(W): ρ = 1
+    opposite = torch.empty(16)
+    opposite[order] = torch.linspace(3, 1, 16)  # reversed ranking: ρ = −1
+    partial = torch.rand(16, generator=generator) + 0.5
+    per_step = torch.stack([aligned, opposite, partial])
+    rho = np.array([stats.spearmanr(s.numpy(), s_w.numpy()).statistic for s in per_step])
+    eta = np.exp(-rho) / np.exp(-rho).sum()
+    s_x = (eta[:, None] * per_step.numpy()).sum(axis=0)
+    expected = np.sqrt(s_x * s_w.numpy()) / s_x
+    np.testing.assert_allclose(balancing_factors(weight, per_step, ssc=True).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(balancing_factors(weight, per_step, ssc=False).numpy(),
+                               np.sqrt(per_step.amax(0).numpy() * s_w.numpy()) / per_step.amax(0).numpy(), rtol=1e-5)
+
+
+def test_folded_adaln_equals_runtime_scaling(setting):
+    model, calib = setting
+    b = torch.rand(32) + 0.5
+    runtime, folded = copy.deepcopy(model), copy.deepcopy(model)
+    seen = {}
+    # runtime form (what the released code does): multiply the qkv input by b, divide the weight columns
+    runtime.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: (a[0] * b,))
+    runtime.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: seen.__setitem__("runtime", a[0]))
+    with torch.no_grad():
+        runtime.blocks[0].attn.qkv.weight /= b
+        fold_adaln(folded.blocks[0].adaLN_modulation[1], 0, 1, b)
+        folded.blocks[0].attn.qkv.weight /= b
+    folded.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: seen.__setitem__("folded", a[0]))
+    with torch.no_grad():
+        out_runtime, out_folded = runtime(calib.x, calib.t, calib.y), folded(calib.x, calib.t, calib.y)
+    torch.testing.assert_close(seen["folded"], seen["runtime"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_folded, out_runtime, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- reconstruction
+
+
+def test_adaround_starts_at_the_fp_weight():
+    from tqdit.quant.quantizers import UniformQuantizer
+    weight = torch.randn(6, 10)
+    q = UniformQuantizer(4, symmetric=False, channels=6)
+    q.set_range(weight.amin(dim=1), weight.amax(dim=1))
+    rounding = AdaRoundWeight(weight, q)
+    # the soft weight is W itself, up to the clipping of the code range (the zero point is an integer)
+    scale, zero = q.scale[0][:, None], q.zero_point[0][:, None]
+    expected = torch.minimum(torch.maximum(weight, (q.qmin - zero) * scale), (q.qmax - zero) * scale)
+    torch.testing.assert_close(rounding(weight), expected, atol=1e-3 * weight.abs().max().item(), rtol=0)
+    rounding.hard = True  # hard rounding = nearest rounding at the start (h = fractional part)
+    torch.testing.assert_close(rounding(weight), q(weight), atol=1e-6, rtol=0)
+
+
+def test_reconstruction_rounds_to_floor_or_ceil_and_lowers_block_error(setting):
+    model, calib = setting
+    quantized = copy.deepcopy(model)
+    cfg = QuantConfig(w_bits=4, a_bits=8, weight_symmetric=False, num_inputs=36, search=SearchConfig(criterion="lp", candidates=20))
+    index = np.arange(len(calib))[::2]
+    calibrate(quantized, calib, cfg, progress=False, index=index)
+    start = {name: (m.weight.detach().clone(), m.weight_quant.scale[0].clone(), m.weight_quant.zero_point[0].clone())
+             for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
+    recon = ReconConfig(iters=300, act_iters=50, batch=16, lr=2e-2)  # few iterations: a larger step
+    reports = reconstruct_blocks(quantized, calib.x[index], calib.t[index], calib.y[index], recon, joint=False, progress=False)
+    for report in reports:
+        assert report["error_after"] < report["error_nearest"]
+    for name, (weight, scale, zero) in start.items():
+        codes = quantized.get_submodule(name).weight / scale[:, None] + zero[:, None]
+        torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)  # on the grid
+        floor = torch.floor(weight / scale[:, None]) + zero[:, None]
+        offset = codes.round() - floor
+        inside = (floor > 0) & (floor < 15)  # away from the clamp at the code range's ends
+        assert set(offset[inside].unique().tolist()) <= {0.0, 1.0}  # floor or ceil, nothing else
+    # with 300 iterations the annealed regulariser has pushed nearly every h(V) to 0 or 1
+    assert max(r["undecided_rounding"] for r in reports) < 0.05
+
+
+# ---------------------------------------------------------------- the methods end to end
+
+
+def baseline(method, setting, bits=8, **params):
+    model, calib = setting
+    cfg = QuantConfig(w_bits=bits, a_bits=bits, num_inputs=24, capture_batch=8, params=params,
+                      search=SearchConfig(criterion="lp", candidates=20), recon=ReconConfig(iters=60, act_iters=20, batch=8))
+    quantized, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
+    return model, quantized, cost, calib
+
+
+@pytest.mark.parametrize("method", ["ptq4dm", "qdiffusion", "ptq4dit"])
+def test_baselines_quantize_every_scoped_layer(method, setting):
+    fp, quantized, cost, calib = baseline(method, setting, bits=6)
+    assert len(quantizers(quantized)) == 2 * 14 and all(q.enabled for _, q in quantizers(quantized))
+    assert {type(q).__name__ for _, q in quantizers(quantized)} == {"UniformQuantizer"}
+    weight_symmetric = {q.symmetric for n, q in quantizers(quantized) if n.endswith("weight_quant")}
+    assert weight_symmetric == ({True} if method == "ptq4dm" else {False})
+    assert 0 < output_error(fp, quantized, calib) < 0.1
+    assert cost["calibration_s"] > 0 and ("reconstruction" in cost) == (method != "ptq4dm")
+
+
+def test_unknown_method_parameter_is_refused(setting):
+    with pytest.raises(ValueError, match=r"unknown keys \['mu'\] for quant=ptq4dm"):
+        baseline("ptq4dm", setting, mu=0.3)
+
+
+def test_ptq4dit_state_reloads_folded_and_rounded_weights(setting, tmp_path):
+    fp, quantized, _, _ = baseline("ptq4dit", setting)
+    path = tmp_path / "quant_params.safetensors"
+    save_quant_state(quantized, path, "ptq4dit", create_diffusion(6).timesteps)
+    fresh = copy.deepcopy(fp)
+    method, _, info = load_quant_state(fresh, path)
+    assert method == "ptq4dit" and info["parameters_loaded"] > 0
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([999, 500, 0, 0]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, y), quantized(x, t, y), atol=0, rtol=0)

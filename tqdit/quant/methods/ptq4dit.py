@@ -1,0 +1,167 @@
+"""``ptq4dit``: PTQ4DiT (Wu et al., NeurIPS 2024) on DiT, under the shared protocol.
+
+Follows the paper:
+- **Channel-wise salience balancing (CSB)** on the inputs of ``attn.qkv``, ``attn.proj`` and
+  ``mlp.fc1`` (not fc2). For Y = X·Wᵀ with input channel j: s(X_j) = max|X_j|, s(W_j) = max|W_{:,j}|,
+  s̃_j = √(s(X_j)·s(W_j)); X̃_j = X_j·b_j and W̃_{:,j} = W_{:,j}/b_j with b_j = s̃_j / s(X_j), so both
+  operands have salience s̃_j and the product is unchanged.
+- **Spearman-ρ-guided salience calibration (SSC)** over timesteps, as the paper states (the released
+  code does it over samples): for each calibration step t, ρ_t = Spearman(s(X⁽ᵗ⁾), s(W));
+  η = softmax(−ρ) over the steps; s(X) := Σ_t η_t s(X⁽ᵗ⁾). Steps where activation and weight
+  salience are less correlated (complementary) weigh more.
+- **Re-parameterization folded offline**, which the released code never does (it divides at run
+  time): b for qkv and fc1 goes into the block's adaLN modulation — modulate(x) = LN(x)(1 + scale)
+  + shift becomes LN(x)(1 + scale') + shift' with shift' = b·shift and 1 + scale' = b(1 + scale),
+  i.e. rows of the adaLN Linear scaled by b and the scale bias b·bias + b − 1; b for proj goes into
+  the v rows of qkv (the attention output is linear in v per channel). The weights are divided by
+  b. The FP model's output is unchanged (tests check ≤ 1e-5). Within a block proj is balanced
+  first, since its fold changes qkv's weight rows and so qkv's weight salience.
+- Then the Q-Diffusion-style reconstruction it builds on (``tqdit.quant.reconstruct``), with
+  rounding and activation steps learned jointly (20k iterations per block, β 20→2, warm-up 0.2,
+  λ 0.01, Lp p = 2, activation lr 4e-5).
+- Quantizers as its code: weights per output channel, asymmetric; activations per tensor,
+  asymmetric (non-negative post-softmax → unsigned codes). Calibration: 25 steps × 32 inputs from
+  FP trajectories with guidance (uniform stride).
+Deviation: the code initialises activation ranges by choosing among the percentiles
+{0.999, 0.9999, 0.99999} by L2 error; here the engine's L2 (p = 2) search over 100 range
+multipliers initialises them, a superset of that choice; reconstruction then learns the steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tqdit.quant.calibrate import QuantConfig, method_settings
+from tqdit.quant.methods.qdiffusion import calibration_index, initialise_and_reconstruct
+
+BALANCED = ("attn.proj", "attn.qkv", "mlp.fc1")  # proj first: its fold changes qkv's rows
+
+
+@dataclass
+class Settings:
+    calib_steps: int = 25
+    p: float = 2.0  # Lp exponent of the initial scale search (the reconstruction's p is quant.recon.p)
+    ssc: bool = True  # False: plain CSB with s(X) = max over all calibration inputs
+    layers: list = field(default_factory=lambda: list(BALANCED))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of two 1-D tensors (ties broken by order, which float data rarely has)."""
+    ranks_a = a.argsort().argsort().double()
+    ranks_b = b.argsort().argsort().double()
+    ranks_a, ranks_b = ranks_a - ranks_a.mean(), ranks_b - ranks_b.mean()
+    return (ranks_a * ranks_b).sum() / (ranks_a.norm() * ranks_b.norm()).clamp(min=1e-12)
+
+
+def input_salience_per_step(model, names: list[str], x, t, y, step: np.ndarray, batch: int = 64) -> dict[str, torch.Tensor]:
+    """{layer: (steps, in_features)} max |input| over tokens and inputs of each calibration step."""
+    steps = np.unique(step)
+    row_of_step = {int(s): i for i, s in enumerate(steps)}
+    rows = torch.as_tensor([row_of_step[int(s)] for s in step])
+    result = {name: torch.zeros(len(steps), model.get_submodule(name).in_features, device=x.device) for name in names}
+    current = {}
+
+    def hook(name):
+        def record(module, args):
+            per_input = args[0].detach().abs().float().amax(dim=1)  # (batch, in_features)
+            index = current["rows"].to(x.device)[:, None].expand_as(per_input)
+            result[name].scatter_reduce_(0, index, per_input, "amax")
+        return record
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(t), batch):
+                current["rows"] = rows[start:start + batch]
+                model(x[start:start + batch], t[start:start + batch], y[start:start + batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result
+
+
+def balancing_factors(weight: torch.Tensor, salience_per_step: torch.Tensor, ssc: bool) -> torch.Tensor:
+    """b (in_features,): X̃ = X·b, W̃ = W/b, with s̃ = √(s(X)·s(W)) and s(X) from SSC over the steps."""
+    weight_salience = weight.detach().abs().float().amax(dim=0).clamp(min=1e-8)
+    if ssc and len(salience_per_step) > 1:
+        rho = torch.stack([spearman(s, weight_salience) for s in salience_per_step]).float()
+        eta = torch.softmax(-rho, dim=0)
+        activation_salience = (eta[:, None] * salience_per_step).sum(dim=0)
+    else:
+        activation_salience = salience_per_step.amax(dim=0)
+    activation_salience = activation_salience.clamp(min=1e-8)
+    balanced = torch.sqrt(activation_salience * weight_salience)
+    return balanced / activation_salience
+
+
+@torch.no_grad()
+def fold_adaln(adaln: torch.nn.Linear, chunk_shift: int, chunk_scale: int, b: torch.Tensor) -> None:
+    """Fold X̃ = modulate(LN(x), shift, scale)·b into the adaLN Linear that produces shift and scale."""
+    width = b.numel()
+    shift, scale = slice(chunk_shift * width, (chunk_shift + 1) * width), slice(chunk_scale * width, (chunk_scale + 1) * width)
+    b = b.to(adaln.weight.dtype)
+    adaln.weight[shift] *= b[:, None]
+    adaln.bias[shift] *= b
+    adaln.weight[scale] *= b[:, None]
+    adaln.bias[scale] = adaln.bias[scale] * b + (b - 1)
+
+
+@torch.no_grad()
+def balance_block(block, factors: dict[str, torch.Tensor]) -> list[str]:
+    """Apply CSB with folded re-parameterization to one DiT block; returns the changed parameter names."""
+    changed = []
+    if "attn.proj" in factors:
+        b = factors["attn.proj"].to(block.attn.proj.weight.dtype)
+        width = b.numel()
+        block.attn.qkv.weight[2 * width:] *= b[:, None]  # v rows: the attention output scales with v
+        block.attn.qkv.bias[2 * width:] *= b
+        block.attn.proj.weight /= b[None, :]
+        changed += ["attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight"]
+    if "attn.qkv" in factors:
+        b = factors["attn.qkv"]
+        fold_adaln(block.adaLN_modulation[1], 0, 1, b)  # shift_msa, scale_msa
+        block.attn.qkv.weight /= b.to(block.attn.qkv.weight.dtype)[None, :]
+        changed += ["adaLN_modulation.1.weight", "adaLN_modulation.1.bias", "attn.qkv.weight"]
+    if "mlp.fc1" in factors:
+        b = factors["mlp.fc1"]
+        fold_adaln(block.adaLN_modulation[1], 3, 4, b)  # shift_mlp, scale_mlp
+        block.mlp.fc1.weight /= b.to(block.mlp.fc1.weight.dtype)[None, :]
+        changed += ["adaLN_modulation.1.weight", "adaLN_modulation.1.bias", "mlp.fc1.weight"]
+    return changed
+
+
+def salience_balance(model, x, t, y, step: np.ndarray, layers=BALANCED, ssc: bool = True) -> list[str]:
+    """CSB + SSC on every block, folded into the weights; returns the changed parameter names.
+
+    Layers are balanced in the order of ``layers`` (proj before qkv), each from saliences measured on
+    the model as it is at that point, so a later layer sees the earlier folds.
+    """
+    unknown = set(layers) - set(BALANCED)
+    if unknown:
+        raise ValueError(f"ptq4dit balances only {', '.join(BALANCED)}; got {sorted(unknown)}")
+    ordered = [layer for layer in BALANCED if layer in layers]
+    changed = set()
+    for layer in ordered:
+        names = [f"blocks.{i}.{layer}" for i in range(len(model.blocks))]
+        salience = input_salience_per_step(model, names, x, t, y, step)
+        for i, block in enumerate(model.blocks):
+            weight = block.get_submodule(layer).weight
+            b = balancing_factors(weight, salience[f"blocks.{i}.{layer}"], ssc)
+            changed |= {f"blocks.{i}.{name}" for name in balance_block(block, {layer: b})}
+    return sorted(changed)
+
+
+def quantize(model, calib, cfg: QuantConfig):
+    start = time.perf_counter()
+    settings = method_settings(Settings, cfg.params, "ptq4dit")
+    index = calibration_index(calib, cfg, settings.calib_steps)
+    device = next(model.parameters()).device
+    x = calib.x[index].to(device, next(model.parameters()).dtype)
+    changed = salience_balance(model, x, calib.t[index].to(device), calib.y[index].to(device), calib.step.numpy()[index],
+                               settings.layers, settings.ssc)
+    model.quant_modified_parameters = changed
+    return initialise_and_reconstruct(model, calib, cfg, index, settings.p, joint=True, start=start)
