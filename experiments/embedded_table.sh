@@ -41,5 +41,5 @@ for method in "${methods[@]}"; do
 done
 status=0
 for job in $(jobs -p); do wait "$job" || status=1; done
-grep -h "FID\|error" "$out"/*.log | grep -v "features" || true
+cat "$out"/*.log | tr "\r" "\n" | grep -E "FID|error" | grep -v "it/s" || true
 exit $status
