@@ -1,6 +1,7 @@
-"""tqdit entry point: ``python run.py [overrides]`` or ``python run.py -m sweep=...`` (Hydra)."""
+"""tqdit entry point: ``python run.py [overrides]`` or ``python run.py -m key=a,b ...`` (Hydra)."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -9,21 +10,34 @@ from omegaconf import DictConfig
 
 from tqdit.errors import TqditError
 from tqdit.pipeline import run_job, summary_line
+from tqdit.pipeline.sweep import claimed_gpu, record_failure
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
-    job_dir = hydra_cfg.runtime.output_dir
-    sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
-        results = run_job(cfg, job_dir, sweep_dir)
-    except TqditError as error:  # bad input: one line that names the fix, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        if cfg.gpu_slots:  # local multi-GPU launcher: this job takes a free GPU of the machine
+            with claimed_gpu(cfg.gpu_slots, (sweep_dir or job_dir) / ".gpu_locks") as gpu:
+                cfg.device = f"cuda:{gpu}"
+                results = run_job(cfg, job_dir, sweep_dir)
+        else:
+            results = run_job(cfg, job_dir, sweep_dir)
+    except Exception as error:
+        if sweep_dir is None and isinstance(error, TqditError):  # bad input: one line that names the fix
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        if sweep_dir is None:
+            raise
+        # in a sweep, a failed job is recorded and the others go on; the table shows it as failed
+        failure = record_failure(cfg, job_dir, error)
+        print(f"failed: {failure['error']} ({job_dir})", file=sys.stderr)
+        return None
     print(summary_line(results))
     print(f"results: {job_dir}/results.json")
-    return results["metrics"]["fid"] if "metrics" in results else None
+    return results.get("metrics", {}).get("fid")
 
 
 if __name__ == "__main__":

@@ -150,3 +150,9 @@ def test_sweeping_groups_runs_a_method_without_time_groups_once(tmp_path):
     assert result.stdout.count("skipped: groups has no effect on quant=ptq4dm") == 2
     from tqdit.report import load_results
     assert len(load_results([sweep])) == 1
+    fp_sweep = tmp_path / "fp"
+    command = [c for c in command if not c.startswith(("hydra.sweep.dir=", "quant=", "groups="))]
+    result = subprocess.run([*command, f"hydra.sweep.dir={fp_sweep}", "quant=fp", "bits=6,8"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("skipped: bit widths and groups have no effect on quant=fp") == 1

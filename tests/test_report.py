@@ -57,7 +57,7 @@ def test_markdown_marks_missing_fp_pair(tmp_path):
     write_job(tmp_path, "uniform", 8, 5, 20.0)  # no FP job of seed 5
     text = to_markdown(summarize(load_results([tmp_path])))
     row = text.splitlines()[2].split("|")
-    assert row[1].strip() == "uniform" and row[2].strip() == "W8A8" and row[5].strip() == "–"
+    assert row[1].strip() == "uniform" and row[2].strip() == "W8A8" and row[6].strip() == "–"
 
 
 def test_command_line_writes_csv_and_latex(tmp_path):
@@ -66,5 +66,5 @@ def test_command_line_writes_csv_and_latex(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tqdit.report", str(tmp_path / "sweep"), "--csv", str(csv), "--latex", str(latex)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "| uniform | W6A6 | – | 20.17 ± 3.25 | +6.17 ± 1.26 |" in result.stdout
+    assert "| uniform | W6A6 | – | 50 | 20.17 ± 3.25 | +6.17 ± 1.26 |" in result.stdout
     assert len(pd.read_csv(csv)) == 4 and "\\begin{tabular}" in latex.read_text()

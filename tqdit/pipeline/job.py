@@ -26,8 +26,10 @@ from tqdit.errors import TqditError
 from tqdit.metrics import all_metrics, build_extractor, extract_features, reference_features
 from tqdit.models import DIT_CONFIGS, load_model
 from tqdit.pipeline.generate import generate
+from tqdit.pipeline.tracking import log_to_wandb
 from tqdit.quant import METHODS, USES_TIME_GROUPS, QuantConfig, SearchConfig, load_quant_state, resolve_scope, save_quant_state
 from tqdit.quant.calibrate import method_settings
+from tqdit.quant.layers import activation_ranges
 from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
 from tqdit.quant.reconstruct import ReconConfig
 from tqdit.utils import atomic_write_bytes, atomic_write_json, resolve_device, resolve_dtype, sha256_file
@@ -134,7 +136,18 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
             raise FloatingPointError(f"calibration produced a non-finite {name}")
     record.update(cost)
     save_quant_state(model, job_dir / "quant_params.safetensors", method, diffusion.timesteps)
+    save_activation_ranges(model, job_dir / "activation_ranges.csv")
     return record
+
+
+def save_activation_ranges(model, path: Path) -> None:
+    """activation_ranges.csv: every activation quantizer's range per time group (for plots and W&B)."""
+    rows = activation_ranges(model)
+    if not rows:
+        return
+    columns = ["layer", "operand", "group", "kind", "low", "high", "split"]
+    lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def save_samples(job_dir: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -176,16 +189,31 @@ def evaluate(images: np.ndarray, eval_cfg: DictConfig, device: torch.device) -> 
     return all_metrics(generated, reference, splits=eval_cfg.is_splits, k=eval_cfg.pr_k)
 
 
-def identical_finished_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path) -> Path | None:
-    """For a method without time groups: a finished job of the same sweep whose config differs only in ``groups``.
+def ignored_keys(method: str) -> set[str]:
+    """Top-level config keys that mean nothing to ``method``: a sweep over them repeats identical jobs."""
+    if method == "fp":
+        return {"bits", "w_bits", "a_bits", "groups"}
+    return set() if method in USES_TIME_GROUPS else {"groups"}
 
-    ``groups`` means nothing to such a method, so ``-m quant=ptq4dm,mrq_tgq groups=5,10,25`` would
-    otherwise repeat identical ptq4dm jobs. Decision: run the first, and let the others point to it.
+
+def identical_finished_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path) -> Path | None:
+    """A finished job of the same sweep whose config differs from ours only in keys our method ignores.
+
+    ``groups`` means nothing to a method without time groups (nor bit widths to ``fp``), so
+    ``-m quant=fp,ptq4dm,mrq_tgq bits=6,8 groups=5,10`` would otherwise repeat identical jobs.
+    Decision: run the first, and let the others point to it.
     """
-    if cfg.quant.name in USES_TIME_GROUPS:
+    ignored = ignored_keys(cfg.quant.name)
+    if not ignored:
         return None
-    mine = OmegaConf.to_container(cfg, resolve=True)
-    mine.pop("groups", None)
+
+    def relevant(config: dict) -> dict:
+        kept = {key: value for key, value in config.items() if key not in ignored}
+        if cfg.quant.name == "fp" and isinstance(kept.get("quant"), dict):  # no quantizer settings matter either
+            kept["quant"] = {"name": kept["quant"].get("name")}
+        return kept
+
+    mine = relevant(OmegaConf.to_container(cfg, resolve=True))
     for path in sorted(sweep_dir.rglob("results.json")):
         if path.parent.resolve() == job_dir.resolve():
             continue
@@ -193,9 +221,7 @@ def identical_finished_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path) -> P
             other = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        config = dict(other.get("config") or {})
-        config.pop("groups", None)
-        if "duplicate_of" not in other and config == mine:
+        if "metrics" in other and relevant(other.get("config") or {}) == mine:
             return path.parent
     return None
 
@@ -211,7 +237,8 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
     original = identical_finished_job(cfg, job_dir, Path(sweep_dir)) if sweep_dir is not None else None
     if original is not None:
         results = {"duplicate_of": str(original), "config": OmegaConf.to_container(cfg, resolve=True),
-                   "reason": f"groups has no effect on quant={cfg.quant.name}; identical to {original.name}"}
+                   "reason": f"{'bit widths and groups have' if cfg.quant.name == 'fp' else 'groups has'} no effect on "
+                             f"quant={cfg.quant.name}; identical to {original.name}"}
         atomic_write_json(job_dir / "results.json", results)
         return results
     timings: dict[str, float] = {}
@@ -256,6 +283,11 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_write_json(job_dir / "results.json", results)
+    if cfg.logger.name == "wandb":
+        warning = log_to_wandb(results, OmegaConf.to_container(cfg.logger, resolve=True), job_dir,
+                               Path(sweep_dir) if sweep_dir is not None else None)
+        if warning:
+            print(f"warning: {warning}")
     return results
 
 

@@ -109,3 +109,27 @@ def use_explicit_attention(model: DiT) -> None:
     """Quantized matmuls need the explicit attention path (the fused kernel hides them)."""
     for block in model.blocks:
         block.attn.fused = not any(isinstance(m, QuantMatMul) for m in (block.attn.qk_matmul, block.attn.av_matmul))
+
+
+def activation_ranges(model: nn.Module) -> list[dict]:
+    """What each calibrated activation quantizer represents, per time group: rows of
+    {layer, operand, kind, group, low, high} (MRQ post-softmax: its split as ``split``)."""
+    from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, UniformQuantizer
+
+    rows = []
+    for name, q in quantizers(model):
+        if not q.enabled or name.endswith("weight_quant"):
+            continue
+        layer, _, operand = name.rpartition(".")
+        for group in range(q.groups):
+            if isinstance(q, UniformQuantizer):
+                scale, zero = float(q.scale[group, 0]), int(q.zero_point[group, 0])
+                row = {"kind": "uniform", "low": (q.qmin - zero) * scale, "high": (q.qmax - zero) * scale}
+            elif isinstance(q, SoftmaxMRQ):
+                row = {"kind": "mrq_softmax", "low": 0.0, "high": 1.0, "split": 2.0 ** -int(q.split_exponent[group])}
+            elif isinstance(q, GeluMRQ):
+                row = {"kind": "mrq_gelu", "low": -q.negative_scale * 2 ** (q.bits - 1), "high": float(q.positive_scale[group]) * q.levels}
+            else:
+                continue
+            rows.append({"layer": layer, "operand": operand, "group": group, **row})
+    return rows

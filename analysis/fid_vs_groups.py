@@ -1,0 +1,39 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+# ---
+
+# %% [markdown]
+# # FID vs number of time groups
+# TGQ's ablation: how FID changes with G for every method and bit width of the sweep, with the
+# FP level for reference. Reads `TQDIT_SWEEP` (default: the newest `outputs/sweep/*`).
+
+# %%
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from _common import figure_path, sweep_directories
+
+from tqdit.report import load_results, summarize
+
+table = summarize(load_results(sweep_directories()))
+grouped = table[(table["groups"] != "–") & (table["seeds"] > 0)].copy()
+grouped["G"] = grouped["groups"].astype(int)
+grouped[["method", "w_bits", "a_bits", "G", "fid", "fid_std", "dfid", "seeds"]]
+
+# %%
+figure, axis = plt.subplots(figsize=(6, 4))
+for (method, w, a), rows in grouped.groupby(["method", "w_bits", "a_bits"]):
+    rows = rows.sort_values("G")
+    axis.errorbar(rows["G"], rows["fid"], yerr=rows["fid_std"].fillna(0), marker="o", capsize=3, label=f"{method} W{w}A{a}")
+fp = table[table["method"] == "fp"]
+if len(fp):
+    axis.axhline(fp["fid"].mean(), color="black", linestyle="--", label="FP")
+axis.set_xscale("log")
+axis.set_xlabel("time groups G")
+axis.set_ylabel("FID")
+axis.legend(fontsize=8)
+figure.tight_layout()
+figure.savefig(figure_path("fid_vs_groups"), dpi=120)

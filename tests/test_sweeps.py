@@ -1,0 +1,128 @@
+"""Sweeps as users run them: the mission command, the end-of-sweep table, failures, launchers, W&B, notebooks."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tqdit.pipeline.sweep import claimed_gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["num_samples=20", "batch_size=20", "sampler.steps=25", "quant.candidates=10", "quant.rounds=1",
+        "quant.num_inputs=25", "quant.calib.num_samples=4"]
+
+
+def sweep(tmp: Path, *arguments: str, expect: int = 0) -> subprocess.CompletedProcess:
+    command = [sys.executable, "run.py", "-m", *arguments, f"hydra.sweep.dir={tmp}", f"cache_dir={tmp.parent / 'cache'}", *TINY]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def mission(tmp_path_factory):
+    """The README's command, verbatim, plus overrides that only make it small."""
+    directory = tmp_path_factory.mktemp("mission") / "sweep"
+    result = sweep(directory, "quant=mrq_tgq", "bits=6,8", "groups=5,10,25")
+    return directory, result
+
+
+def test_mission_command_makes_six_jobs_and_a_six_row_table(mission):
+    directory, result = mission
+    jobs = sorted(p.parent for p in directory.rglob("results.json"))
+    assert len(jobs) == 6
+    names = {p.name for p in jobs}
+    assert any({"bits=6", "groups=25", "quant=mrq_tgq"} <= set(n.split(",")) for n in names)  # named by the overrides
+    table = (directory / "report.md").read_text().strip().splitlines()
+    assert len(table) == 2 + 6
+    assert "\n".join(table) in result.stdout  # printed at the end of the sweep
+    csv = pd.read_csv(directory / "report.csv")
+    assert sorted(zip(csv["w_bits"], csv["groups"])) == [(6, 5), (6, 10), (6, 25), (8, 5), (8, 10), (8, 25)]
+    fid = {(r["w_bits"], r["groups"]): r["fid"] for _, r in csv.iterrows()}
+    for job in jobs:  # every row is the job's own number
+        result_json = json.loads((job / "results.json").read_text())
+        assert fid[(result_json["quant"]["w_bits"], result_json["quant"]["groups"])] == pytest.approx(result_json["metrics"]["fid"])
+    assert "\\begin{tabular}" in (directory / "report.tex").read_text()
+    for plot in ("fid_vs_bits.png", "fid_vs_groups.png"):
+        assert (directory / plot).stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("notebook", ["fid_vs_groups", "method_bits_heatmap", "activation_ranges", "cost_vs_quality"])
+def test_analysis_notebooks_run_top_to_bottom(mission, notebook, monkeypatch):
+    directory, _ = mission
+    monkeypatch.setenv("TQDIT_SWEEP", str(directory))
+    monkeypatch.chdir(ROOT / "analysis")
+    monkeypatch.syspath_prepend(str(ROOT / "analysis"))
+    runpy.run_path(str(ROOT / "analysis" / f"{notebook}.py"), run_name="__main__")
+    assert (directory / "analysis" / f"{notebook}.png").stat().st_size > 5_000
+
+
+def test_activation_ranges_differ_between_time_groups(mission):
+    directory, _ = mission
+    ranges = pd.read_csv(next(p for p in directory.rglob("activation_ranges.csv") if "groups=5," in str(p)))
+    qkv = ranges[(ranges["layer"] == "blocks.0.attn.qkv") & (ranges["operand"] == "act")]
+    assert sorted(qkv["group"]) == [0, 1, 2, 3, 4] and qkv["high"].nunique() > 1
+
+
+def test_failed_job_is_shown_as_failed_without_hiding_the_others(tmp_path):
+    result = sweep(tmp_path / "sweep", "quant=fp,mrq", "bits=2", expect=1)  # mrq needs ≥ 3 activation bits
+    table = (tmp_path / "sweep" / "report.md").read_text()
+    assert "| fp | FP |" in table
+    assert "| mrq | W2A2 |" in table and "**failed**: TqditError: a_bits=2: multi-region quantization needs at least 3 bits" in table
+    assert "1 job(s) failed" in result.stderr
+    failed = next(p for p in (tmp_path / "sweep").rglob("results.json") if "quant=mrq" in str(p))
+    assert json.loads(failed.read_text())["status"] == "failed" and (failed.parent / "error.log").is_file()
+
+
+def test_submitit_local_launcher_runs_the_sweep(tmp_path):
+    sweep(tmp_path / "sweep", "launcher=submitit_local", "quant=fp", "seed=0,1")
+    csv = pd.read_csv(tmp_path / "sweep" / "report.csv")
+    assert len(csv) == 1 and csv["seeds"].iloc[0] == 2
+    assert len(list((tmp_path / "sweep").rglob("*_submitted.pkl"))) == 2  # really submitted through submitit
+
+
+def test_local_gpus_launcher_runs_one_job_per_gpu():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["launcher=local_gpus", "gpu_slots=4"], return_hydra_config=True)
+    assert cfg.gpu_slots == 4 and cfg.hydra.launcher.n_jobs == 4 and "Joblib" in cfg.hydra.launcher._target_
+
+
+def test_gpu_slots_are_exclusive(tmp_path):
+    with claimed_gpu(3, tmp_path) as first, claimed_gpu(3, tmp_path) as second, claimed_gpu(3, tmp_path) as third:
+        assert sorted([first, second, third]) == [0, 1, 2]
+    with claimed_gpu(3, tmp_path) as again:
+        assert again == 0  # released when the jobs ended
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path):
+    job = tmp_path / "job"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    command = [sys.executable, "run.py", "logger=wandb", "quant=tgq", "groups=2", f"hydra.run.dir={job}",
+               f"cache_dir={tmp_path / 'cache'}", *TINY[:2], "sampler.steps=4", *TINY[3:]]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((job / "results.json").read_text())
+    run_dir = next((job / "wandb").glob("offline-run-*"))
+    data = next(run_dir.glob("*.wandb")).read_bytes()
+    for value in (results["metrics"]["fid"], results["metrics"]["is"], results["quant"]["calibration_s"]):
+        assert json.dumps(value).encode() in data  # the summary as W&B stores it
+    assert b"tgq" in data  # job_type = method
+    assert list(run_dir.glob("files/media/images/samples_*.png")) and list(run_dir.glob("files/media/table/activation_ranges_*.json"))
+
+
+def test_wandb_failure_never_loses_local_results(tmp_path):
+    job = tmp_path / "job"
+    env = {**os.environ, "WANDB_MODE": "not-a-mode"}
+    command = [sys.executable, "run.py", "logger=wandb", "quant=fp", f"hydra.run.dir={job}", f"cache_dir={tmp_path / 'cache'}",
+               *TINY[:2], "sampler.steps=4"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "warning: W&B logging failed" in result.stdout
+    assert "metrics" in json.loads((job / "results.json").read_text())
