@@ -32,6 +32,8 @@ fp = table[table["method"] == "fp"]
 if len(fp):
     axis.axhline(fp["fid"].mean(), color="black", linestyle="--", label="FP")
 axis.set_xscale("log")
+axis.set_xticks(sorted(grouped["G"].unique()), [str(g) for g in sorted(grouped["G"].unique())])
+axis.minorticks_off()
 axis.set_xlabel("time groups G")
 axis.set_ylabel("FID")
 axis.legend(fontsize=8)

@@ -164,7 +164,8 @@ def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         axis.axhline(fp["fid"].mean(), color="black", linestyle="--", linewidth=1, label="FP")
     axis.set_xlabel("time groups G"), axis.set_ylabel("FID"), axis.grid(alpha=0.3)
     if len(grouped):
-        axis.set_xscale("log"), axis.legend(fontsize=8)
+        ticks = sorted(grouped["groups"].astype(int).unique())
+        axis.set_xscale("log"), axis.set_xticks(ticks, [str(t) for t in ticks]), axis.minorticks_off(), axis.legend(fontsize=8)
     figure.tight_layout()
     paths.append(out_dir / "fid_vs_groups.png")
     figure.savefig(paths[-1], dpi=120)
