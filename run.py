@@ -35,6 +35,8 @@ def main(cfg: DictConfig):
         failure = record_failure(cfg, job_dir, error)
         print(f"failed: {failure['error']} ({job_dir})", file=sys.stderr)
         return None
+    if results.get("resumed") == "complete":
+        print(f"already complete, not run again: {job_dir}")
     print(summary_line(results))
     print(f"results: {job_dir}/results.json")
     return results.get("metrics", {}).get("fid")

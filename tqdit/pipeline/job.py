@@ -10,6 +10,7 @@ import io
 import json
 import math
 import platform
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -116,6 +117,12 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
         record["params"] = qcfg.params
     if method in RECONSTRUCTS:
         record["recon"] = asdict(qcfg.recon)
+    saved = job_dir / "quant_params.safetensors"
+    if not cfg.quant.load and saved.is_file():  # resuming this job: its calibration is finished
+        _, _, info = load_quant_state(model, saved)
+        previous = json.loads((job_dir / "quant_record.json").read_text()) if (job_dir / "quant_record.json").is_file() else {}
+        record.update(previous, resumed_calibration=True, **info)
+        return record
     if cfg.quant.load:
         saved_method, _, info = load_quant_state(model, cfg.quant.load)
         if saved_method != method:
@@ -135,8 +142,9 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
         if isinstance(value, float) and not math.isfinite(value):
             raise FloatingPointError(f"calibration produced a non-finite {name}")
     record.update(cost)
-    save_quant_state(model, job_dir / "quant_params.safetensors", method, diffusion.timesteps)
     save_activation_ranges(model, job_dir / "activation_ranges.csv")
+    atomic_write_json(job_dir / "quant_record.json", record)  # the cost, for a resumed job's results
+    save_quant_state(model, job_dir / "quant_params.safetensors", method, diffusion.timesteps)  # last: marks calibration done
     return record
 
 
@@ -226,6 +234,35 @@ def identical_finished_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path) -> P
     return None
 
 
+def resume_point(config: dict, job_dir: Path) -> dict | None:
+    """Resuming in an existing job directory: its results if the job is complete, else None (continue).
+
+    A directory that holds another configuration is refused rather than mixed with this one.
+    """
+    stored = job_dir / "config.json"
+    if not stored.is_file():
+        return None
+    try:
+        previous = json.loads(stored.read_text())
+    except ValueError:
+        return None  # damaged marker: the job starts over
+    def comparable(c: dict) -> dict:
+        # which GPU of a machine ran it, and how it was logged, do not change the job
+        device = str(c.get("device", ""))
+        return {**c, "device": "cuda" if device.startswith("cuda") else device, "logger": None}
+
+    if comparable(previous) != comparable(config):
+        changed = sorted(k for k in set(previous) | set(config) if comparable(previous).get(k) != comparable(config).get(k))
+        raise TqditError(f"{job_dir} holds a job with a different configuration (differs in {', '.join(changed)}); "
+                         "use another output directory or delete it")
+    results_path = job_dir / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+        if "metrics" in results:
+            return {**results, "resumed": "complete"}
+    return None
+
+
 def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None = None) -> dict:
     """Run one configured job and return (and write) its results.
 
@@ -234,6 +271,10 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
     """
     job_dir = Path(job_dir)
     validate(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    finished = resume_point(config, job_dir)
+    if finished is not None:
+        return finished
     original = identical_finished_job(cfg, job_dir, Path(sweep_dir)) if sweep_dir is not None else None
     if original is not None:
         results = {"duplicate_of": str(original), "config": OmegaConf.to_container(cfg, resolve=True),
@@ -246,6 +287,8 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
     torch.backends.cuda.matmul.allow_tf32 = True  # as the reference sampler does
     torch.backends.cudnn.allow_tf32 = True
 
+    job_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(job_dir / "config.json", config)  # what this directory holds; checked on resume
     start = time.perf_counter()
     model = load_model(cfg.model.arch, cfg.model.input_size, cfg.model.checkpoint).to(device=device, dtype=dtype)
     diffusion = create_diffusion(cfg.sampler.steps, learn_sigma=model.learn_sigma)
@@ -262,6 +305,7 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         model, diffusion, cfg.num_samples, cfg.batch_size, cfg.seed,
         labels=cfg.labels, cfg_scale=cfg.sampler.cfg_scale, cfg_channels=cfg.sampler.cfg_channels,
         method=cfg.sampler.method, eta=cfg.sampler.eta, clip_denoised=cfg.sampler.clip_denoised, dtype=dtype,
+        shard_dir=job_dir / "shards",
     )
     timings["sampling_s"] = time.perf_counter() - start
     save_samples(job_dir, images, labels)
@@ -283,6 +327,7 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_write_json(job_dir / "results.json", results)
+    shutil.rmtree(job_dir / "shards", ignore_errors=True)  # samples.npz holds them now
     if cfg.logger.name == "wandb":
         warning = log_to_wandb(results, OmegaConf.to_container(cfg.logger, resolve=True), job_dir,
                                Path(sweep_dir) if sweep_dir is not None else None)

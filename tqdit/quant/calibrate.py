@@ -212,6 +212,7 @@ def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: boo
         records = capture_unit(model, unit, members, x, t, y, probes, need_grads, cfg.capture_batch)
         for name in members:
             module, record = model.get_submodule(name), records[name]
+            check_finite(name, record["inputs"] + ([record["grads"]] if need_grads else []), sample_groups)
             grads = record["grads"] if need_grads else None
             if isinstance(module, QuantLinear):
                 problem = linear_problem(module, record["inputs"][0], grads, sample_groups)
@@ -230,6 +231,16 @@ def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: boo
     cost = {"calibration_s": round(time.perf_counter() - start, 2), "peak_memory_bytes": peak, "peak_memory_kind": kind,
             "quantized_layers": len(names), "calibration_inputs": len(t)}
     return model, cost
+
+
+def check_finite(name: str, operands: list[list[torch.Tensor]], groups: torch.Tensor) -> None:
+    """Stop calibration at the first layer whose recorded data hold NaN/Inf, naming it and the time group."""
+    for slot in operands:
+        bad = torch.stack([~torch.isfinite(x).all() for x in slot])
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise FloatingPointError(f"calibration: {name} sees NaN/Inf values (time group {int(groups[first])}, calibration input "
+                                     f"{first}); the FP model diverges on its calibration data")
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

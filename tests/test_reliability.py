@@ -1,0 +1,127 @@
+"""Reliability: jobs killed mid-way resume to identical results, sweeps skip finished jobs, damage is detected."""
+
+import copy
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tqdit.data.calibration import CalibrationSpec, capture
+from tqdit.diffusion import create_diffusion
+from tqdit.models import load_model
+from tqdit.pipeline.generate import generate
+from tqdit.quant import METHODS, QuantConfig, SearchConfig
+
+from test_quant import tiny_dit
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["num_samples=40", "batch_size=10", "sampler.steps=10", "quant=fp"]
+
+
+def job_command(job_dir: Path, cache: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "run.py", f"hydra.run.dir={job_dir}", f"cache_dir={cache}", *SMALL, *overrides]
+
+
+def kill_when(process: subprocess.Popen, condition, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, "the job ended before it could be killed"
+        assert time.time() < deadline, "the kill point never came"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_job_killed_mid_sampling_resumes_to_identical_samples_and_metrics(tmp_path):
+    cache = tmp_path / "cache"
+    reference = tmp_path / "reference"
+    subprocess.run(job_command(reference, cache), cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+    job = tmp_path / "job"
+    process = subprocess.Popen(job_command(job, cache), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(process, lambda: len(list((job / "shards").glob("samples_*.npz"))) >= 2)
+    assert not (job / "results.json").exists()
+    finished_before = sorted(p.name for p in (job / "shards").glob("samples_*.npz"))
+    assert 2 <= len(finished_before) < 4
+
+    result = subprocess.run(job_command(job, cache), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(reference / "samples.npz") as a, np.load(job / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+    metrics = [json.loads((d / "results.json").read_text())["metrics"] for d in (reference, job)]
+    assert metrics[0] == metrics[1]
+    assert not (job / "shards").exists()  # merged into samples.npz, then removed
+
+    again = subprocess.run(job_command(job, cache), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "already complete, not run again" in again.stdout
+
+
+def test_killed_sweep_rerun_skips_finished_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", *SMALL, "seed=0,1,2"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(process, lambda: len(list(sweep.rglob("results.json"))) >= 1)
+    first = next(sweep.rglob("results.json"))
+    stamp = first.stat().st_mtime_ns
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert first.stat().st_mtime_ns == stamp  # the finished job was not run again
+    assert result.stdout.count("already complete, not run again") == 1
+    table = (sweep / "report.md").read_text()
+    assert "| fp | FP | – | 10 |" in table and table.strip().endswith("| 3 |")  # all three seeds in the table
+
+
+def test_job_directory_of_another_configuration_is_refused(tmp_path):
+    job = tmp_path / "job"
+    subprocess.run(job_command(job, tmp_path / "cache"), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    result = subprocess.run(job_command(job, tmp_path / "cache", "seed=5"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: ") and "holds a job with a different configuration (differs in seed)" in result.stderr
+
+
+def test_damaged_shard_is_detected_and_sampled_again(tmp_path):
+    model = load_model("DiT-MNIST", 32, None)
+    diffusion = create_diffusion(4)
+    clean = generate(model, diffusion, 8, 4, seed=0, progress=False)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    generate(model, diffusion, 8, 4, seed=0, progress=False, shard_dir=shards)
+    (shards / "samples_0000000_0000004.npz").write_bytes(b"PK\x03\x04 truncated")  # damaged
+    with np.load(shards / "samples_0000004_0000008.npz") as shard:  # another batch's content
+        np.savez(shards / "samples_0000004_0000008.npz", images=shard["images"][:3], labels=shard["labels"][:3])
+    with pytest.warns(UserWarning) as caught:
+        images, labels = generate(model, diffusion, 8, 4, seed=0, progress=False, shard_dir=shards)
+    assert {"is damaged" in str(w.message) for w in caught} == {True, False}
+    np.testing.assert_array_equal(images, clean[0])
+    np.testing.assert_array_equal(labels, clean[1])
+
+
+def test_nan_in_calibration_names_the_layer_and_time_group():
+    torch.manual_seed(0)
+    model = tiny_dit()
+    diffusion = create_diffusion(6)
+    calib = capture(model, diffusion, CalibrationSpec(num_samples=4, cfg_scale=1.5))
+    poisoned = calib.step == 5  # the noisiest step: time group 1 of 2
+    calib.x[poisoned] = float("nan")
+    cfg = QuantConfig(time_groups=2, num_inputs=48, search=SearchConfig(criterion="mse", candidates=5, rounds=1))
+    with pytest.raises(FloatingPointError, match=r"blocks\.0\.attn\.qkv sees NaN/Inf values \(time group 1"):
+        METHODS["tgq"](copy.deepcopy(model), calib, cfg)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("bits=9", "error: w_bits=9 must be an integer bit width from 2 to 8 (or 16 as a no-op check); set bits= or w_bits="),
+    ("quant=mrq_tgq groups=0", "error: groups=0 must be an integer from 1 to the number of sampling steps (10)"),
+    ("quant=ptq4dm +quant.params.mu=0.3", "error: quant.params has unknown keys ['mu'] for quant=ptq4dm; known keys: mean, p, std"),
+])
+def test_bad_input_is_one_line_without_traceback(tmp_path, override, message):
+    command = [c for c in job_command(tmp_path / "job", tmp_path / "cache") if c != "quant=fp"] + override.split()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == message
+    assert not (tmp_path / "job" / "config.json").exists()  # refused before any work
