@@ -49,7 +49,7 @@ def load_results(directories: list[str | Path]) -> pd.DataFrame:
                 continue
             rows.append(_row(result, path))
     if not rows:
-        raise SystemExit(f"no results.json below {', '.join(map(str, directories))}")
+        raise FileNotFoundError(f"no results.json below {', '.join(map(str, directories))}")
     return pd.DataFrame(rows)
 
 
@@ -193,6 +193,13 @@ def main() -> None:
     parser.add_argument("--csv", help="also write the table as CSV")
     parser.add_argument("--latex", help="also write the table as LaTeX")
     args = parser.parse_args()
+    try:
+        report(args)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def report(args: argparse.Namespace) -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         markdown, _ = write_report(args.directories, args.out)

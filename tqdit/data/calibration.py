@@ -61,6 +61,11 @@ class CalibrationSet:
         return len(self.t)
 
 
+def uniform_stride(num_steps: int, count: int) -> list[int]:
+    """``count`` step indices at a uniform stride over 0..num_steps−1, both ends included."""
+    return sorted({round(i) for i in np.linspace(0, num_steps - 1, count)})
+
+
 def kept_steps(spec: CalibrationSpec, num_steps: int) -> list[int]:
     """Respaced step indices captured by the policy."""
     if spec.policy == "all":
@@ -69,7 +74,7 @@ def kept_steps(spec: CalibrationSpec, num_steps: int) -> list[int]:
         count = spec.num_steps or num_steps
         if not 1 <= count <= num_steps:
             raise ValueError(f"calibration num_steps={count} must be between 1 and the {num_steps} sampling steps")
-        return sorted({round(i) for i in np.linspace(0, num_steps - 1, count)})
+        return uniform_stride(num_steps, count)
     raise ValueError(f"unknown calibration policy '{spec.policy}': use all or uniform")
 
 
@@ -92,7 +97,7 @@ def select_uniform_steps(step: np.ndarray, num_steps: int, steps: int, per_step:
     steps = min(steps, num_steps)
     rng = np.random.default_rng(seed)
     chosen = []
-    for s in sorted({round(v) for v in np.linspace(0, num_steps - 1, steps)}):
+    for s in uniform_stride(num_steps, steps):
         pool = np.flatnonzero(step == s)
         if len(pool) == 0:
             raise ValueError(f"the calibration set has no inputs from sampling step {s}; capture all steps (policy=all)")

@@ -22,7 +22,7 @@ class ReportCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             table, failed = write_report([sweep_dir], sweep_dir)
-        except SystemExit as error:  # no results at all (every job crashed before writing one)
+        except FileNotFoundError as error:  # no results at all (every job crashed before writing one)
             print(f"report: {error}", file=sys.stderr)
             sys.exit(1)
         print(f"\n{table}\n\ntables and plots: {sweep_dir}/report.md, report.csv, report.tex, fid_vs_bits.png, fid_vs_groups.png")

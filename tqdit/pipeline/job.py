@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -154,8 +155,7 @@ def save_activation_ranges(model, path: Path) -> None:
     if not rows:
         return
     columns = ["layer", "operand", "group", "kind", "low", "high", "split"]
-    lines = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in rows]
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path, pd.DataFrame(rows, columns=columns).to_csv(index=False).encode())
 
 
 def save_samples(job_dir: Path, images: np.ndarray, labels: np.ndarray) -> None:

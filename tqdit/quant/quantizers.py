@@ -180,7 +180,36 @@ def two_region_quant(x: torch.Tensor, threshold, step_below, step_above, qmin: i
     return out.to(x.dtype)
 
 
-class SoftmaxMRQ(nn.Module):
+class _MultiRegionQuantizer(nn.Module):
+    """What both MRQ quantizers share: the bit-width check and picking the searched parameter of the
+    current time group (``searched()``: one value per group) before ``quantize``."""
+
+    def __init__(self, bits: int, groups: int, context: TimeGroupContext | None):
+        super().__init__()
+        if not 3 <= bits <= 16:
+            raise ValueError(f"multi-region quantization needs 3..16 bits, got {bits}")
+        self.bits, self.groups, self.context = bits, groups, context
+        self.levels = 2 ** (bits - 1) - 1
+        self.enabled = False
+
+    def searched(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        """Enable, and cache the per-group values as Python numbers (no device sync per call)."""
+        self.enabled = True
+        self._values = self.searched().tolist()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        group = 0 if self.groups == 1 else self.context.single
+        if group is None:  # samples from several time groups in one batch
+            return self.quantize(x, self.context.per_sample(self.searched(), x.shape[0]))
+        return self.quantize(x, self._values[group])
+
+
+class SoftmaxMRQ(_MultiRegionQuantizer):
     """Multi-region quantizer for post-softmax values in [0, 1] (TQ-DiT MRQ; PTQ4ViT's twin uniform).
 
     With b bits, one code bit selects the region and b−1 bits index inside it. Values below the
@@ -191,21 +220,15 @@ class SoftmaxMRQ(nn.Module):
     """
 
     def __init__(self, bits: int, groups: int = 1, context: TimeGroupContext | None = None):
-        super().__init__()
-        if not 3 <= bits <= 16:
-            raise ValueError(f"multi-region quantization needs 3..16 bits, got {bits}")
-        self.bits, self.groups, self.context = bits, groups, context
-        self.levels = 2 ** (bits - 1) - 1
+        super().__init__(bits, groups, context)
         self.register_buffer("split_exponent", torch.zeros(groups, dtype=torch.int64))
-        self.enabled = False
+
+    def searched(self) -> torch.Tensor:
+        return self.split_exponent
 
     def set_split(self, exponent: torch.Tensor) -> None:
         self.split_exponent.copy_(torch.as_tensor(exponent).long().reshape(self.groups))
         self.refresh()
-
-    def refresh(self) -> None:
-        self.enabled = True
-        self._exponents = self.split_exponent.tolist()
 
     def quantize(self, x: torch.Tensor, exponent: torch.Tensor | int) -> torch.Tensor:
         """Quantize with per-sample split exponents ``exponent`` (batch,) or one exponent for all."""
@@ -215,19 +238,11 @@ class SoftmaxMRQ(nn.Module):
             split = torch.pow(2.0, -torch.as_tensor(exponent, device=x.device).float()).reshape((-1,) + (1,) * (x.dim() - 1))
         return two_region_quant(x, split, split / self.levels, 1.0 / self.levels, 0, self.levels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        group = 0 if self.groups == 1 else self.context.single
-        if group is None:
-            return self.quantize(x, self.context.per_sample(self.split_exponent, x.shape[0]))
-        return self.quantize(x, self._exponents[group])
-
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, splits=2^-{self.split_exponent.tolist()}"
 
 
-class GeluMRQ(nn.Module):
+class GeluMRQ(_MultiRegionQuantizer):
     """Multi-region quantizer for post-GELU values (TQ-DiT MRQ).
 
     Negative values (GELU ≥ −0.16997) use a fixed Δ₋ = 0.16997 / 2^(b-1) on [−0.16997, 0] with codes
@@ -236,36 +251,22 @@ class GeluMRQ(nn.Module):
     """
 
     def __init__(self, bits: int, groups: int = 1, context: TimeGroupContext | None = None):
-        super().__init__()
-        if not 3 <= bits <= 16:
-            raise ValueError(f"multi-region quantization needs 3..16 bits, got {bits}")
-        self.bits, self.groups, self.context = bits, groups, context
-        self.levels = 2 ** (bits - 1) - 1
+        super().__init__(bits, groups, context)
         self.negative_scale = GELU_MIN / 2 ** (bits - 1)
         self.register_buffer("positive_scale", torch.ones(groups))
-        self.enabled = False
+
+    def searched(self) -> torch.Tensor:
+        return self.positive_scale
 
     def set_positive_scale(self, scale: torch.Tensor) -> None:
         self.positive_scale.copy_(torch.as_tensor(scale, dtype=torch.float32).reshape(self.groups))
         self.refresh()
-
-    def refresh(self) -> None:
-        self.enabled = True
-        self._scales = self.positive_scale.tolist()
 
     def quantize(self, x: torch.Tensor, positive_scale: torch.Tensor | float) -> torch.Tensor:
         """Quantize with per-sample positive steps (batch,) or one step for all."""
         if not isinstance(positive_scale, float):
             positive_scale = torch.as_tensor(positive_scale, device=x.device, dtype=torch.float32).reshape((-1,) + (1,) * (x.dim() - 1))
         return two_region_quant(x, 0.0, self.negative_scale, positive_scale, -(2 ** (self.bits - 1)), self.levels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        group = 0 if self.groups == 1 else self.context.single
-        if group is None:
-            return self.quantize(x, self.context.per_sample(self.positive_scale, x.shape[0]))
-        return self.quantize(x, self._scales[group])
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, negative_step={self.negative_scale:.3g}"

@@ -23,6 +23,7 @@ their steps; other quantizers keep their initial parameters.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -201,7 +202,7 @@ def reconstruct_block(model, block: nn.Module, x_q: torch.Tensor, cond: torch.Te
     if joint:
         run("rounding+steps", cfg.iters, learn_rounding=True, learn_steps=True)
     else:
-        with quantization_disabled_activations(block):
+        with activations_unquantized(block):
             run("rounding", cfg.iters, learn_rounding=True, learn_steps=False)
     soft = torch.cat([layer.weight_quant.h().detach().reshape(-1) for layer in linears]) if linears else torch.zeros(0)
     for layer, quantizer in roundings:  # hard rounding, stored on the grid
@@ -227,19 +228,17 @@ def _nearest_error(block, linears, roundings, block_error) -> float:
     return error
 
 
-class quantization_disabled_activations:
+@contextmanager
+def activations_unquantized(block: nn.Module):
     """Within a block: activation quantizers off (weights stay quantized), for rounding-only fitting."""
-
-    def __init__(self, block: nn.Module):
-        self.saved = [(m, m.enabled) for name, m in block.named_modules()
-                      if isinstance(m, (UniformQuantizer, SoftmaxMRQ, GeluMRQ)) and not name.endswith("weight_quant")]
-
-    def __enter__(self):
-        for m, _ in self.saved:
-            m.enabled = False
-
-    def __exit__(self, *exc):
-        for m, state in self.saved:
+    saved = [(m, m.enabled) for name, m in block.named_modules()
+             if isinstance(m, (UniformQuantizer, SoftmaxMRQ, GeluMRQ)) and not name.endswith("weight_quant")]
+    for m, _ in saved:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, state in saved:
             m.enabled = state
 
 
