@@ -88,10 +88,13 @@ def quantizers(model: nn.Module):
 
 
 @contextmanager
-def quantization_disabled(model: nn.Module):
-    """Run the wrapped model in full precision (calibration captures FP activations), then restore."""
-    saved = [(q, q.enabled) for _, q in quantizers(model)]
-    frozen = [(m, m._frozen_weight) for m in model.modules() if isinstance(m, QuantLinear)]
+def quantization_disabled(model: nn.Module, activations_only: bool = False):
+    """Run the wrapped model in full precision (calibration captures FP activations), then restore.
+
+    ``activations_only``: weights stay quantized (block reconstruction's rounding-only phase).
+    """
+    saved = [(q, q.enabled) for name, q in quantizers(model) if not (activations_only and name.endswith("weight_quant"))]
+    frozen = [] if activations_only else [(m, m._frozen_weight) for m in model.modules() if isinstance(m, QuantLinear)]
     for q, _ in saved:
         q.enabled = False
     for m, _ in frozen:

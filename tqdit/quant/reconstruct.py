@@ -23,7 +23,6 @@ their steps; other quantizers keep their initial parameters.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from tqdit.quant.layers import QuantLinear, quantization_disabled
-from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, UniformQuantizer
+from tqdit.quant.quantizers import UniformQuantizer
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
 
@@ -202,7 +201,7 @@ def reconstruct_block(model, block: nn.Module, x_q: torch.Tensor, cond: torch.Te
     if joint:
         run("rounding+steps", cfg.iters, learn_rounding=True, learn_steps=True)
     else:
-        with activations_unquantized(block):
+        with quantization_disabled(block, activations_only=True):
             run("rounding", cfg.iters, learn_rounding=True, learn_steps=False)
     soft = torch.cat([layer.weight_quant.h().detach().reshape(-1) for layer in linears]) if linears else torch.zeros(0)
     for layer, quantizer in roundings:  # hard rounding, stored on the grid
@@ -226,20 +225,6 @@ def _nearest_error(block, linears, roundings, block_error) -> float:
     for layer, rounding in zip(linears, adaround):
         layer.weight_quant = rounding
     return error
-
-
-@contextmanager
-def activations_unquantized(block: nn.Module):
-    """Within a block: activation quantizers off (weights stay quantized), for rounding-only fitting."""
-    saved = [(m, m.enabled) for name, m in block.named_modules()
-             if isinstance(m, (UniformQuantizer, SoftmaxMRQ, GeluMRQ)) and not name.endswith("weight_quant")]
-    for m, _ in saved:
-        m.enabled = False
-    try:
-        yield
-    finally:
-        for m, state in saved:
-            m.enabled = state
 
 
 def reconstruct_blocks(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg: ReconConfig,
