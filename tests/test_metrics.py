@@ -29,19 +29,26 @@ def test_frechet_distance_equals_scipy():
         frechet_distance(gaussian_statistics(a), gaussian_statistics(b[:, :8]))
 
 
+def adm_inception_score(logits: np.ndarray, split_size: int) -> float:
+    """The ADM evaluator's loop, in numpy: parts of split_size (the last may be shorter)."""
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    scores = []
+    for i in range(0, len(probs), split_size):
+        part = probs[i : i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
 def test_inception_score_equals_adm_formula():
     rng = np.random.default_rng(1)
     logits = rng.normal(scale=3, size=(1003, 12))
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    size, scores = len(probs) // 10, []
-    for i in range(10):  # ADM: consecutive splits of N // 10, remainder dropped
-        part = probs[i * size : (i + 1) * size]
-        kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
-        scores.append(np.exp(kl.sum(1).mean()))
-    assert inception_score(logits) == pytest.approx(np.mean(scores), rel=1e-9)
+    for split_size in (100, 250, 1003):  # 11 parts with a short last one; 5 parts; one part
+        assert inception_score(logits, split_size) == pytest.approx(adm_inception_score(logits, split_size), rel=1e-9)
+    assert inception_score(logits, 250) != pytest.approx(inception_score(logits, 100), rel=1e-3)  # the split matters
     confident = np.eye(10)[np.arange(1000) % 10] * 50  # every class equally often, each sample certain
-    assert inception_score(confident) == pytest.approx(10, rel=1e-6)
+    assert inception_score(confident, 100) == pytest.approx(10, rel=1e-6)
 
 
 def test_precision_recall_equals_brute_force():
@@ -96,7 +103,7 @@ def test_registered_with_torch_fidelity(extractor, tmp_path):
     ours_real = extract_features(real, extractor, progress=False)
     fid = frechet_distance(gaussian_statistics(ours_fake["pool"]), gaussian_statistics(ours_real["pool"]))
     assert fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
-    assert inception_score(ours_fake["logits"]) == pytest.approx(theirs["inception_score_mean"], rel=1e-4)
+    assert inception_score(ours_fake["logits"], 50) == pytest.approx(theirs["inception_score_mean"], rel=1e-4)
     assert fid > 1.0  # noise moved the features: the comparison is not trivially zero
 
 

@@ -69,7 +69,7 @@ def compose(*overrides: str):
 
 @pytest.mark.parametrize("override,message", [
     ("sampler.steps=ddim600", "no integer stride gives exactly 600"),
-    ("num_samples=5", "num_samples=5 must be an integer of at least eval.is_splits=10"),
+    ("num_samples=5", "num_samples=5 must be an integer of at least 10"),
     ("model.arch=DiT-XXL/2", "model.arch=DiT-XXL/2 is unknown"),
     ("dtype=fp64", "unknown dtype 'fp64'"),
     ("bits=9", "w_bits=9 must be an integer bit width from 2 to 8"),

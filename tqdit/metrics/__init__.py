@@ -1,7 +1,7 @@
 """Sample-quality metrics: feature networks (torch-fidelity registry), FID, sFID, IS, precision/recall."""
 
-from tqdit.metrics.features import FEATURES, build_extractor, extract_features
-from tqdit.metrics.reference import reference_features
+from tqdit.metrics.features import FEATURES, build_extractor, extract_features, extractor_identity
+from tqdit.metrics.reference import load_reference, reference_features
 from tqdit.metrics.scores import all_metrics, frechet_distance, gaussian_statistics, inception_score, precision_recall
 
 __all__ = [
@@ -9,6 +9,8 @@ __all__ = [
     "all_metrics",
     "build_extractor",
     "extract_features",
+    "extractor_identity",
+    "load_reference",
     "frechet_distance",
     "gaussian_statistics",
     "inception_score",

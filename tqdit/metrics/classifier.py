@@ -66,7 +66,8 @@ class DigitFeatureExtractor(FeatureExtractorBase):
             from tqdit.assets import asset_path
 
             path = asset_path("mnist_classifier.safetensors")
-        self.classifier.load_state_dict(load_file(str(Path(path))))
+        self.weights_path = Path(path)
+        self.classifier.load_state_dict(load_file(str(self.weights_path)))
         self.classifier.eval()
 
     @staticmethod

@@ -7,15 +7,23 @@ import torch
 from torch_fidelity.utils import create_feature_extractor
 from tqdm.auto import tqdm
 
+from tqdit.utils import sha256_file
+
 FEATURES = ("pool", "logits", "spatial")  # roles: FID & precision/recall, IS, sFID
 
 
 def build_extractor(name: str, device: torch.device, weights_path: str | None = None):
     """A torch-fidelity feature extractor by registry name, on ``device``, providing FEATURES."""
     import tqdit.metrics.classifier  # noqa: F401  (registers tqdit-mnist)
+    import tqdit.metrics.inception  # noqa: F401  (registers tqdit-inception-v3)
 
     extractor = create_feature_extractor(name, list(FEATURES), cuda=False, verbose=False, feature_extractor_weights_path=weights_path)
-    return extractor.to(device)
+    return extractor.to(device).eval()
+
+
+def extractor_identity(extractor) -> str:
+    """Name and weights hash of a feature network: part of every reference-statistics cache key."""
+    return f"{extractor.get_name()}:{sha256_file(extractor.weights_path)}"
 
 
 @torch.no_grad()

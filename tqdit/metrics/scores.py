@@ -2,8 +2,10 @@
 
 - FID / sFID: Fréchet distance between Gaussians fitted to pooled / spatial features
   (torch-fidelity's eigenvalue formulation, float64).
-- IS: exp(E[KL(p(y|x) || p(y))]) over 10 consecutive, unshuffled splits of the logits; the mean of
-  the splits is reported (ADM drops the remainder when N is not divisible by the split count).
+- IS: exp(E[KL(p(y|x) || p(y))]) over consecutive, unshuffled parts of ``split_size`` samples; the
+  mean over parts is reported. The ADM evaluator uses parts of 5,000 samples (the last may be shorter):
+  10 parts at 50k samples, but only 2 at 10k. The ImageNet evaluation configs keep that; the embedded
+  one uses 10 parts of N/10.
 - Precision / recall: Kynkäänniemi et al. with k = 3 nearest neighbours on pooled features
   (torch-fidelity's implementation, given our features rather than its VGG16 default).
 """
@@ -34,16 +36,16 @@ def frechet_distance(stats_1: dict, stats_2: dict) -> float:
     return float(fid_statistics_to_metric(stats_1, stats_2, verbose=False)[KEY_METRIC_FID])
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> float:
-    """ADM's Inception Score: softmax of the logits, ``splits`` consecutive parts, mean of exp(mean KL)."""
+def inception_score(logits: np.ndarray, split_size: int) -> float:
+    """ADM's Inception Score: softmax of the logits, consecutive parts of ``split_size`` samples (the last
+    may be shorter), mean over parts of exp(mean KL(p(y|x) || p(y)))."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    if len(logits) < splits:
-        raise ValueError(f"Inception Score over {splits} splits needs at least {splits} samples, got {len(logits)}")
+    if split_size < 1 or len(logits) < 2:
+        raise ValueError(f"Inception Score needs split_size >= 1 and at least 2 samples, got {split_size} and {len(logits)}")
     probs, log_probs = logits.softmax(dim=1), logits.log_softmax(dim=1)
-    size = len(logits) // splits
     scores = []
-    for i in range(splits):
-        p, log_p = probs[i * size : (i + 1) * size], log_probs[i * size : (i + 1) * size]
+    for start in range(0, len(logits), split_size):
+        p, log_p = probs[start : start + split_size], log_probs[start : start + split_size]
         log_marginal = p.mean(dim=0, keepdim=True).log()
         scores.append(torch.exp((p * (log_p - log_marginal)).sum(dim=1).mean()).item())
     return float(np.mean(scores))
@@ -56,13 +58,22 @@ def precision_recall(generated: np.ndarray, real: np.ndarray, k: int = 3) -> tup
     return calculate_precision_recall_full(gen, ref, neighborhood=k, batch_size=10000)
 
 
-def all_metrics(generated: dict[str, np.ndarray], reference: dict[str, np.ndarray], splits: int = 10, k: int = 3) -> dict[str, float]:
-    """FID, sFID, IS, precision and recall from generated and reference feature dicts (pool, spatial, logits)."""
-    precision, recall = precision_recall(generated["pool"], reference["pool"], k)
+def all_metrics(generated: dict[str, np.ndarray], reference: dict, split_size: int, k: int = 3) -> dict[str, float | None]:
+    """FID, sFID, IS, precision and recall.
+
+    ``generated``: features {pool, spatial, logits}. ``reference``: features {pool, spatial} and/or
+    precomputed statistics {pool_stats, spatial_stats} (an ADM reference batch's mu/sigma, mu_s/sigma_s),
+    which take precedence, as in the ADM evaluator. Without reference ``pool`` features, precision and
+    recall are None.
+    """
+    def reference_stats(name: str) -> dict:
+        return reference.get(f"{name}_stats") or gaussian_statistics(reference[name])
+
+    precision, recall = precision_recall(generated["pool"], reference["pool"], k) if reference.get("pool") is not None else (None, None)
     return {
-        "fid": frechet_distance(gaussian_statistics(generated["pool"]), gaussian_statistics(reference["pool"])),
-        "sfid": frechet_distance(gaussian_statistics(generated["spatial"]), gaussian_statistics(reference["spatial"])),
-        "is": inception_score(generated["logits"], splits),
+        "fid": frechet_distance(gaussian_statistics(generated["pool"]), reference_stats("pool")),
+        "sfid": frechet_distance(gaussian_statistics(generated["spatial"]), reference_stats("spatial")),
+        "is": inception_score(generated["logits"], split_size),
         "precision": precision,
         "recall": recall,
     }

@@ -25,7 +25,9 @@ from tqdit.data import load_digits
 from tqdit.data.calibration import CalibrationSpec, cached_capture
 from tqdit.diffusion import create_diffusion, space_timesteps
 from tqdit.errors import TqditError
-from tqdit.metrics import all_metrics, build_extractor, extract_features, reference_features
+from tqdit.metrics import all_metrics, build_extractor, extract_features, extractor_identity, load_reference, reference_features
+from tqdit.metrics.inception import inception_weights
+from tqdit.metrics.reference import where_to_get
 from tqdit.models import DIT_CONFIGS, load_model
 from tqdit.pipeline.generate import generate
 from tqdit.pipeline.tracking import log_to_wandb
@@ -43,8 +45,14 @@ def validate(cfg: DictConfig) -> None:
         if not condition:
             raise TqditError(message)
 
-    check(isinstance(cfg.num_samples, int) and cfg.num_samples >= cfg.eval.is_splits,
-          f"num_samples={cfg.num_samples} must be an integer of at least eval.is_splits={cfg.eval.is_splits}")
+    check(isinstance(cfg.num_samples, int) and cfg.num_samples >= 10,
+          f"num_samples={cfg.num_samples} must be an integer of at least 10 (the Inception Score's parts)")
+    image_size = cfg.model.input_size * (8 if cfg.model.latent else 1)
+    reference = cfg.eval.reference
+    check(reference == "mnist_digits" or (reference is not None and Path(str(reference)).expanduser().exists()),
+          f"eval.reference={reference}: not found; {where_to_get(image_size)}, or give a folder of real images")
+    if cfg.eval.feature_extractor == "tqdit-inception-v3":  # before hours of sampling, not after
+        inception_weights(cfg.eval.weights)
     check(isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be a positive integer")
     check(cfg.sampler.method in ("ddpm", "ddim"), f"sampler.method={cfg.sampler.method} is unknown: use ddpm or ddim")
     check(cfg.model.arch in DIT_CONFIGS, f"model.arch={cfg.model.arch} is unknown: choose one of {', '.join(DIT_CONFIGS)}")
@@ -180,21 +188,17 @@ def save_grid(path: Path, images: np.ndarray, columns: int = 10, rows: int = 10)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def evaluate(images: np.ndarray, eval_cfg: DictConfig, device: torch.device) -> dict[str, float]:
-    """Metrics of ``images`` against the configured reference set."""
-    if eval_cfg.reference != "mnist_digits":
-        raise ValueError(f"unknown eval.reference '{eval_cfg.reference}'; the embedded evaluation uses mnist_digits")
+def evaluate(images: np.ndarray, eval_cfg: DictConfig, device: torch.device) -> dict[str, float | None]:
+    """Metrics of ``images`` against the configured reference: the embedded digits, an ADM batch or a folder."""
     extractor = build_extractor(eval_cfg.feature_extractor, device, eval_cfg.weights)
-    weights = eval_cfg.weights
-    extractor_id = f"{eval_cfg.feature_extractor}:{sha256_file(weights) if weights else 'shipped'}"
-    if weights is None:
-        from tqdit.assets import asset_path
-
-        extractor_id = f"{eval_cfg.feature_extractor}:{sha256_file(asset_path('mnist_classifier.safetensors'))}"
-    real_images = load_digits()[0][..., None]
-    reference = reference_features(real_images, extractor, extractor_id, eval_cfg.cache_dir, eval_cfg.batch_size)
+    if eval_cfg.reference == "mnist_digits":
+        real_images = load_digits()[0][..., None]
+        reference = reference_features(real_images, extractor, extractor_identity(extractor), eval_cfg.cache_dir, eval_cfg.batch_size)
+    else:
+        reference = load_reference(eval_cfg.reference, extractor, images.shape[1:], eval_cfg.cache_dir, eval_cfg.batch_size)
     generated = extract_features(images, extractor, eval_cfg.batch_size, desc="sample features")
-    return all_metrics(generated, reference, splits=eval_cfg.is_splits, k=eval_cfg.pr_k)
+    split_size = eval_cfg.is_split_size or len(images) // 10  # ADM: 5000; the embedded evaluation: 10 parts
+    return all_metrics(generated, reference, split_size=split_size, k=eval_cfg.pr_k)
 
 
 def ignored_keys(method: str) -> set[str]:
