@@ -1,4 +1,7 @@
-"""tqdit entry point: ``python run.py [overrides]`` or ``python run.py -m key=a,b ...`` (Hydra)."""
+"""tqdit entry point: ``python run.py [overrides]`` or ``python run.py -m key=a,b ...`` (Hydra).
+
+On several GPUs: ``torchrun --nproc_per_node=N run.py [overrides]`` (see tqdit/pipeline/distributed.py).
+"""
 
 import sys
 from pathlib import Path
@@ -9,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from tqdit.errors import TqditError
-from tqdit.pipeline import run_job, summary_line
+from tqdit.pipeline import distributed, run_job, summary_line
 from tqdit.pipeline.sweep import claimed_gpu, record_failure
 
 
@@ -18,6 +21,7 @@ def main(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    cfg.device = distributed.device_name(cfg.device)  # under torchrun: this process's GPU
     try:
         if cfg.gpu_slots:  # local multi-GPU launcher: this job takes a free GPU of the machine
             with claimed_gpu(cfg.gpu_slots, (sweep_dir or job_dir) / ".gpu_locks") as gpu:
@@ -32,8 +36,11 @@ def main(cfg: DictConfig):
         if sweep_dir is None:
             raise
         # in a sweep, a failed job is recorded and the others go on; the table shows it as failed
-        failure = record_failure(cfg, job_dir, error)
-        print(f"failed: {failure['error']} ({job_dir})", file=sys.stderr)
+        if distributed.rank() == 0:
+            failure = record_failure(cfg, job_dir, error)
+            print(f"failed: {failure['error']} ({job_dir})", file=sys.stderr)
+        return None
+    if distributed.rank() != 0:
         return None
     if results.get("resumed") == "complete":
         print(f"already complete, not run again: {job_dir}")
@@ -43,4 +50,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    distributed.init()  # before Hydra: the processes agree on one output directory
     main()

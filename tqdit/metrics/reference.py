@@ -58,7 +58,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 def where_to_get(image_size: int) -> str:
     name = ADM_REFERENCE_NAMES.get(image_size)
-    return f"the ADM reference batch is {ADM_REFERENCE_URL.format(size=image_size, name=name)}" if name else "give an .npz or image folder"
+    return f"the ADM reference batch is {ADM_REFERENCE_URL.format(size=image_size, name=name)}" if name else "give an npz of real images (arr_0)"
 
 
 def read_image_folder(folder: Path) -> np.ndarray:
@@ -94,7 +94,7 @@ def load_reference(source: str | Path, extractor, image_shape: tuple[int, int, i
     """
     path = Path(source).expanduser()
     if not path.exists():
-        raise TqditError(f"eval.reference={source}: not found; {where_to_get(image_shape[0])}, or give a folder of real images")
+        raise TqditError(f"eval.reference={source}: not found; {where_to_get(image_shape[0])}; or give a folder of real images")
     if path.is_dir():
         images, statistics = read_image_folder(path), {}
     else:

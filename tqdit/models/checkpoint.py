@@ -104,10 +104,14 @@ def load_model(arch: str, input_size: int, checkpoint: str | Path | None = None)
 
     model = build_dit(arch, input_size=input_size)
     if checkpoint is None:
-        if arch in EMBEDDED_WEIGHTS:
-            checkpoint = asset_path(EMBEDDED_WEIGHTS[arch])
-        else:
-            official = official_checkpoint_name(arch, input_size)
-            where = f"; the official weights are {official}, from {OFFICIAL_URL.format(official)}" if official else ""
-            raise CheckpointError(f"model {arch} has no shipped weights: set model.checkpoint=/path/to/weights{where}")
+        require_checkpoint(arch, input_size, checkpoint)
+        checkpoint = asset_path(EMBEDDED_WEIGHTS[arch])
     return load_dit_weights(model, checkpoint).eval()
+
+
+def require_checkpoint(arch: str, input_size: int, checkpoint: str | Path | None) -> None:
+    """Raise unless weights are given or shipped; the error names the official file and its address."""
+    if checkpoint is None and arch not in EMBEDDED_WEIGHTS:
+        official = official_checkpoint_name(arch, input_size)
+        where = f"; the official weights are {official}, from {OFFICIAL_URL.format(official)}" if official else ""
+        raise CheckpointError(f"model {arch} has no shipped weights: set model.checkpoint=/path/to/weights{where}")

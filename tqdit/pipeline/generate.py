@@ -41,8 +41,14 @@ def generate(
     decode=None,
     progress: bool = True,
     shard_dir: Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 NHWC images, int64 labels) for samples 0..num_samples-1.
+
+    With ``world_size`` > 1 (one process per GPU), this process draws only the batches b with
+    b mod world_size == rank and returns those; each is written to ``shard_dir`` (required then),
+    from which :func:`merge_shards` assembles the whole set.
 
     ``decode`` maps final latents to model-range pixels (the VAE for latent models; None = identity).
     ``shard_dir``: each finished batch is written there atomically (``samples_<first>_<end>.npz``) and a
@@ -50,14 +56,15 @@ def generate(
     batch in flight. A shard that cannot be read or does not hold exactly its samples is reported and
     sampled again.
     """
+    if world_size > 1 and shard_dir is None:
+        raise ValueError("sampling with several processes needs a shard_dir to merge from")
     device = next(model.parameters()).device
     shape = (model.in_channels, model.input_size, model.input_size)
     images, all_labels = [], []
-    batches = range(0, num_samples, batch_size)
-    for start in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
-        indices = np.arange(start, min(start + batch_size, num_samples))
+    mine = batch_ranges(num_samples, batch_size)[rank::world_size]
+    for indices in tqdm(mine, desc="sampling", unit="batch", disable=not progress or rank != 0):
         batch_labels = sample_labels(indices, model.num_classes, labels, seed)
-        shard = shard_dir / f"samples_{indices[0]:07d}_{indices[-1] + 1:07d}.npz" if shard_dir is not None else None
+        shard = shard_path(shard_dir, indices) if shard_dir is not None else None
         finished = read_shard(shard, len(indices), batch_labels) if shard is not None and shard.exists() else None
         if finished is not None:
             images.append(finished)
@@ -75,6 +82,31 @@ def generate(
         all_labels.append(batch_labels)
         if shard is not None:
             write_shard(shard, images[-1], batch_labels)
+    if not images:  # more processes than batches: this one had nothing to draw
+        return np.zeros((0, 0, 0, 0), dtype=np.uint8), np.zeros(0, dtype=np.int64)
+    return np.concatenate(images), np.concatenate(all_labels).astype(np.int64)
+
+
+def batch_ranges(num_samples: int, batch_size: int) -> list[np.ndarray]:
+    """Sample indices of each batch: [0..b), [b..2b), ..."""
+    return [np.arange(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+
+
+def shard_path(shard_dir: Path, indices: np.ndarray) -> Path:
+    return shard_dir / f"samples_{indices[0]:07d}_{indices[-1] + 1:07d}.npz"
+
+
+def merge_shards(shard_dir: Path, num_samples: int, batch_size: int, seed: int, labels: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """All samples from the shards every process wrote, in index order (what one process would return)."""
+    images, all_labels = [], []
+    for indices in batch_ranges(num_samples, batch_size):
+        batch_labels = sample_labels(indices, num_classes, labels, seed)
+        path = shard_path(shard_dir, indices)
+        batch = read_shard(path, len(indices), batch_labels) if path.exists() else None
+        if batch is None:
+            raise RuntimeError(f"shard {path.name} is missing or damaged after sampling; run the job again to redraw it")
+        images.append(batch)
+        all_labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(all_labels).astype(np.int64)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from tqdit.pipeline import distributed
 from tqdit.report import write_report
 
 
@@ -19,6 +20,8 @@ class ReportCallback(Callback):
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if distributed.rank() != 0:  # under torchrun, one table
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             table, failed = write_report([sweep_dir], sweep_dir)

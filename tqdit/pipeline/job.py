@@ -29,7 +29,10 @@ from tqdit.metrics import all_metrics, build_extractor, extract_features, extrac
 from tqdit.metrics.inception import inception_weights
 from tqdit.metrics.reference import where_to_get
 from tqdit.models import DIT_CONFIGS, load_model
-from tqdit.pipeline.generate import generate
+from tqdit.models.checkpoint import require_checkpoint
+from tqdit.models.vae import VAE_REPOS, latent_decoder, load_vae
+from tqdit.pipeline import distributed
+from tqdit.pipeline.generate import generate, merge_shards
 from tqdit.pipeline.tracking import log_to_wandb
 from tqdit.quant import METHODS, USES_TIME_GROUPS, QuantConfig, SearchConfig, load_quant_state, resolve_scope, save_quant_state
 from tqdit.quant.calibrate import method_settings
@@ -49,8 +52,9 @@ def validate(cfg: DictConfig) -> None:
           f"num_samples={cfg.num_samples} must be an integer of at least 10 (the Inception Score's parts)")
     image_size = cfg.model.input_size * (8 if cfg.model.latent else 1)
     reference = cfg.eval.reference
-    check(reference == "mnist_digits" or (reference is not None and Path(str(reference)).expanduser().exists()),
-          f"eval.reference={reference}: not found; {where_to_get(image_size)}, or give a folder of real images")
+    check(reference is not None, f"eval.reference is not set: {where_to_get(image_size)}; or give a folder of real images")
+    check(reference == "mnist_digits" or Path(str(reference)).expanduser().exists(),
+          f"eval.reference={reference}: not found; {where_to_get(image_size)}; or give a folder of real images")
     if cfg.eval.feature_extractor == "tqdit-inception-v3":  # before hours of sampling, not after
         inception_weights(cfg.eval.weights)
     check(isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be a positive integer")
@@ -96,6 +100,11 @@ def validate(cfg: DictConfig) -> None:
     checkpoint = cfg.model.checkpoint
     check(checkpoint is None or Path(str(checkpoint)).expanduser().is_file(),
           f"model.checkpoint={checkpoint}: file not found; give the path of the weights file")
+    require_checkpoint(cfg.model.arch, cfg.model.input_size, checkpoint)
+    if cfg.model.latent:
+        check(cfg.model.vae is not None and cfg.model.vae.variant in VAE_REPOS,
+              f"model.vae.variant={cfg.model.vae.variant if cfg.model.vae else None} is unknown: use {' or '.join(VAE_REPOS)}")
+        check(isinstance(cfg.model.vae.decode_batch, int) and cfg.model.vae.decode_batch >= 1, "model.vae.decode_batch must be a positive integer")
 
 
 def quant_config(cfg: DictConfig) -> QuantConfig:
@@ -267,77 +276,102 @@ def resume_point(config: dict, job_dir: Path) -> dict | None:
     return None
 
 
+def already_done(cfg: DictConfig, config: dict, job_dir: Path, sweep_dir: Path | None) -> dict | None:
+    """Results without running: the job is complete, or (in a sweep) repeats a finished one."""
+    finished = resume_point(config, job_dir)
+    if finished is not None:
+        return finished
+    original = identical_finished_job(cfg, job_dir, sweep_dir) if sweep_dir is not None else None
+    if original is None:
+        return None
+    results = {"duplicate_of": str(original), "config": config,
+               "reason": f"{'bit widths and groups have' if cfg.quant.name == 'fp' else 'groups has'} no effect on "
+                         f"quant={cfg.quant.name}; identical to {original.name}"}
+    atomic_write_json(job_dir / "results.json", results)
+    return results
+
+
 def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None = None) -> dict:
     """Run one configured job and return (and write) its results.
 
     In a sweep (``sweep_dir`` given), a job identical to a finished one except for a ``groups`` value its method ignores is
     not run again: its ``results.json`` names the job it duplicates (reports skip it).
+
+    Under ``torchrun`` (see :mod:`tqdit.pipeline.distributed`) rank 0 decides, calibrates, merges and
+    evaluates; every rank samples its share of the batches; every rank returns rank 0's results.
     """
     job_dir = Path(job_dir)
+    sweep_dir = Path(sweep_dir) if sweep_dir is not None else None
     validate(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
-    finished = resume_point(config, job_dir)
-    if finished is not None:
-        return finished
-    original = identical_finished_job(cfg, job_dir, Path(sweep_dir)) if sweep_dir is not None else None
-    if original is not None:
-        results = {"duplicate_of": str(original), "config": OmegaConf.to_container(cfg, resolve=True),
-                   "reason": f"{'bit widths and groups have' if cfg.quant.name == 'fp' else 'groups has'} no effect on "
-                             f"quant={cfg.quant.name}; identical to {original.name}"}
-        atomic_write_json(job_dir / "results.json", results)
-        return results
+    done = distributed.on_rank_zero(already_done, cfg, config, job_dir, sweep_dir)
+    if done is not None:
+        return done
     timings: dict[str, float] = {}
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     torch.backends.cuda.matmul.allow_tf32 = True  # as the reference sampler does
     torch.backends.cudnn.allow_tf32 = True
 
-    job_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(job_dir / "config.json", config)  # what this directory holds; checked on resume
+    if distributed.rank() == 0:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(job_dir / "config.json", config)  # what this directory holds; checked on resume
     start = time.perf_counter()
     model = load_model(cfg.model.arch, cfg.model.input_size, cfg.model.checkpoint).to(device=device, dtype=dtype)
     diffusion = create_diffusion(cfg.sampler.steps, learn_sigma=model.learn_sigma)
+    decode = None
+    if cfg.model.latent:  # loaded before calibration: a missing VAE should fail now, not after sampling
+        vae = load_vae(cfg.model.vae.variant, cfg.model.vae.path, device)
+        decode = latent_decoder(vae, cfg.model.vae.decode_batch)
     timings["load_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    quant_record = quantize_model(cfg, model, diffusion, job_dir)
+    quant_record = distributed.on_rank_zero(quantize_model, cfg, model, diffusion, job_dir)
+    if distributed.rank() != 0:  # the other ranks read the parameters rank 0 just saved
+        quantize_model(cfg, model, diffusion, job_dir)
     timings["quantize_s"] = time.perf_counter() - start
     if cfg.compile:
         model.compile()  # ~1.9x for FP DiT-XL/2 on an H100 (README, Performance); costs a minute to compile
 
     start = time.perf_counter()
-    images, labels = generate(
-        model, diffusion, cfg.num_samples, cfg.batch_size, cfg.seed,
-        labels=cfg.labels, cfg_scale=cfg.sampler.cfg_scale, cfg_channels=cfg.sampler.cfg_channels,
+    shard_dir = job_dir / "shards"
+    sampling = dict(num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed, labels=cfg.labels)
+    images, labels = distributed.all_succeed(
+        generate, model, diffusion, **sampling, cfg_scale=cfg.sampler.cfg_scale, cfg_channels=cfg.sampler.cfg_channels,
         method=cfg.sampler.method, eta=cfg.sampler.eta, clip_denoised=cfg.sampler.clip_denoised, dtype=dtype,
-        shard_dir=job_dir / "shards",
+        decode=decode, shard_dir=shard_dir, rank=distributed.rank(), world_size=distributed.world_size(),
     )
     timings["sampling_s"] = time.perf_counter() - start
-    save_samples(job_dir, images, labels)
-    save_grid(job_dir / "grid.png", images)
 
-    start = time.perf_counter()
-    metrics = evaluate(images, cfg.eval, device)
-    timings["metrics_s"] = time.perf_counter() - start
+    def finish() -> dict:
+        nonlocal images, labels
+        if distributed.world_size() > 1:  # every rank's shards are on disk now
+            images, labels = merge_shards(shard_dir, num_classes=model.num_classes, **sampling)
+        save_samples(job_dir, images, labels)
+        save_grid(job_dir / "grid.png", images)
+        start = time.perf_counter()
+        metrics = evaluate(images, cfg.eval, device)
+        timings["metrics_s"] = time.perf_counter() - start
+        results = {
+            "metrics": metrics,
+            "quant": quant_record,
+            "seed": cfg.seed,
+            "num_samples": cfg.num_samples,
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+            "image_steps_per_s": round(cfg.num_samples * diffusion.num_steps / timings["sampling_s"], 1),
+            "environment": {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                            "processes": distributed.world_size(), "torch": torch.__version__,
+                            "python": platform.python_version(), "threads": torch.get_num_threads()},
+            "config": config,
+        }
+        atomic_write_json(job_dir / "results.json", results)
+        shutil.rmtree(shard_dir, ignore_errors=True)  # samples.npz holds them now
+        if cfg.logger.name == "wandb":
+            warning = log_to_wandb(results, OmegaConf.to_container(cfg.logger, resolve=True), job_dir, sweep_dir)
+            if warning:
+                print(f"warning: {warning}")
+        return results
 
-    results = {
-        "metrics": metrics,
-        "quant": quant_record,
-        "seed": cfg.seed,
-        "num_samples": cfg.num_samples,
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "image_steps_per_s": round(cfg.num_samples * diffusion.num_steps / timings["sampling_s"], 1),
-        "environment": {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()},
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    atomic_write_json(job_dir / "results.json", results)
-    shutil.rmtree(job_dir / "shards", ignore_errors=True)  # samples.npz holds them now
-    if cfg.logger.name == "wandb":
-        warning = log_to_wandb(results, OmegaConf.to_container(cfg.logger, resolve=True), job_dir,
-                               Path(sweep_dir) if sweep_dir is not None else None)
-        if warning:
-            print(f"warning: {warning}")
-    return results
+    return distributed.on_rank_zero(finish)
 
 
 def summary_line(results: dict) -> str:
