@@ -31,18 +31,13 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
-              block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4)
-
 
 def random_files(work: Path, reference_images: int) -> dict[str, Path]:
     from diffusers import AutoencoderKL
-    from test_inception import save_random_inception
 
+    from tqdit.metrics.inception import save_random_weights
     from tqdit.models import build_dit
+    from tqdit.models.vae import SD_VAE_CONFIG
 
     work.mkdir(parents=True, exist_ok=True)
     files = {"dit": work / "dit_xl_2_256.safetensors", "vae": work / "vae", "inception": work / "inception.pth", "reference": work / "reference.npz"}
@@ -53,9 +48,9 @@ def random_files(work: Path, reference_images: int) -> dict[str, Path]:
             torch.nn.init.normal_(p, std=0.02)  # non-zero adaLN and final layer: a random model that does work
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(files["dit"]))
     if not files["vae"].exists():
-        AutoencoderKL(**SD_VAE).save_pretrained(files["vae"])
+        AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(files["vae"])
     if not files["inception"].exists():
-        save_random_inception(files["inception"])
+        save_random_weights(files["inception"])
     if not files["reference"].exists():
         rng = np.random.default_rng(0)
         np.savez(files["reference"], arr_0=rng.integers(0, 256, (reference_images, 256, 256, 3), dtype=np.uint8))
@@ -87,16 +82,17 @@ def metrics_at_scale(files: dict, samples: int) -> dict:
     from tqdit.models.vae import latent_decoder, load_vae
     from tqdit.pipeline.job import evaluate
 
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = load_vae(path=files["vae"], device=device)
     decode = latent_decoder(vae, 32)
-    latents = torch.randn(256, 4, 32, 32, device=device)
+    latents = torch.randn(256 if device.type == "cuda" else 8, 4, 32, 32, device=device)
     decode(latents[:32])
-    torch.cuda.synchronize()
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     decode(latents)
-    torch.cuda.synchronize()
-    decode_s = (time.perf_counter() - start) / 256
+    synchronize()
+    decode_s = (time.perf_counter() - start) / len(latents)
 
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (samples, 256, 256, 3), dtype=np.uint8)
@@ -123,17 +119,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     report: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+    def save(key: str, value) -> None:  # after every phase: a run cut short still reports what it measured
+        report[key] = value
+        print(json.dumps({key: value}, indent=2), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    start = time.perf_counter()
     files = random_files(args.work, args.eval_samples)
+    save("setup_s", round(time.perf_counter() - start, 1))
     if args.phase in ("jobs", "all"):
-        report["fp"] = run_recipe_job(files, args.work, "fp", args.samples, args.steps, args.batch, "quant=fp")
-        report["w8a8"] = run_recipe_job(files, args.work, "w8a8", args.samples, args.steps, args.batch, "quant=mrq_tgq", "bits=8",
-                                        "quant.search=minmax", "quant.num_inputs=32", "quant.calib.num_samples=4")
+        save("fp", run_recipe_job(files, args.work, "fp", args.samples, args.steps, args.batch, "quant=fp"))
+        save("w8a8", run_recipe_job(files, args.work, "w8a8", args.samples, args.steps, args.batch, "quant=mrq_tgq", "bits=8",
+                                    "quant.search=minmax", "quant.num_inputs=32", "quant.calib.num_samples=4",
+                                    f"groups={min(10, args.steps)}"))
     if args.phase in ("metrics", "all"):
-        report["metrics_at_scale"] = metrics_at_scale(files, args.eval_samples)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+        save("metrics_at_scale", metrics_at_scale(files, args.eval_samples))
 
 
 if __name__ == "__main__":

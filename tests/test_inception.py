@@ -8,7 +8,6 @@ hook of our own on ``Mixed_6d.branch1x1`` with scipy's ``sqrtm``, and the ADM ev
 from __future__ import annotations
 
 import pickle
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -21,26 +20,14 @@ from scipy import linalg
 from test_metrics import UInt8Images, adm_inception_score
 from tqdit.errors import TqditError
 from tqdit.metrics import all_metrics, build_extractor, extract_features, load_reference
-from tqdit.metrics.inception import INCEPTION_FILE, INCEPTION_URL, InceptionWeightsError, inception_weights
+from tqdit.metrics.inception import INCEPTION_FILE, INCEPTION_URL, InceptionWeightsError, inception_weights, save_random_weights
 from tqdit.pipeline.job import evaluate
-
-
-def save_random_inception(path) -> None:
-    """A randomly initialised torch-fidelity Inception-v3 (He-normal convs so activations stay O(1))."""
-    torch.manual_seed(0)
-    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.save(net.state_dict(), path)
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
-    save_random_inception(path)
+    save_random_weights(path)
     return path
 
 

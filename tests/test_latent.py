@@ -15,19 +15,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_inception import save_random_inception
 from test_pipeline import ROOT
 from tqdit.data import to_uint8
 from tqdit.diffusion import PerSampleNoise, create_diffusion, guided_model, sample_loop
 from tqdit.models import build_dit
-from tqdit.models.vae import LATENT_SCALE
+from tqdit.metrics.inception import save_random_weights
+from tqdit.models.vae import LATENT_SCALE, SD_VAE_CONFIG
 
 diffusers = pytest.importorskip("diffusers")
-
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
-              block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4)  # stabilityai/sd-vae-ft-{ema,mse}'s config
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -38,8 +33,8 @@ def files(tmp_path_factory):
         torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
     torch.nn.init.normal_(dit.final_layer.linear.weight, std=0.02)
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(root / "dit.safetensors"))
-    diffusers.AutoencoderKL(**SD_VAE).save_pretrained(root / "vae")
-    save_random_inception(root / "inception.pth")
+    diffusers.AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(root / "vae")
+    save_random_weights(root / "inception.pth")
     rng = np.random.default_rng(0)
     np.savez(root / "VIRTUAL_tiny.npz", arr_0=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
     return root

@@ -156,3 +156,14 @@ def test_sweeping_groups_runs_a_method_without_time_groups_once(tmp_path):
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("skipped: bit widths and groups have no effect on quant=fp") == 1
+
+
+def test_bf16_model_calibrates_and_samples(tmp_path):
+    """dtype=bf16 (the ImageNet recipe's setting): capture, calibration and sampling all run the bf16 model."""
+    job_dir = run_job(tmp_path, "bf16", "quant=mrq_tgq", "dtype=bf16")
+    results = json.loads((job_dir / "results.json").read_text())
+    assert results["quant"]["quantized_layers"] > 0
+    assert all(np.isfinite(v) for v in results["metrics"].values())
+    fp32 = json.loads((run_job(tmp_path, "fp32", "quant=mrq_tgq") / "results.json").read_text())
+    # bf16 changes round-off, not the result: same digits within the noise of 20 samples
+    assert abs(results["metrics"]["fid"] - fp32["metrics"]["fid"]) < 0.25 * fp32["metrics"]["fid"]

@@ -20,7 +20,6 @@ method then *selects* its inputs from the shared set (one capture serves the who
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,7 +142,8 @@ def capture(model, diffusion: GaussianDiffusion, spec: CalibrationSpec) -> Calib
 
     noise = PerSampleNoise(spec.seed, indices, (model.in_channels, model.input_size, model.input_size), device)
     sample_loop(guided_model(model, labels, spec.cfg_scale, spec.cfg_channels), diffusion, noise,
-                method=spec.method, clip_denoised=spec.clip_denoised, on_step=on_step)
+                method=spec.method, clip_denoised=spec.clip_denoised, on_step=on_step,
+                model_dtype=next(model.parameters()).dtype)  # a bf16 model captures in bf16, as it samples
     return CalibrationSet(torch.cat(xs).float(), torch.cat(ts), torch.cat(ys), torch.cat(steps), torch.as_tensor(diffusion.timesteps))
 
 

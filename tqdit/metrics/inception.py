@@ -110,6 +110,25 @@ class InceptionFeatureExtractor(FeatureExtractorBase):
         return tuple(by_name[name] for name in self.features_list)
 
 
+def save_random_weights(path: str | Path, seed: int = 0) -> None:
+    """A randomly initialised Inception-v3 of the real architecture, saved as torch-fidelity's file would be.
+
+    For tests and benchmarks where the real weights cannot be downloaded: He-normal convolutions keep
+    the activations O(1) through the 94 layers, so the features are not degenerate.
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+    from unittest import mock
+
+    torch.manual_seed(seed)
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+
+
 def register() -> None:
     """Make ``tqdit-inception-v3`` known to torch-fidelity (idempotent)."""
     if FEATURE_EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:

@@ -15,6 +15,10 @@ from tqdit.errors import TqditError
 
 LATENT_SCALE = 0.18215
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+# The architecture of both variants (their config.json), for random-weight tests and benchmarks.
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
+                     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4)
 
 
 class VaeError(TqditError, FileNotFoundError):
@@ -27,26 +31,27 @@ def load_vae(variant: str = "ema", path: str | Path | None = None, device: torch
         from diffusers.models import AutoencoderKL
     except ImportError:
         raise VaeError("latent models need diffusers for the VAE: pip install -e '.[latent]'") from None
+    options = dict(torch_dtype=dtype, low_cpu_mem_usage=False)  # no accelerate needed
     if path is not None:
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
             raise VaeError(f"model.vae.path={path}: no diffusers VAE there (config.json + diffusion_pytorch_model.safetensors); "
                            f"save one with AutoencoderKL.from_pretrained('{VAE_REPOS.get(variant, VAE_REPOS['ema'])}').save_pretrained(DIR)")
-        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=None)
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, **options)
     else:
         if variant not in VAE_REPOS:
             raise VaeError(f"model.vae.variant={variant} is unknown: use {' or '.join(VAE_REPOS)}")
         repo = VAE_REPOS[variant]
         try:
-            vae = AutoencoderKL.from_pretrained(repo, local_files_only=True)  # the cache first: no network wait
+            vae = AutoencoderKL.from_pretrained(repo, local_files_only=True, **options)  # the cache first: no network wait
         except Exception:
             try:
-                vae = AutoencoderKL.from_pretrained(repo)
+                vae = AutoencoderKL.from_pretrained(repo, **options)
             except Exception as error:
                 raise VaeError(f"the VAE {repo} is not in the Hugging Face cache and could not be downloaded ({type(error).__name__}); "
                                f"run `huggingface-cli download {repo}` where there is internet and copy the cache, "
                                "or set model.vae.path=/dir/of/the/saved/vae") from None
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def latent_decoder(vae, batch_size: int = 32):

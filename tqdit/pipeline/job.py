@@ -39,7 +39,7 @@ from tqdit.quant.calibrate import method_settings
 from tqdit.quant.layers import activation_ranges
 from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
 from tqdit.quant.reconstruct import ReconConfig
-from tqdit.utils import atomic_write_bytes, atomic_write_json, resolve_device, resolve_dtype, sha256_file
+from tqdit.utils import atomic_write_bytes, atomic_write_json, resolve_device, resolve_dtype
 
 
 def validate(cfg: DictConfig) -> None:
