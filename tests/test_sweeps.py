@@ -126,3 +126,19 @@ def test_wandb_failure_never_loses_local_results(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "warning: W&B logging failed" in result.stdout
     assert "metrics" in json.loads((job / "results.json").read_text())
+
+
+@pytest.mark.parametrize("name, arch_size, samples", [("imagenet_main", 32, 10000), ("imagenet_ablation", 32, 10000), ("imagenet_groups", 32, 10000),
+                                                      ("imagenet_steps", 32, 10000), ("imagenet512_main", 64, 5000)])
+def test_imagenet_experiments_compose_the_paper_setting(name, arch_size, samples):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+        mrq_tgq = compose("config", overrides=[f"experiment={name}", "quant=mrq_tgq"])
+        ptq4dm = compose("config", overrides=[f"experiment={name}", "quant=ptq4dm"])
+    assert cfg.model.arch == "DiT-XL/2" and cfg.model.input_size == arch_size and cfg.model.latent
+    assert cfg.eval.feature_extractor == "tqdit-inception-v3" and cfg.eval.is_split_size == 5000
+    assert cfg.num_samples == samples and cfg.sampler.steps == 250 and cfg.sampler.cfg_scale == 1.5 and cfg.dtype == "bf16"
+    assert "bits" in cfg.hydra.sweeper.params
+    assert mrq_tgq.quant.num_inputs == 256 and ptq4dm.quant.num_inputs == 1024  # the search size per model; papers' own sizes kept
