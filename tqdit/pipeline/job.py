@@ -36,7 +36,7 @@ from tqdit.pipeline.generate import generate, merge_shards
 from tqdit.pipeline.tracking import log_to_wandb
 from tqdit.quant import METHODS, USES_TIME_GROUPS, QuantConfig, SearchConfig, load_quant_state, resolve_scope, save_quant_state
 from tqdit.quant.calibrate import method_settings
-from tqdit.quant.layers import activation_ranges
+from tqdit.quant.layers import activation_ranges, prepare_for_compile
 from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
 from tqdit.quant.reconstruct import ReconConfig
 from tqdit.utils import atomic_write_bytes, atomic_write_json, resolve_device, resolve_dtype
@@ -329,8 +329,8 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
     if distributed.rank() != 0:  # the other ranks read the parameters rank 0 just saved
         quantize_model(cfg, model, diffusion, job_dir)
     timings["quantize_s"] = time.perf_counter() - start
-    if cfg.compile:
-        model.compile()  # ~1.9x for FP DiT-XL/2 on an H100 (README, Performance); costs a minute to compile
+    if cfg.compile:  # ~1.9x for FP DiT-XL/2 on an H100 (README, Performance); costs a minute to compile
+        prepare_for_compile(model).compile()
 
     start = time.perf_counter()
     shard_dir = job_dir / "shards"

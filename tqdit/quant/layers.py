@@ -136,3 +136,20 @@ def activation_ranges(model: nn.Module) -> list[dict]:
                 continue
             rows.append({"layer": layer, "operand": operand, "group": group, **row})
     return rows
+
+
+def prepare_for_compile(model: nn.Module) -> nn.Module:
+    """Make a calibrated model's fake quantization traceable by ``torch.compile`` without graph breaks.
+
+    Time-grouped quantizers then select their parameters by a device-side gather of the current
+    group ids instead of a Python lookup (which would sync the device every call and specialise the
+    compiled graph on the group, recompiling for each of up to 250 groups). Weights are quantized once
+    (frozen), so the compiled graph sees constant weights. Eager results are unchanged.
+    """
+    context = getattr(model, "quant_context", None)
+    if context is not None:
+        context.tensor_only = True
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module._frozen_weight is None:
+            module.freeze()
+    return model

@@ -26,6 +26,9 @@ class TimeGroupContext:
         self.group_of_timestep = group_of_timestep  # (1000,) int64: original timestep -> group
         self.groups: torch.Tensor | None = None  # (batch,) int64, set per model call
         self.single: int | None = None  # the group when the whole batch shares one (always while sampling)
+        # For torch.compile: never read group ids back to Python (no device sync, no graph break, no
+        # recompilation per group); every quantizer then gathers its parameters per sample on the device.
+        self.tensor_only = False
 
     def set_timesteps(self, t: torch.Tensor) -> None:
         table = self.group_of_timestep.to(t.device)
@@ -33,6 +36,9 @@ class TimeGroupContext:
 
     def set_groups(self, groups: torch.Tensor) -> None:
         self.groups = groups
+        if self.tensor_only:
+            self.single = None
+            return
         first = int(groups[0])
         self.single = first if bool((groups == first).all()) else None
 
