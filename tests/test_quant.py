@@ -231,25 +231,36 @@ def test_scope_is_shared_and_resolvable():
         resolve_scope(model, ["nothing.*"])
 
 
-def test_compile_ready_quantization_computes_the_same_outputs():
+@pytest.mark.parametrize("method", ["uniform", "mrq_tgq", "ptq4dm", "qdiffusion", "ptq4dit"])
+def test_compile_ready_quantization_computes_the_same_outputs(method):
     """prepare_for_compile: per-sample device gathers instead of Python group lookups — same numbers,
-    eagerly and under torch.compile; single-group batches (sampling) and mixed ones (calibration)."""
+    eagerly and under torch.compile (whole graph, every method); single-group batches (sampling) and
+    mixed ones (calibration)."""
     from tqdit.quant.layers import prepare_for_compile
+    from tqdit.quant.methods import FIXED_SEARCH
+    from tqdit.quant.reconstruct import ReconConfig
 
-    fp, quantized, _, calib, _ = calibrated("mrq_tgq", bits=6)
+    torch.manual_seed(0)
+    fp = tiny_dit()
+    calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
+    cfg = QuantConfig(w_bits=6, a_bits=6, time_groups=2, num_inputs=12, capture_batch=8, recon=ReconConfig(iters=20, act_iters=10, batch=8),
+                      search=SearchConfig(criterion=FIXED_SEARCH.get(method, "hessian"), candidates=20, rounds=1))
+    quantized, _ = METHODS[method](copy.deepcopy(fp), calib, cfg)
     one_step = calib.t == calib.t[0]
     with torch.no_grad():
         python_lookup_single = quantized(calib.x[one_step], calib.t[one_step], calib.y[one_step])
         python_lookup_mixed = quantized(calib.x, calib.t, calib.y)
         prepare_for_compile(quantized)
-        assert quantized.quant_context.tensor_only
+        context = quantized.quant_context  # None for methods without time groups
+        assert context is None or context.tensor_only
         gathered_single = quantized(calib.x[one_step], calib.t[one_step], calib.y[one_step])
-        assert quantized.quant_context.single is None  # no read-back to Python
+        assert context is None or context.single is None  # no read-back to Python
         torch.testing.assert_close(gathered_single, python_lookup_single, rtol=0, atol=0)
         torch.testing.assert_close(quantized(calib.x, calib.t, calib.y), python_lookup_mixed, rtol=0, atol=0)
         compiled = torch.compile(quantized, fullgraph=True)  # fullgraph: a graph break would raise
         compile_error = (compiled(calib.x, calib.t, calib.y) - python_lookup_mixed).norm()
         quantization_error = (fp(calib.x, calib.t, calib.y) - python_lookup_mixed).norm()
-    # fused kernels sum in another order; a value that lands on a rounding boundary moves one step, and
-    # attention spreads that over the sample: tiny next to what quantization itself changes
-    assert compile_error < 0.02 * quantization_error, (compile_error, quantization_error)
+    # fused kernels round in another order; a value that lands on a rounding boundary moves one step,
+    # and attention and adaLN spread that over the sample: small next to what quantization itself
+    # changes (a wrong group or a skipped quantizer would differ by the whole quantization error)
+    assert compile_error < 0.25 * quantization_error, (compile_error, quantization_error)

@@ -139,6 +139,6 @@ def test_imagenet_experiments_compose_the_paper_setting(name, arch_size, samples
         ptq4dm = compose("config", overrides=[f"experiment={name}", "quant=ptq4dm"])
     assert cfg.model.arch == "DiT-XL/2" and cfg.model.input_size == arch_size and cfg.model.latent
     assert cfg.eval.feature_extractor == "tqdit-inception-v3" and cfg.eval.is_split_size == 5000
-    assert cfg.num_samples == samples and cfg.sampler.steps == 250 and cfg.sampler.cfg_scale == 1.5 and cfg.dtype == "bf16"
+    assert cfg.num_samples == samples and cfg.sampler.steps == 250 and cfg.sampler.cfg_scale == 1.5 and cfg.dtype == "bf16" and cfg.compile
     assert "bits" in cfg.hydra.sweeper.params
     assert mrq_tgq.quant.num_inputs == 256 and ptq4dm.quant.num_inputs == 1024  # the search size per model; papers' own sizes kept
