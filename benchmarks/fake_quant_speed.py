@@ -6,7 +6,8 @@ DiT-XL/2 256 with N(0, 0.02) random weights in bf16 on one GPU; DDPM over ``--st
 with guidance 1.5 (the model sees 2 × batch inputs). TQ-DiT (mrq_tgq) W8A8 with G time groups is
 calibrated on a small capture with the minmax rule (the sampling cost does not depend on how the
 scales were chosen). Four runs, in this order: FP eager, FP ``torch.compile``, fake-quant eager,
-fake-quant compiled (after :func:`tqdit.quant.layers.prepare_for_compile`). Each: one warm-up loop
+fake-quant compiled (after :func:`tqdit.quant.layers.prepare_for_compile`), then the real W8A8 path
+(:func:`tqdit.quant.lowbit.to_low_bit`: FP8 matmuls, int8 weights) eager and compiled. Each: one warm-up loop
 (compilation), then the median of ``--repeats`` timed loops; image-steps/s = batch × steps / s.
 The compiled fake-quant samples are compared with the eager ones (same noise) to show the compiled
 path computes the same thing.
@@ -28,6 +29,7 @@ from tqdit.diffusion import PerSampleNoise, create_diffusion, guided_model, samp
 from tqdit.models import build_dit
 from tqdit.quant import METHODS, QuantConfig, SearchConfig
 from tqdit.quant.layers import prepare_for_compile
+from tqdit.quant.lowbit import to_low_bit, weight_bytes
 
 
 def main() -> None:
@@ -91,6 +93,7 @@ def main() -> None:
         return round(((a - b).norm() / scale.norm()).item(), 5)
 
     fp_out = forward(fp)
+    fp_weight_bytes = weight_bytes(fp)
     fp_samples = timed("fp_eager", fp)
     # Module.compile() compiles in place, so forward_with_cfg's self(...) runs compiled, as in the job
     # (a torch.compile(model) wrapper would be bypassed by forward_with_cfg)
@@ -120,11 +123,28 @@ def main() -> None:
         "samples_relative_diff": relative(same.float(), eager.float(), eager.float()),
         "samples_quantized_vs_fp_relative": relative(eager.float(), fp_samples.float(), fp_samples.float()),
     }
+    # real W8A8: FP8 tensor-core matmuls where the input quantizer is uniform, int8 weights elsewhere
+    quantized._compiled_call_impl = None  # back to eager before swapping modules (Module.compile is in place)
+    torch._dynamo.reset()
+    results["lowbit"] = to_low_bit(quantized)
+    results["weight_bytes"] = {"fp_bf16": fp_weight_bytes, "w8a8_lowbit": weight_bytes(quantized),
+                               "ratio": round(fp_weight_bytes / weight_bytes(quantized), 2)}
+    real_eager = timed("fp8_eager", quantized)
+    fp8_out = forward(quantized)
+    quantized.compile()
+    timed("fp8_compiled", quantized)
+    results["fp8_vs_fake_quant_eager"] = {
+        "forward_diff_over_quantization_error": relative(fp8_out, q_out, q_out - fp_out),
+        "forward_fp8_error_relative_to_fp": relative(fp8_out, fp_out, fp_out),
+        "samples_relative_diff": relative(real_eager.float(), eager.float(), eager.float()),
+    }
     runs = results["runs"]
     results["ratios"] = {
         "fake_quant_eager_over_fp_eager": round(runs["fp_eager"]["image_steps_per_s"] / runs["fake_quant_eager"]["image_steps_per_s"], 2),
         "fake_quant_compiled_over_fp_compiled": round(runs["fp_compiled"]["image_steps_per_s"] / runs["fake_quant_compiled"]["image_steps_per_s"], 2),
         "fake_quant_compiled_over_fp_eager": round(runs["fp_eager"]["image_steps_per_s"] / runs["fake_quant_compiled"]["image_steps_per_s"], 2),
+        "fp8_compiled_speedup_over_fp_compiled": round(runs["fp8_compiled"]["image_steps_per_s"] / runs["fp_compiled"]["image_steps_per_s"], 2),
+        "fp8_compiled_speedup_over_fp_eager": round(runs["fp8_compiled"]["image_steps_per_s"] / runs["fp_eager"]["image_steps_per_s"], 2),
     }
     print(json.dumps(results, indent=2))
     if args.out:

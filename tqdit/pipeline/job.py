@@ -37,6 +37,7 @@ from tqdit.pipeline.tracking import log_to_wandb
 from tqdit.quant import METHODS, USES_TIME_GROUPS, QuantConfig, SearchConfig, load_quant_state, resolve_scope, save_quant_state
 from tqdit.quant.calibrate import method_settings
 from tqdit.quant.layers import activation_ranges, prepare_for_compile
+from tqdit.quant.lowbit import fp8_supported, to_low_bit, weight_bytes
 from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
 from tqdit.quant.reconstruct import ReconConfig
 from tqdit.utils import atomic_write_bytes, atomic_write_json, resolve_device, resolve_dtype
@@ -95,6 +96,10 @@ def validate(cfg: DictConfig) -> None:
     recon = quant.recon
     check(all(isinstance(recon[k], int) and recon[k] >= 0 for k in ("iters", "act_iters")) and recon.batch >= 1,
           "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
+    check(quant.backend in ("simulated", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated or fp8")
+    if quant.backend == "fp8" and quant.name != "fp":
+        check(fp8_supported(device), f"quant.backend=fp8 needs a CUDA GPU with FP8 tensor cores (Hopper or Ada); device={cfg.device} has none: use quant.backend=simulated")
+        check(cfg.w_bits == 8 and cfg.a_bits == 8, f"quant.backend=fp8 runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated")
     check(quant.load is None or Path(str(quant.load)).expanduser().is_file(),
           f"quant.load={quant.load}: file not found; point it at a job's quant_params.safetensors")
     checkpoint = cfg.model.checkpoint
@@ -328,6 +333,9 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
     quant_record = distributed.on_rank_zero(quantize_model, cfg, model, diffusion, job_dir)
     if distributed.rank() != 0:  # the other ranks read the parameters rank 0 just saved
         quantize_model(cfg, model, diffusion, job_dir)
+    if cfg.quant.backend == "fp8" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
+        quant_record["lowbit"] = to_low_bit(model)
+        quant_record["weight_bytes"] = weight_bytes(model)
     timings["quantize_s"] = time.perf_counter() - start
     if cfg.compile:  # ~1.9x for FP DiT-XL/2 on an H100 (README, Performance); costs a minute to compile
         prepare_for_compile(model).compile()
