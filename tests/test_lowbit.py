@@ -17,7 +17,9 @@ from tqdit.quant.layers import QuantLinear
 from tqdit.quant.lowbit import Fp8Linear, Int8WeightLinear, fp8_supported, to_low_bit, weight_bytes
 from tqdit.quant.reconstruct import ReconConfig
 
-needs_fp8 = pytest.mark.skipif(not fp8_supported(), reason="needs a CUDA GPU with FP8 tensor cores")
+def needs_fp8(test):
+    """A GPU test (marker ``gpu``), skipped without FP8 tensor cores."""
+    return pytest.mark.gpu(pytest.mark.skipif(not fp8_supported(), reason="needs a CUDA GPU with FP8 tensor cores")(test))
 
 
 def calibrated(method: str, device: str = "cpu", dtype=torch.float32):
