@@ -51,4 +51,7 @@ def main(cfg: DictConfig):
 
 if __name__ == "__main__":
     distributed.init()  # before Hydra: the processes agree on one output directory
-    main()
+    try:
+        main()
+    finally:
+        distributed.close()

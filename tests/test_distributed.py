@@ -59,3 +59,17 @@ def test_two_processes_resume_from_shards_drawn_by_one(tmp_path):
     with np.load(job / "samples.npz") as merged:
         np.testing.assert_array_equal(merged["arr_0"][:12], images[:12] // 2)
         np.testing.assert_array_equal(merged["arr_0"][12:], images[12:])
+
+
+def test_processes_share_one_default_output_directory(tmp_path):
+    """Without hydra.run.dir, Hydra names the directory by the clock: all ranks must use rank 0's stamp."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TQDIT_RUN_STAMP", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "run.py",
+               f"hydra.run.dir={tmp_path}/run/${{oc.env:TQDIT_RUN_STAMP,unset}}", f"cache_dir={tmp_path / 'cache'}", "device=cpu",
+               "quant=fp", "num_samples=10", "batch_size=5", "sampler.steps=2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    directories = list((tmp_path / "run").iterdir())
+    assert len(directories) == 1 and directories[0].name != "unset", directories
+    assert (directories[0] / "results.json").is_file()

@@ -90,25 +90,23 @@ def test_sfid_and_is_equal_hand_computations(weights, extractor):
     assert metrics["is"] > 1.0
 
 
-def write_adm_batch(path, images: np.ndarray, weights) -> dict:
-    """An ADM-layout reference batch: arr_0 plus mu/sigma (pool3) and mu_s/sigma_s (spatial) computed by hand."""
-    features = hooked_features(weights, images)
-    stats = {"mu": features["pool"].mean(0), "sigma": np.cov(features["pool"], rowvar=False),
-             "mu_s": features["spatial"].mean(0), "sigma_s": np.cov(features["spatial"], rowvar=False)}
-    np.savez(path, arr_0=images, **stats)
-    return features
-
-
 def test_adm_reference_batch_through_the_job_evaluation(weights, tmp_path):
+    """FID and sFID use the batch's stored statistics (as the ADM evaluator); precision/recall its images."""
     fake, real = image_sets()
-    hand_real = write_adm_batch(tmp_path / "VIRTUAL_test.npz", real, weights)
+    _, other = image_sets(count=30, size=48)  # the stored statistics come from other images than arr_0
+    hand_real, hand_other, hand_fake = hooked_features(weights, real), hooked_features(weights, other), hooked_features(weights, fake)
+    np.savez(tmp_path / "VIRTUAL_test.npz", arr_0=real, mu=hand_other["pool"].mean(0), sigma=np.cov(hand_other["pool"], rowvar=False),
+             mu_s=hand_other["spatial"].mean(0), sigma_s=np.cov(hand_other["spatial"], rowvar=False))
     eval_cfg = OmegaConf.create({"feature_extractor": "tqdit-inception-v3", "weights": str(weights), "reference": str(tmp_path / "VIRTUAL_test.npz"),
                                  "batch_size": 16, "is_split_size": 5000, "pr_k": 3, "cache_dir": str(tmp_path / "cache")})
     metrics = evaluate(fake, eval_cfg, torch.device("cpu"))
-    hand_fake = hooked_features(weights, fake)
-    assert metrics["fid"] == pytest.approx(scipy_frechet(hand_fake["pool"], hand_real["pool"]), rel=1e-3)
+    assert metrics["fid"] == pytest.approx(scipy_frechet(hand_fake["pool"], hand_other["pool"]), rel=1e-3)
+    assert metrics["sfid"] == pytest.approx(scipy_frechet(hand_fake["spatial"], hand_other["spatial"]), rel=1e-3)
+    assert metrics["fid"] != pytest.approx(scipy_frechet(hand_fake["pool"], hand_real["pool"]), rel=1e-2)  # not arr_0's
     assert metrics["is"] == pytest.approx(adm_inception_score(hand_fake["logits"], 5000), rel=1e-6)
-    assert 0.0 <= metrics["precision"] <= 1.0 and 0.0 <= metrics["recall"] <= 1.0
+    from tqdit.metrics import precision_recall
+
+    assert (metrics["precision"], metrics["recall"]) == pytest.approx(precision_recall(hand_fake["pool"], hand_real["pool"]), abs=1e-6)
     assert len(list((tmp_path / "cache").glob("reference-*.npz"))) == 1  # the batch's images' features, for precision/recall
 
 

@@ -54,14 +54,21 @@ def test_fp8_linear_follows_the_fake_quantized_layer():
     _, quantized, calib = calibrated("mrq_tgq", device="cuda", dtype=torch.bfloat16)
     layer = quantized.blocks[0].mlp.fc1
     fp8 = Fp8Linear(layer)
-    inputs = []  # fc1's real inputs, from a forward pass of the model
+    inputs = []  # fc1's real inputs, from a forward pass of the model on samples of both time groups
     handle = layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    pick = torch.cat([torch.nonzero(calib.step == step)[:4, 0] for step in (0, 5)])  # cleanest and noisiest steps
     with torch.no_grad():
-        quantized(calib.x[:8].to("cuda", torch.bfloat16), calib.t[:8].cuda(), calib.y[:8].cuda())
+        quantized(calib.x[pick].to("cuda", torch.bfloat16), calib.t[pick].cuda(), calib.y[pick].cuda())
         handle.remove()
+        groups = quantized.quant_context.groups
+        assert set(groups.tolist()) == {0, 1}
+        scales = fp8.row_scales(inputs[0])  # each row takes its own sample's calibrated group scale
+        expected = fp8.act_scale[groups].repeat_interleave(inputs[0].shape[1])
+        torch.testing.assert_close(scales[:, 0], expected)
+        low, high = layer.act.scale[:, 0] * (layer.act.qmin - layer.act.zero_point[:, 0]), layer.act.scale[:, 0] * (layer.act.qmax - layer.act.zero_point[:, 0])
+        torch.testing.assert_close(fp8.act_scale, torch.maximum(low.abs(), high.abs()).float() / 448)
         reference, ours = layer(inputs[0]).float(), fp8(inputs[0]).float()
-    # e4m3 keeps 3 mantissa bits: ≈ 3.6 % RMS rounding per operand, so ≈ 5 % on a product; a wrong
-    # scale or a wrong time group would be off by far more
+    # e4m3 keeps 3 mantissa bits: ≈ 3.6 % RMS rounding per operand, so ≈ 5 % on a product
     assert (ours - reference).norm() / reference.norm() < 0.08
 
 

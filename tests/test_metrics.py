@@ -47,6 +47,9 @@ def test_inception_score_equals_adm_formula():
     for split_size in (100, 250, 1003):  # 11 parts with a short last one; 5 parts; one part
         assert inception_score(logits, split_size) == pytest.approx(adm_inception_score(logits, split_size), rel=1e-9)
     assert inception_score(logits, 250) != pytest.approx(inception_score(logits, 100), rel=1e-3)  # the split matters
+    # no split size: 10 parts of N // 10, the remainder dropped (the embedded evaluation)
+    assert inception_score(logits) == pytest.approx(adm_inception_score(logits[:1000], 100), rel=1e-9)
+    assert inception_score(logits[:15]) == pytest.approx(adm_inception_score(logits[:10], 1), rel=1e-9)
     confident = np.eye(10)[np.arange(1000) % 10] * 50  # every class equally often, each sample certain
     assert inception_score(confident, 100) == pytest.approx(10, rel=1e-6)
 

@@ -29,7 +29,7 @@ CACHE_VERSION = 1
 def reference_key(images: np.ndarray, extractor_id: str) -> str:
     digest = hashlib.sha256()
     digest.update(f"v{CACHE_VERSION}|{extractor_id}|{','.join(FEATURES)}|{images.shape}|".encode())
-    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(memoryview(np.ascontiguousarray(images)).cast("B"))  # no copy of a multi-GB batch
     return digest.hexdigest()[:24]
 
 

@@ -5,7 +5,7 @@
 - IS: exp(E[KL(p(y|x) || p(y))]) over consecutive, unshuffled parts of ``split_size`` samples; the
   mean over parts is reported. The ADM evaluator uses parts of 5,000 samples (the last may be shorter):
   10 parts at 50k samples, but only 2 at 10k. The ImageNet evaluation configs keep that; the embedded
-  one uses 10 parts of N/10.
+  one uses 10 parts of N // 10 (remainder dropped).
 - Precision / recall: Kynkäänniemi et al. with k = 3 nearest neighbours on pooled features
   (torch-fidelity's implementation, given our features rather than its VGG16 default).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch_fidelity.metric_fid import fid_statistics_to_metric, KEY_METRIC_FID
-from torch_fidelity.metric_prc import calculate_precision_recall_full
+from torch_fidelity.metric_prc import calculate_precision_recall_part
 
 
 def gaussian_statistics(features: np.ndarray) -> dict[str, np.ndarray]:
@@ -36,12 +36,19 @@ def frechet_distance(stats_1: dict, stats_2: dict) -> float:
     return float(fid_statistics_to_metric(stats_1, stats_2, verbose=False)[KEY_METRIC_FID])
 
 
-def inception_score(logits: np.ndarray, split_size: int) -> float:
+def inception_score(logits: np.ndarray, split_size: int | None = None, parts: int = 10) -> float:
     """ADM's Inception Score: softmax of the logits, consecutive parts of ``split_size`` samples (the last
-    may be shorter), mean over parts of exp(mean KL(p(y|x) || p(y)))."""
+    may be shorter), mean over parts of exp(mean KL(p(y|x) || p(y))).
+
+    ``split_size`` None: ``parts`` equal parts of N // parts samples, the remainder dropped (the
+    embedded evaluation's 10 splits).
+    """
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    if split_size is None:
+        split_size = len(logits) // parts
+        logits = logits[: split_size * parts]
     if split_size < 1 or len(logits) < 2:
-        raise ValueError(f"Inception Score needs split_size >= 1 and at least 2 samples, got {split_size} and {len(logits)}")
+        raise ValueError(f"Inception Score needs parts of at least 1 sample and 2 samples in all, got {split_size} and {len(logits)}")
     probs, log_probs = logits.softmax(dim=1), logits.log_softmax(dim=1)
     scores = []
     for start in range(0, len(logits), split_size):
@@ -55,10 +62,11 @@ def precision_recall(generated: np.ndarray, real: np.ndarray, k: int = 3) -> tup
     """(precision, recall) with k-NN manifolds: generated in the real manifold, real in the generated one."""
     gen = torch.as_tensor(np.asarray(generated), dtype=torch.float64)
     ref = torch.as_tensor(np.asarray(real), dtype=torch.float64)
-    return calculate_precision_recall_full(gen, ref, neighborhood=k, batch_size=10000)
+    # the batched form: never holds an N×N distance matrix (50k samples would need 20 GB)
+    return calculate_precision_recall_part(gen, ref, neighborhood=k, batch_size=10000)
 
 
-def all_metrics(generated: dict[str, np.ndarray], reference: dict, split_size: int, k: int = 3) -> dict[str, float | None]:
+def all_metrics(generated: dict[str, np.ndarray], reference: dict, split_size: int | None, k: int = 3) -> dict[str, float | None]:
     """FID, sFID, IS, precision and recall.
 
     ``generated``: features {pool, spatial, logits}. ``reference``: features {pool, spatial} and/or

@@ -98,7 +98,7 @@ def validate(cfg: DictConfig) -> None:
           "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
     check(quant.backend in ("simulated", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated or fp8")
     if quant.backend == "fp8" and quant.name != "fp":
-        check(fp8_supported(device), f"quant.backend=fp8 needs a CUDA GPU with FP8 tensor cores (Hopper or Ada); device={cfg.device} has none: use quant.backend=simulated")
+        check(fp8_supported(device), f"quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device={cfg.device} does not: use quant.backend=simulated")
         check(cfg.w_bits == 8 and cfg.a_bits == 8, f"quant.backend=fp8 runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated")
     check(quant.load is None or Path(str(quant.load)).expanduser().is_file(),
           f"quant.load={quant.load}: file not found; point it at a job's quant_params.safetensors")
@@ -211,8 +211,8 @@ def evaluate(images: np.ndarray, eval_cfg: DictConfig, device: torch.device) -> 
     else:
         reference = load_reference(eval_cfg.reference, extractor, images.shape[1:], eval_cfg.cache_dir, eval_cfg.batch_size)
     generated = extract_features(images, extractor, eval_cfg.batch_size, desc="sample features")
-    split_size = eval_cfg.is_split_size or len(images) // 10  # ADM: 5000; the embedded evaluation: 10 parts
-    return all_metrics(generated, reference, split_size=split_size, k=eval_cfg.pr_k)
+    # ADM: parts of 5000; the embedded evaluation: null = 10 parts of N // 10
+    return all_metrics(generated, reference, split_size=eval_cfg.is_split_size, k=eval_cfg.pr_k)
 
 
 def ignored_keys(method: str) -> set[str]:
@@ -320,22 +320,34 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
     if distributed.rank() == 0:
         job_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(job_dir / "config.json", config)  # what this directory holds; checked on resume
+    def load():
+        model = load_model(cfg.model.arch, cfg.model.input_size, cfg.model.checkpoint).to(device=device, dtype=dtype)
+        decode = None
+        if cfg.model.latent:  # loaded before calibration: a missing VAE should fail now, not after sampling
+            vae = load_vae(cfg.model.vae.variant, cfg.model.vae.path, device)
+            decode = latent_decoder(vae, cfg.model.vae.decode_batch)
+        return model, decode
+
+    # Every step between collectives either runs on rank 0 only or through all_succeed, so a failure
+    # on any rank reaches all of them and no rank waits forever (or drifts into the next sweep job).
     start = time.perf_counter()
-    model = load_model(cfg.model.arch, cfg.model.input_size, cfg.model.checkpoint).to(device=device, dtype=dtype)
+    model, decode = distributed.all_succeed(load)
     diffusion = create_diffusion(cfg.sampler.steps, learn_sigma=model.learn_sigma)
-    decode = None
-    if cfg.model.latent:  # loaded before calibration: a missing VAE should fail now, not after sampling
-        vae = load_vae(cfg.model.vae.variant, cfg.model.vae.path, device)
-        decode = latent_decoder(vae, cfg.model.vae.decode_batch)
     timings["load_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     quant_record = distributed.on_rank_zero(quantize_model, cfg, model, diffusion, job_dir)
-    if distributed.rank() != 0:  # the other ranks read the parameters rank 0 just saved
-        quantize_model(cfg, model, diffusion, job_dir)
-    if cfg.quant.backend == "fp8" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
-        quant_record["lowbit"] = to_low_bit(model)
-        quant_record["weight_bytes"] = weight_bytes(model)
+
+    def follow_rank_zero() -> dict | None:
+        if distributed.rank() != 0:  # the other ranks read the parameters rank 0 just saved
+            quantize_model(cfg, model, diffusion, job_dir)
+        if cfg.quant.backend == "fp8" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
+            return {"lowbit": to_low_bit(model), "weight_bytes": weight_bytes(model)}
+        return None
+
+    lowbit = distributed.all_succeed(follow_rank_zero)
+    if lowbit is not None:
+        quant_record = {**quant_record, **lowbit}
     timings["quantize_s"] = time.perf_counter() - start
     if cfg.compile:  # ~1.9x for FP DiT-XL/2 on an H100 (README, Performance); costs a minute to compile
         prepare_for_compile(model).compile()

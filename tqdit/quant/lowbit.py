@@ -33,8 +33,19 @@ FP8_MAX = 448.0
 
 
 def fp8_supported(device: torch.device | str = "cuda") -> bool:
+    """Whether row-wise scaled FP8 matmuls run here: checked by running one (the capability alone
+    is not enough: row-wise scaling came to some GPUs in later PyTorch versions than others)."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+    if device.type != "cuda" or not torch.cuda.is_available() or torch.cuda.get_device_capability(device) < (8, 9):
+        return False
+    try:
+        a = torch.ones(16, 32, device=device).to(FP8)
+        b = torch.ones(16, 32, device=device).to(FP8).t()
+        out = torch._scaled_mm(a, b, scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+                               out_dtype=torch.bfloat16)
+        return bool(torch.allclose(out.float(), torch.full_like(out.float(), 32.0)))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 def uniform_range(quantizer: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
