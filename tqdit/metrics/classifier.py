@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from tqdit.metrics.features import RoleFeatureExtractor
 
 FEATURE_EXTRACTOR_NAME = "tqdit-mnist"
 SPATIAL_CHANNELS = 4
@@ -55,7 +56,7 @@ def uint8_to_input(images: torch.Tensor) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-class DigitFeatureExtractor(FeatureExtractorBase):
+class DigitFeatureExtractor(RoleFeatureExtractor):
     """torch-fidelity wrapper of :class:`DigitClassifier`; weights from ``feature_extractor_weights_path``."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
@@ -71,26 +72,12 @@ class DigitFeatureExtractor(FeatureExtractorBase):
         self.classifier.eval()
 
     @staticmethod
-    def get_provided_features_list():
-        return ("pool", "logits", "spatial")
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
     def get_dummy_input_for_compile():
         return torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def roles(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pool, logits, spatial = self.classifier.features(uint8_to_input(images))
-        spatial = spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
-        by_name = {"pool": pool, "logits": logits, "spatial": spatial}
-        return tuple(by_name[name] for name in self.features_list)
+        return pool, logits, spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
 
 
 def register() -> None:

@@ -22,11 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from tqdit.errors import TqditError
+from tqdit.metrics.features import RoleFeatureExtractor
 
 FEATURE_EXTRACTOR_NAME = "tqdit-inception-v3"
 INCEPTION_URL = URL_INCEPTION_V3
@@ -71,7 +71,7 @@ def inception_weights(path: str | Path | None = None) -> Path:
     return weights
 
 
-class InceptionFeatureExtractor(FeatureExtractorBase):
+class InceptionFeatureExtractor(RoleFeatureExtractor):
     """uint8 (N, 3, H, W) images of any size -> ADM's pool / logits / spatial features (float32)."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
@@ -86,28 +86,15 @@ class InceptionFeatureExtractor(FeatureExtractorBase):
         self._spatial = output[:, :SFID_CHANNELS].permute(0, 2, 3, 1).flatten(1).float()  # NHWC, like the TF graph
 
     @staticmethod
-    def get_provided_features_list():
-        return ("pool", "logits", "spatial")
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
     def get_dummy_input_for_compile():
         return torch.zeros(1, 3, 299, 299, dtype=torch.uint8)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def roles(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if images.dim() == 4 and images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)  # grayscale, as torch-fidelity's datasets deliver it
         pool, logits = self.inception(images)
-        by_name = {"pool": pool, "logits": logits, "spatial": self._spatial}
-        self._spatial = None
-        return tuple(by_name[name] for name in self.features_list)
+        spatial, self._spatial = self._spatial, None
+        return pool, logits, spatial
 
 
 def save_random_weights(path: str | Path, seed: int = 0) -> None:
