@@ -126,8 +126,8 @@ def activation_ranges(model: nn.Module) -> list[dict]:
         layer, _, operand = name.rpartition(".")
         for group in range(q.groups):
             if isinstance(q, UniformQuantizer):
-                scale, zero = float(q.scale[group, 0]), int(q.zero_point[group, 0])
-                row = {"kind": "uniform", "low": (q.qmin - zero) * scale, "high": (q.qmax - zero) * scale}
+                low, high = q.represented_range()
+                row = {"kind": "uniform", "low": float(low[group, 0]), "high": float(high[group, 0])}
             elif isinstance(q, SoftmaxMRQ):
                 row = {"kind": "mrq_softmax", "low": 0.0, "high": 1.0, "split": 2.0 ** -int(q.split_exponent[group])}
             elif isinstance(q, GeluMRQ):

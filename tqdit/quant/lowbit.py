@@ -48,12 +48,6 @@ def fp8_supported(device: torch.device | str = "cuda") -> bool:
         return False
 
 
-def uniform_range(quantizer: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(low, high) per group of a per-tensor uniform quantizer: the values its grid represents."""
-    scale, zero_point = quantizer.scale[:, 0].float(), quantizer.zero_point[:, 0].float()
-    return (quantizer.qmin - zero_point) * scale, (quantizer.qmax - zero_point) * scale
-
-
 class Fp8Linear(nn.Module):
     """y = x W̃ᵀ + b on FP8 tensor cores with static calibrated scales (see module docstring)."""
 
@@ -65,7 +59,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_fp8", (weight / weight_scale[:, None]).to(FP8))
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).contiguous())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(torch.bfloat16), requires_grad=False)
-        low, high = uniform_range(act)
+        low, high = (bound[:, 0].float() for bound in act.represented_range())
         self.register_buffer("act_scale", (torch.maximum(low.abs(), high.abs()) / FP8_MAX).clamp(min=1e-12))
         self.context = act.context if act.groups > 1 else None
         self.out_features, self.in_features = weight.shape

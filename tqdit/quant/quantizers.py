@@ -130,6 +130,11 @@ class UniformQuantizer(nn.Module):
         self.zero_point.copy_(zero_point.expand_as(self.zero_point))
         self.refresh()
 
+    def represented_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high) per group and channel, (groups, channels), in float64: the values the grid represents."""
+        scale, zero_point = self.scale.double(), self.zero_point.double()
+        return (self.qmin - zero_point) * scale, (self.qmax - zero_point) * scale
+
     def refresh(self) -> None:
         """Enable the quantizer and cache per-tensor parameters as Python numbers (after setting or loading)."""
         self.enabled = True
