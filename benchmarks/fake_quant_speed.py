@@ -1,16 +1,27 @@
-"""Sampling cost of fake quantization vs full precision on DiT-XL/2 shapes, eager and compiled, one run.
+"""Sampling cost of fake and real quantization vs full precision on DiT-XL/2 shapes, one run, one GPU.
 
-    python benchmarks/fake_quant_speed.py [--batch 128] [--steps 20] [--groups 10] [--bits 8] [--out speed.json]
+    python benchmarks/fake_quant_speed.py [--batch 128] [--steps 20] [--groups 10] [--bits 8]
+        [--skip RUN ...] [--profile DIR] [--out speed.json]
 
-DiT-XL/2 256 with N(0, 0.02) random weights in bf16 on one GPU; DDPM over ``--steps`` respaced steps
-with guidance 1.5 (the model sees 2 × batch inputs). TQ-DiT (mrq_tgq) W8A8 with G time groups is
-calibrated on a small capture with the minmax rule (the sampling cost does not depend on how the
-scales were chosen). Four runs, in this order: FP eager, FP ``torch.compile``, fake-quant eager,
-fake-quant compiled (after :func:`tqdit.quant.layers.prepare_for_compile`), then the real W8A8 path
-(:func:`tqdit.quant.lowbit.to_low_bit`: FP8 matmuls, int8 weights) eager and compiled. Each: one warm-up loop
-(compilation), then the median of ``--repeats`` timed loops; image-steps/s = batch × steps / s.
-The compiled fake-quant samples are compared with the eager ones (same noise) to show the compiled
-path computes the same thing.
+DiT-XL/2 256 with N(0, 0.02) random weights in bf16; DDPM over ``--steps`` respaced steps with
+guidance 1.5 (the model sees 2 × batch inputs). Quantized models are calibrated on a small capture
+with the minmax rule (the sampling cost does not depend on how the scales were chosen). Runs, in
+this order (``--skip`` drops any):
+
+- ``fp_eager``, ``fp_compiled``: the bf16 model, eager and ``torch.compile``;
+- ``fake_quant_eager``, ``fake_quant_compiled``: TQ-DiT (mrq_tgq) W8A8 fake quantization with the
+  explicit attention (score matrix materialised), compiled after ``prepare_for_compile``;
+- ``fake_quant_fused_eager``, ``fake_quant_fused_compiled``: the same with the quantized attention
+  in one Triton kernel (:mod:`tqdit.quant.fused_attention`, what jobs use on CUDA);
+- ``fp8_compiled``: real W8A8 of that TQ-DiT model (:func:`tqdit.quant.lowbit.to_low_bit`: FP8
+  matmuls where the input quantizer is uniform; fc2 behind the post-GELU MRQ keeps a simulated
+  input, an int8-stored weight and a bf16 matmul), fused attention, compiled;
+- ``fp8_tgq_compiled``: real W8A8 of TGQ alone (uniform quantizers with time groups, no MRQ), where
+  every linear of the blocks runs on FP8 — the real speed when no operand lacks a fast kernel.
+
+Each: one warm-up loop (compilation), then the median of ``--repeats`` timed loops; image-steps/s =
+batch × steps / s. Numerics are compared on one forward pass with mixed timesteps, relative to the
+size of the W8A8 quantization error itself. Results are written after every run (``--out``).
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,8 +40,12 @@ from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import PerSampleNoise, create_diffusion, guided_model, sample_loop
 from tqdit.models import build_dit
 from tqdit.quant import METHODS, QuantConfig, SearchConfig
+from tqdit.quant.fused_attention import use_fused_attention
 from tqdit.quant.layers import prepare_for_compile
 from tqdit.quant.lowbit import to_low_bit, weight_bytes
+
+RUNS = ["fp_eager", "fp_compiled", "fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager",
+        "fake_quant_fused_compiled", "fp8_compiled", "fp8_tgq_compiled"]
 
 
 def main() -> None:
@@ -39,10 +55,13 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=10)
     parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[], choices=RUNS, help="runs to leave out")
+    parser.add_argument("--profile", help="a folder: each compiled run's CUDA kernel times for one model call")
     parser.add_argument("--out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # calibration progress bars would bury the results
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -54,33 +73,56 @@ def main() -> None:
     labels = torch.arange(args.batch, device=device) % 1000
     indices = torch.arange(args.batch).numpy()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch, "steps": args.steps,
-               "groups": args.groups, "bits": args.bits, "runs": {}}
+               "groups": args.groups, "bits": args.bits, "runs": {}, "numerics": {}}
+
+    def save() -> None:
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump(results, handle, indent=2)
 
     def sample(net) -> torch.Tensor:
         noise = PerSampleNoise(0, indices, (4, 32, 32), device)
         with torch.no_grad():
             return sample_loop(guided_model(net, labels, 1.5, 3), diffusion, noise, model_dtype=torch.bfloat16)
 
-    def timed(name: str, net) -> torch.Tensor:
+    def timed(name: str, net) -> None:
+        if name in args.skip:
+            return
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        out = sample(net)  # warm-up (compiles)
+        sample(net)  # warm-up (compiles)
         torch.cuda.synchronize()
         warmup = time.perf_counter() - start
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            out = sample(net)
+            sample(net)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         results["runs"][name] = {"seconds": round(seconds, 3), "image_steps_per_s": round(args.batch * args.steps / seconds, 1),
                                  "warmup_s": round(warmup, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         print(name, results["runs"][name], flush=True)
-        return out
+        profile(name, net)
+        save()
 
-    fp = model.to(device=device, dtype=torch.bfloat16).eval()
-    # one forward pass on fixed inputs (mixed timesteps), to compare compiled with eager without the
+    def profile(name: str, net) -> None:
+        """The CUDA kernels of one guided model call (2 × batch inputs), by total time, to --profile."""
+        if not args.profile or not name.endswith("compiled"):
+            return
+        x = torch.randn(2 * args.batch, 4, 32, 32, device=device, dtype=torch.bfloat16)
+        t = torch.full((2 * args.batch,), 500, device=device)
+        y = torch.cat([labels, torch.full_like(labels, 1000)])
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            net(x, t, y)
+            torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+        with open(os.path.join(args.profile, f"{name}.tsv"), "w") as handle:
+            handle.write("kernel\tms\tcalls\n")
+            for event in rows[:30]:
+                handle.write(f"{event.key[:120]}\t{event.self_device_time_total / 1000:.3f}\t{event.count}\n")
+
+    # one forward pass on fixed inputs (mixed timesteps), to compare numerics without the
     # amplification of many sampling steps through a random network
     probe = (torch.randn(32, 4, 32, 32, device=device, dtype=torch.bfloat16), torch.randint(0, 1000, (32,), device=device),
              torch.arange(32, device=device) % 1000)
@@ -89,67 +131,88 @@ def main() -> None:
         with torch.no_grad():
             return net(*probe).float()
 
-    def relative(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
-        return round(((a - b).norm() / scale.norm()).item(), 5)
+    def compare(name: str, out: torch.Tensor, reference: torch.Tensor) -> None:
+        """‖out − reference‖ over ‖W8A8 fake quantization − FP‖ (how far apart, in quantization errors)."""
+        results["numerics"][name] = round(((out - reference).norm() / (fake_out - fp_out).norm()).item(), 4)
+        save()
 
+    def compiled(net):
+        net.compile()  # in place: forward_with_cfg's self(...) then runs compiled, as in a job
+        return net
+
+    def uncompile(net) -> None:  # back to eager before swapping modules
+        net._compiled_call_impl = None
+        torch._dynamo.reset()
+
+    fp = model.to(device=device, dtype=torch.bfloat16).eval()
     fp_out = forward(fp)
     fp_weight_bytes = weight_bytes(fp)
-    fp_samples = timed("fp_eager", fp)
-    # Module.compile() compiles in place, so forward_with_cfg's self(...) runs compiled, as in the job
-    # (a torch.compile(model) wrapper would be bypassed by forward_with_cfg)
-    compiled_fp = copy.deepcopy(fp)
-    compiled_fp.compile()
-    fp_compiled_samples = timed("fp_compiled", compiled_fp)
-    results["fp_compiled_vs_eager"] = {"forward_relative_diff": relative(forward(compiled_fp), fp_out, fp_out),
-                                      "samples_relative_diff": relative(fp_compiled_samples.float(), fp_samples.float(), fp_samples.float())}
+    timed("fp_eager", fp)
+    compiled_fp = compiled(copy.deepcopy(fp))
+    timed("fp_compiled", compiled_fp)
+    fp_compiled_out = forward(compiled_fp)
     del compiled_fp
     torch._dynamo.reset()
 
-    calib_diffusion = create_diffusion(250)
-    calib = capture(fp, calib_diffusion, CalibrationSpec(num_samples=4, cfg_scale=1.5, cfg_channels=3))
-    cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, time_groups=args.groups, num_inputs=64,
-                      search=SearchConfig(criterion="minmax", batch=32))
-    quantized, cost = METHODS["mrq_tgq"](fp, calib, cfg)
-    results["calibration_s"] = cost["calibration_s"]
+    calib = capture(fp, create_diffusion(250), CalibrationSpec(num_samples=4, cfg_scale=1.5, cfg_channels=3))
+
+    def calibrate(method: str):
+        cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, time_groups=args.groups, num_inputs=64,
+                          search=SearchConfig(criterion="minmax", batch=32))
+        quantized, cost = METHODS[method](copy.deepcopy(fp), calib, cfg)
+        results[f"calibration_s_{method}"] = cost["calibration_s"]
+        return quantized
+
     # (groups were assigned on the 250-step schedule; the --steps timesteps map to the nearest ones)
-    eager = timed("fake_quant_eager", quantized)
-    q_out = forward(quantized)
-    prepare_for_compile(quantized).compile()
-    same = timed("fake_quant_compiled", quantized)
-    # the compiled fake quantization vs the eager one, in units of what quantization itself changes
-    results["fake_quant_compiled_vs_eager"] = {
-        "forward_diff_over_quantization_error": relative(forward(quantized), q_out, q_out - fp_out),
-        "forward_quantization_error_relative": relative(q_out, fp_out, fp_out),
-        "samples_relative_diff": relative(same.float(), eager.float(), eager.float()),
-        "samples_quantized_vs_fp_relative": relative(eager.float(), fp_samples.float(), fp_samples.float()),
-    }
-    # real W8A8: FP8 tensor-core matmuls where the input quantizer is uniform, int8 weights elsewhere
-    quantized._compiled_call_impl = None  # back to eager before swapping modules (Module.compile is in place)
-    torch._dynamo.reset()
+    quantized = calibrate("mrq_tgq")
+    fake_out = forward(quantized)
+    results["numerics"]["w8a8_error_relative_to_fp"] = round(((fake_out - fp_out).norm() / fp_out.norm()).item(), 4)
+    compare("fp_compiled_vs_fp_eager", fp_compiled_out, fp_out)
+    timed("fake_quant_eager", quantized)
+    timed("fake_quant_compiled", compiled(prepare_for_compile(quantized)))
+    compare("fake_quant_compiled_vs_eager", forward(quantized), fake_out)
+    uncompile(quantized)
+
+    results["fused_attention_blocks"] = use_fused_attention(quantized)
+    compare("fused_attention_vs_explicit", forward(quantized), fake_out)
+    timed("fake_quant_fused_eager", quantized)
+    timed("fake_quant_fused_compiled", compiled(quantized))
+    compare("fused_compiled_vs_explicit_eager", forward(quantized), fake_out)
+    uncompile(quantized)
+
     results["lowbit"] = to_low_bit(quantized)
     results["weight_bytes"] = {"fp_bf16": fp_weight_bytes, "w8a8_lowbit": weight_bytes(quantized),
                                "ratio": round(fp_weight_bytes / weight_bytes(quantized), 2)}
-    real_eager = timed("fp8_eager", quantized)
-    fp8_out = forward(quantized)
-    quantized.compile()
-    timed("fp8_compiled", quantized)
-    results["fp8_vs_fake_quant_eager"] = {
-        "forward_diff_over_quantization_error": relative(fp8_out, q_out, q_out - fp_out),
-        "forward_fp8_error_relative_to_fp": relative(fp8_out, fp_out, fp_out),
-        "samples_relative_diff": relative(real_eager.float(), eager.float(), eager.float()),
-    }
+    compare("fp8_vs_fake_quant", forward(quantized), fake_out)
+    timed("fp8_compiled", compiled(quantized))
+    uncompile(quantized)
+    del quantized
+
+    if "fp8_tgq_compiled" not in args.skip:
+        tgq = prepare_for_compile(calibrate("tgq"))
+        tgq_fake_out = forward(tgq)
+        use_fused_attention(tgq)
+        results["lowbit_tgq"] = to_low_bit(tgq)
+        results["weight_bytes"]["w8a8_lowbit_tgq"] = weight_bytes(tgq)
+        results["numerics"]["tgq_w8a8_error_relative_to_fp"] = round(((tgq_fake_out - fp_out).norm() / fp_out.norm()).item(), 4)
+        results["numerics"]["tgq_fp8_vs_fake_quant_over_its_error"] = round(
+            ((forward(tgq) - tgq_fake_out).norm() / (tgq_fake_out - fp_out).norm()).item(), 4)
+        timed("fp8_tgq_compiled", compiled(tgq))
+
     runs = results["runs"]
-    results["ratios"] = {
-        "fake_quant_eager_over_fp_eager": round(runs["fp_eager"]["image_steps_per_s"] / runs["fake_quant_eager"]["image_steps_per_s"], 2),
-        "fake_quant_compiled_over_fp_compiled": round(runs["fp_compiled"]["image_steps_per_s"] / runs["fake_quant_compiled"]["image_steps_per_s"], 2),
-        "fake_quant_compiled_over_fp_eager": round(runs["fp_eager"]["image_steps_per_s"] / runs["fake_quant_compiled"]["image_steps_per_s"], 2),
-        "fp8_compiled_speedup_over_fp_compiled": round(runs["fp8_compiled"]["image_steps_per_s"] / runs["fp_compiled"]["image_steps_per_s"], 2),
-        "fp8_compiled_speedup_over_fp_eager": round(runs["fp8_compiled"]["image_steps_per_s"] / runs["fp_eager"]["image_steps_per_s"], 2),
-    }
-    print(json.dumps(results, indent=2))
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+    speed = {name: run["image_steps_per_s"] for name, run in runs.items()}
+    ratios = {}
+    for slow, fast in [("fake_quant_eager", "fp_eager"), ("fake_quant_compiled", "fp_compiled"),
+                       ("fake_quant_fused_eager", "fp_eager"), ("fake_quant_fused_compiled", "fp_compiled")]:
+        if slow in speed and fast in speed:
+            ratios[f"{slow}_time_over_{fast}"] = round(speed[fast] / speed[slow], 2)
+    for real in ("fp8_compiled", "fp8_tgq_compiled"):
+        for base in ("fp_compiled", "fp_eager"):
+            if real in speed and base in speed:
+                ratios[f"{real}_speedup_over_{base}"] = round(speed[real] / speed[base], 2)
+    results["ratios"] = ratios
+    save()
+    print(json.dumps({"runs": runs, "ratios": ratios, "numerics": results["numerics"]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# Without a GPU, Triton kernels (the fused quantized attention) run in Triton's interpreter, so
+# the CPU suite tests them too. Set before any tqdit module defines a kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,9 @@ Module and parameter names follow the reference exactly (``blocks.0.attn.qkv.wei
 ``final_layer.linear.weight``, ...), so official checkpoints load with no key conversion.
 Attention has two paths: PyTorch's fused ``scaled_dot_product_attention`` (fast, default) and an
 explicit one (q·kᵀ, softmax, ·V through two :class:`MatMul` modules) that quantizers switch on to
-reach both operands of each matmul, the post-softmax values included.
+reach both operands of each matmul, the post-softmax values included. A quantized model can set
+``Attention.kernel`` to compute the explicit path's function in one kernel
+(:mod:`tqdit.quant.fused_attention`).
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class Attention(nn.Module):
         self.qk_matmul = MatMul()  # (q·scale) @ kᵀ
         self.av_matmul = MatMul()  # softmax(...) @ v
         self.fused = True  # quantizers set False to see q, k, the post-softmax values and v
+        self.kernel = None  # optional f(attn, q, k, v) computing the explicit path in one kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
@@ -126,6 +129,8 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v)
+        elif self.kernel is not None:
+            out = self.kernel(self, q, k, v)
         else:
             scores = self.qk_matmul(q * self.scale, k.transpose(-2, -1))
             out = self.av_matmul(scores.softmax(dim=-1), v)

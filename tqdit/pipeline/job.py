@@ -37,6 +37,8 @@ from tqdit.pipeline.tracking import log_to_wandb
 from tqdit.quant import METHODS, USES_TIME_GROUPS, QuantConfig, SearchConfig, load_quant_state, resolve_scope, save_quant_state
 from tqdit.quant.calibrate import method_settings
 from tqdit.quant.layers import activation_ranges, prepare_for_compile
+from tqdit.quant import fused_attention
+from tqdit.quant.fused_attention import use_fused_attention
 from tqdit.quant.lowbit import fp8_supported, to_low_bit, weight_bytes
 from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
 from tqdit.quant.reconstruct import ReconConfig
@@ -97,6 +99,9 @@ def validate(cfg: DictConfig) -> None:
     check(all(isinstance(recon[k], int) and recon[k] >= 0 for k in ("iters", "act_iters")) and recon.batch >= 1,
           "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
     check(quant.backend in ("simulated", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated or fp8")
+    check(quant.attention in ("auto", "fused", "explicit"), f"quant.attention={quant.attention} is unknown: use auto, fused or explicit")
+    check(quant.attention != "fused" or (device.type == "cuda" and fused_attention.available()),
+          f"quant.attention=fused runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use quant.attention=auto or explicit")
     if quant.backend == "fp8" and quant.name != "fp":
         check(fp8_supported(device), f"quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device={cfg.device} does not: use quant.backend=simulated")
         check(cfg.w_bits == 8 and cfg.a_bits == 8, f"quant.backend=fp8 runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated")
@@ -124,6 +129,14 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
     return QuantConfig(w_bits=cfg.w_bits, a_bits=cfg.a_bits, scope=scope, time_groups=groups, grouped=grouped,
                        search=search, num_inputs=q.num_inputs, capture_batch=q.capture_batch, seed=q.seed,
                        recon=recon, params=OmegaConf.to_container(q.params))
+
+
+def fused_attention_wanted(setting: str, device: torch.device) -> bool:
+    """quant.attention: ``auto`` fuses quantized attention into one Triton kernel on CUDA and keeps
+    the explicit PyTorch ops elsewhere; ``fused`` / ``explicit`` force one (validated beforehand)."""
+    if setting == "auto":
+        return device.type == "cuda" and fused_attention.available()
+    return setting == "fused"
 
 
 def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
@@ -338,16 +351,17 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
     start = time.perf_counter()
     quant_record = distributed.on_rank_zero(quantize_model, cfg, model, diffusion, job_dir)
 
-    def follow_rank_zero() -> dict | None:
+    def follow_rank_zero() -> dict:
         if distributed.rank() != 0:  # the other ranks read the parameters rank 0 just saved
             quantize_model(cfg, model, diffusion, job_dir)
+        record = {}
         if cfg.quant.backend == "fp8" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
-            return {"lowbit": to_low_bit(model), "weight_bytes": weight_bytes(model)}
-        return None
+            record.update(lowbit=to_low_bit(model), weight_bytes=weight_bytes(model))
+        if cfg.quant.name != "fp" and fused_attention_wanted(cfg.quant.attention, device):
+            record["fused_attention_blocks"] = use_fused_attention(model)
+        return record
 
-    lowbit = distributed.all_succeed(follow_rank_zero)
-    if lowbit is not None:
-        quant_record = {**quant_record, **lowbit}
+    quant_record = {**quant_record, **distributed.all_succeed(follow_rank_zero)}
     timings["quantize_s"] = time.perf_counter() - start
     if cfg.compile:  # ~1.9x for FP DiT-XL/2 on an H100 (README, Performance); costs a minute to compile
         prepare_for_compile(model).compile()

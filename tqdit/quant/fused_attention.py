@@ -1,0 +1,250 @@
+"""Quantized attention in one Triton kernel: fake-quantized q, k, v and post-softmax values, fused.
+
+The explicit quantized attention (``Attention`` with ``fused=False``) materialises the score matrix
+and passes it through softmax and the post-softmax quantizer as separate kernels; on DiT-XL/2 that
+is most of what fake quantization costs once the linears are compiled. This kernel computes, per
+(sample, head, block of queries), the same function without writing the scores to memory:
+
+    q̂ = Q_q(q · d^-½),  k̂ = Q_k(k),  v̂ = Q_v(v)        uniform, per tensor, per time group
+    S = q̂ k̂ᵀ (rounded to the model dtype, as the explicit path's matmul output is)
+    P = softmax(S) (rounded to the model dtype)
+    out = Q_p(P) v̂,  Q_p = TQ-DiT's post-softmax MRQ (two regions) or a uniform quantizer
+
+in two passes over the keys: the first finds each row's max and sum of exponentials, the second
+forms the *normalised* probabilities — which the post-softmax quantizer needs, as its regions are
+fixed in [0, 1] — quantizes them and accumulates P̂ v̂. The scores are recomputed in the second pass
+(1.5× the attention FLOPs, a few per cent of a DiT block's) instead of being stored.
+
+Each operand's parameters are gathered per sample (its time group) on the device and passed as one
+float table, so the kernel takes time groups without a device sync or a recompilation. Rounding is
+half to even and divisions are IEEE, as in :mod:`tqdit.quant.quantizers`; the remaining differences
+from the explicit path are the order of floating-point sums (``tests/test_fused_attention.py``
+bounds them). The kernel is registered as the custom op ``tqdit::quant_attention`` so
+``torch.compile`` keeps it whole. On the CPU it runs only under Triton's interpreter
+(``TRITON_INTERPRET=1``, tests); jobs use it on CUDA (``quant.attention``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton ships with CUDA builds of PyTorch
+    triton = None
+
+# Columns of the per-sample parameter table: (1/scale, scale, zero point) for q, k, v, then the
+# post-softmax quantizer's three numbers: uniform (1/scale, scale, zero point) or MRQ (split, Δ_lo, Δ_hi).
+PARAMS_PER_SAMPLE = 12
+OFF, UNIFORM, MRQ = 0, 1, 2
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_half_even(x):
+        # floor, then up when the fraction is above one half, or exactly one half and the floor is odd
+        # (exact for |x| < 2^23; larger values are clamped by every caller)
+        low = tl.floor(x)
+        frac = x - low
+        odd = (low - 2.0 * tl.floor(low * 0.5)) == 1.0
+        up = (frac > 0.5) | ((frac == 0.5) & odd)
+        return low + up.to(tl.float32)
+
+    @triton.jit
+    def _uniform(x, params, column: tl.constexpr, qmin, qmax):
+        inv_scale = tl.load(params + column)
+        scale = tl.load(params + column + 1)
+        zero_point = tl.load(params + column + 2)
+        codes = tl.minimum(tl.maximum(_round_half_even(x * inv_scale), qmin - zero_point), qmax - zero_point)
+        return codes * scale
+
+    @triton.jit
+    def _load_operand(base, rows, cols, stride_row, n_rows, head_dim, params, column: tl.constexpr, MODE: tl.constexpr,
+                      qmin, qmax, multiplier, SCALED: tl.constexpr, DTYPE: tl.constexpr):
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < head_dim)
+        x = tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if SCALED:  # q · d^-½ in the model dtype, as the explicit path computes it
+            x = (x * multiplier).to(DTYPE).to(tl.float32)
+        if MODE == 1:
+            x = _uniform(x, params, column, qmin, qmax)
+        return x.to(DTYPE)
+
+    @triton.jit
+    def _scores(q, k, n_cols, start, cols_in_block, DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = s.to(DTYPE).to(tl.float32)
+        return tl.where((start + cols_in_block)[None, :] < n_cols, s, float("-inf"))
+
+    @triton.jit
+    def _quant_attention_kernel(
+        Q, K, V, Out, Params,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+        heads, n_ctx, head_dim, sm_scale,
+        qkv_qmin, qkv_qmax, p_qmin, p_qmax,
+        Q_MODE: tl.constexpr, K_MODE: tl.constexpr, V_MODE: tl.constexpr, P_MODE: tl.constexpr,
+        DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        block_m = tl.program_id(0)
+        sample = tl.program_id(1) // heads
+        head = tl.program_id(1) % heads
+        params = Params + sample * 12
+        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols_in_block = tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, BLOCK_D)
+        q_base = Q + sample * stride_qb + head * stride_qh
+        k_base = K + sample * stride_kb + head * stride_kh
+        v_base = V + sample * stride_vb + head * stride_vh
+        q = _load_operand(q_base, rows, dims, stride_qn, n_ctx, head_dim, params, 0, Q_MODE, qkv_qmin, qkv_qmax, sm_scale, True, DTYPE)
+
+        # pass 1: each row's max and sum of exponentials
+        row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), tl.float32)
+        for start in range(0, n_ctx, BLOCK_N):
+            k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, head_dim, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+            s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
+            row_max = new_max
+
+        # pass 2: normalised probabilities, quantized, times v̂
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start in range(0, n_ctx, BLOCK_N):
+            k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, head_dim, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+            s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
+            p = tl.math.div_rn(tl.exp(s - row_max[:, None]), row_sum[:, None]).to(DTYPE).to(tl.float32)
+            if P_MODE == 1:
+                p = _uniform(p, params, 9, p_qmin, p_qmax)
+            elif P_MODE == 2:  # MRQ: Δ_lo below the split, Δ_hi above; codes 0..levels in each region
+                split = tl.load(params + 9)
+                step = tl.where(p < split, tl.load(params + 10), tl.load(params + 11))
+                p = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(p, step)), p_qmin), p_qmax) * step
+            v = _load_operand(v_base, start + cols_in_block, dims, stride_vn, n_ctx, head_dim, params, 6, V_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+            acc += tl.dot(p.to(DTYPE), v, input_precision=PRECISION)
+
+        out_base = Out + sample * stride_ob + head * stride_oh
+        mask = (rows[:, None] < n_ctx) & (dims[None, :] < head_dim)
+        tl.store(out_base + rows[:, None] * stride_on + dims[None, :], acc.to(DTYPE), mask=mask)
+
+
+
+
+@torch.library.custom_op("tqdit::quant_attention", mutates_args=())
+def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: torch.Tensor, sm_scale: float,
+                    modes: list[int], qkv_range: list[int], p_range: list[int]) -> torch.Tensor:
+    """Quantized attention of (batch, heads, tokens, head_dim) q, k, v (any strides, last one 1).
+
+    ``params``: (batch, 12) float32, see ``PARAMS_PER_SAMPLE``. ``modes``: OFF/UNIFORM for q, k, v,
+    then OFF/UNIFORM/MRQ for the post-softmax values. ``qkv_range``/``p_range``: (qmin, qmax) codes.
+    Returns (batch, heads, tokens, head_dim), laid out as (batch, tokens, heads, head_dim) so the
+    caller's merge of the heads is free.
+    """
+    batch, heads, tokens, head_dim = q.shape
+    out = torch.empty(batch, tokens, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block = 64 if q.is_cuda else 16
+    grid = (triton.cdiv(tokens, block), batch * heads)
+    dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[q.dtype]
+    _quant_attention_kernel[grid](
+        q, k, v, out, params.contiguous(),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        heads, tokens, head_dim, sm_scale, qkv_range[0], qkv_range[1], p_range[0], p_range[1],
+        Q_MODE=modes[0], K_MODE=modes[1], V_MODE=modes[2], P_MODE=modes[3],
+        DTYPE=dtype, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+@quant_attention.register_fake
+def _(q, k, v, params, sm_scale, modes, qkv_range, p_range):
+    batch, heads, tokens, head_dim = q.shape
+    return q.new_empty(batch, tokens, heads, head_dim).transpose(1, 2)
+
+
+# --- the calibrated model's side: which attentions can run fused, and their parameter tables ---
+
+def _uniform_columns(quantizer, batch: int) -> torch.Tensor:
+    """(batch, 3): 1/scale, scale, zero point of each sample's time group."""
+    scale, zero_point = quantizer.scale[:, 0].float(), quantizer.zero_point[:, 0].float()
+    if quantizer.groups > 1:
+        scale, zero_point = quantizer.context.per_sample(scale, batch), quantizer.context.per_sample(zero_point, batch)
+    else:
+        scale, zero_point = scale.expand(batch), zero_point.expand(batch)
+    return torch.stack([1.0 / scale, scale, zero_point], dim=1)
+
+
+def _mrq_columns(quantizer, batch: int) -> torch.Tensor:
+    """(batch, 3): split 2^-i, Δ_lo = split / levels, Δ_hi = 1 / levels of each sample's time group."""
+    exponent = quantizer.split_exponent
+    if quantizer.groups > 1:
+        exponent = quantizer.context.per_sample(exponent, batch)
+    split = torch.pow(2.0, -exponent.float()).expand(batch)
+    return torch.stack([split, split / quantizer.levels, torch.full_like(split, 1.0 / quantizer.levels)], dim=1)
+
+
+def _quantizers(attn):
+    return attn.qk_matmul.a_quant, attn.qk_matmul.b_quant, attn.av_matmul.b_quant, attn.av_matmul.a_quant  # q, k, v, P
+
+
+def supports(attn) -> bool:
+    """Whether this attention's quantizers are ones the kernel computes: per-tensor uniform q, k, v
+    sharing one code range, and a uniform or MRQ post-softmax quantizer."""
+    from tqdit.quant.layers import QuantMatMul
+    from tqdit.quant.quantizers import SoftmaxMRQ, UniformQuantizer
+
+    if not (isinstance(attn.qk_matmul, QuantMatMul) and isinstance(attn.av_matmul, QuantMatMul)):
+        return False
+    *qkv, post_softmax = _quantizers(attn)
+    if not all(isinstance(q, UniformQuantizer) and q.scale.shape[1] == 1 for q in qkv):
+        return False
+    if len({(q.qmin, q.qmax) for q in qkv}) != 1:
+        return False
+    return isinstance(post_softmax, SoftmaxMRQ) or (isinstance(post_softmax, UniformQuantizer) and post_softmax.scale.shape[1] == 1)
+
+
+def fused_quantized_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``Attention.kernel``: the explicit quantized attention's function, computed by one Triton kernel."""
+    from tqdit.quant.quantizers import SoftmaxMRQ
+
+    batch = q.shape[0]
+    *qkv, post_softmax = _quantizers(attn)
+    columns = [_uniform_columns(quantizer, batch) if quantizer.enabled else q.new_zeros(batch, 3, dtype=torch.float32)
+               for quantizer in qkv]
+    modes = [UNIFORM if quantizer.enabled else OFF for quantizer in qkv]
+    if not post_softmax.enabled:
+        columns.append(q.new_zeros(batch, 3, dtype=torch.float32))
+        modes.append(OFF)
+        p_range = [0, 0]
+    elif isinstance(post_softmax, SoftmaxMRQ):
+        columns.append(_mrq_columns(post_softmax, batch))
+        modes.append(MRQ)
+        p_range = [0, post_softmax.levels]
+    else:
+        columns.append(_uniform_columns(post_softmax, batch))
+        modes.append(UNIFORM)
+        p_range = [post_softmax.qmin, post_softmax.qmax]
+    params = torch.cat(columns, dim=1).to(q.device)
+    return torch.ops.tqdit.quant_attention(q, k, v, params, attn.scale, modes, [qkv[0].qmin, qkv[0].qmax], p_range)
+
+
+def use_fused_attention(model) -> int:
+    """Route every quantized attention whose quantizers the kernel supports through it (after
+    calibration: calibration reads the explicit path's matmul inputs). Returns how many blocks."""
+    if not available():
+        raise RuntimeError("the fused quantized attention needs Triton (it ships with CUDA builds of PyTorch)")
+    count = 0
+    for block in getattr(model, "blocks", []):
+        if supports(block.attn):
+            block.attn.kernel = fused_quantized_attention
+            count += 1
+    return count
