@@ -40,6 +40,7 @@ from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import PerSampleNoise, create_diffusion, guided_model, sample_loop
 from tqdit.models import build_dit
 from tqdit.quant import METHODS, QuantConfig, SearchConfig
+from tqdit.quant import fused_attention
 from tqdit.quant.fused_attention import use_fused_attention
 from tqdit.quant.layers import prepare_for_compile
 from tqdit.quant.lowbit import to_low_bit, weight_bytes
@@ -57,11 +58,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], choices=RUNS, help="runs to leave out")
     parser.add_argument("--profile", help="a folder: each compiled run's CUDA kernel times for one model call")
+    parser.add_argument("--attention-config", help="fused_attention_speed.py's output: use its fastest kernel configuration")
     parser.add_argument("--out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     os.environ.setdefault("TQDM_DISABLE", "1")  # calibration progress bars would bury the results
+    if args.attention_config:
+        with open(args.attention_config) as handle:
+            fastest = min(json.load(handle)["configs"], key=lambda c: c["ms"])
+        fused_attention.KERNEL_CONFIG.update({key: fastest[key] for key in fused_attention.KERNEL_CONFIG})
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -73,7 +79,7 @@ def main() -> None:
     labels = torch.arange(args.batch, device=device) % 1000
     indices = torch.arange(args.batch).numpy()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch, "steps": args.steps,
-               "groups": args.groups, "bits": args.bits, "runs": {}, "numerics": {}}
+               "groups": args.groups, "bits": args.bits, "attention_kernel": dict(fused_attention.KERNEL_CONFIG), "runs": {}, "numerics": {}}
 
     def save() -> None:
         if args.out:

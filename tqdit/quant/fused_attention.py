@@ -17,9 +17,10 @@ fixed in [0, 1] — quantizes them and accumulates P̂ v̂. The scores are recom
 
 Each operand's parameters are gathered per sample (its time group) on the device and passed as one
 float table, so the kernel takes time groups without a device sync or a recompilation. Rounding is
-half to even and divisions are IEEE, as in :mod:`tqdit.quant.quantizers`; the remaining differences
-from the explicit path are the order of floating-point sums (``tests/test_fused_attention.py``
-bounds them). The kernel is registered as the custom op ``tqdit::quant_attention`` so
+half to even, as in :mod:`tqdit.quant.quantizers`; the remaining differences from the explicit
+path are the order of floating-point sums and divisions done as multiplications by a reciprocal,
+which can move a value lying on a rounding boundary to the neighbouring code
+(``tests/test_fused_attention.py`` bounds the effect). The kernel is registered as the custom op ``tqdit::quant_attention`` so
 ``torch.compile`` keeps it whole. On the CPU it runs only under Triton's interpreter
 (``TRITON_INTERPRET=1``, tests); jobs use it on CUDA (``quant.attention``).
 """
@@ -38,6 +39,8 @@ except ImportError:  # pragma: no cover - Triton ships with CUDA builds of PyTor
 # post-softmax quantizer's three numbers: uniform (1/scale, scale, zero point) or MRQ (split, Δ_lo, Δ_hi).
 PARAMS_PER_SAMPLE = 12
 OFF, UNIFORM, MRQ = 0, 1, 2
+# Tile sizes and launch settings on the GPU (benchmarks/fused_attention_speed.py compares others)
+KERNEL_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 2}
 
 
 def available() -> bool:
@@ -48,13 +51,9 @@ if triton is not None:
 
     @triton.jit
     def _round_half_even(x):
-        # floor, then up when the fraction is above one half, or exactly one half and the floor is odd
-        # (exact for |x| < 2^23; larger values are clamped by every caller)
-        low = tl.floor(x)
-        frac = x - low
-        odd = (low - 2.0 * tl.floor(low * 0.5)) == 1.0
-        up = (frac > 0.5) | ((frac == 0.5) & odd)
-        return low + up.to(tl.float32)
+        # adding and subtracting 1.5 · 2^23 rounds a float32 to an integer, half to even (the float
+        # unit's own rounding), exact for |x| < 2^22; larger values are clamped by every caller
+        return (x + 12582912.0) - 12582912.0
 
     @triton.jit
     def _uniform(x, params, column: tl.constexpr, qmin, qmax):
@@ -86,10 +85,10 @@ if triton is not None:
         Q, K, V, Out, Params,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-        heads, n_ctx, head_dim, sm_scale,
+        heads, n_ctx, sm_scale,
         qkv_qmin, qkv_qmax, p_qmin, p_qmax,
         Q_MODE: tl.constexpr, K_MODE: tl.constexpr, V_MODE: tl.constexpr, P_MODE: tl.constexpr,
-        DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         block_m = tl.program_id(0)
@@ -102,35 +101,37 @@ if triton is not None:
         q_base = Q + sample * stride_qb + head * stride_qh
         k_base = K + sample * stride_kb + head * stride_kh
         v_base = V + sample * stride_vb + head * stride_vh
-        q = _load_operand(q_base, rows, dims, stride_qn, n_ctx, head_dim, params, 0, Q_MODE, qkv_qmin, qkv_qmax, sm_scale, True, DTYPE)
+        q = _load_operand(q_base, rows, dims, stride_qn, n_ctx, HEAD_DIM, params, 0, Q_MODE, qkv_qmin, qkv_qmax, sm_scale, True, DTYPE)
 
         # pass 1: each row's max and sum of exponentials
         row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         row_sum = tl.zeros((BLOCK_M,), tl.float32)
         for start in range(0, n_ctx, BLOCK_N):
-            k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, head_dim, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+            k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
             s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
             new_max = tl.maximum(row_max, tl.max(s, 1))
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
             row_max = new_max
 
         # pass 2: normalised probabilities, quantized, times v̂
+        inv_row_sum = 1.0 / row_sum
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start in range(0, n_ctx, BLOCK_N):
-            k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, head_dim, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+            k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
             s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
-            p = tl.math.div_rn(tl.exp(s - row_max[:, None]), row_sum[:, None]).to(DTYPE).to(tl.float32)
+            p = (tl.exp(s - row_max[:, None]) * inv_row_sum[:, None]).to(DTYPE).to(tl.float32)
             if P_MODE == 1:
                 p = _uniform(p, params, 9, p_qmin, p_qmax)
             elif P_MODE == 2:  # MRQ: Δ_lo below the split, Δ_hi above; codes 0..levels in each region
-                split = tl.load(params + 9)
-                step = tl.where(p < split, tl.load(params + 10), tl.load(params + 11))
-                p = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(p, step)), p_qmin), p_qmax) * step
-            v = _load_operand(v_base, start + cols_in_block, dims, stride_vn, n_ctx, head_dim, params, 6, V_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+                below = p < tl.load(params + 9)
+                step = tl.where(below, tl.load(params + 10), tl.load(params + 11))
+                inv_step = tl.where(below, 1.0 / tl.load(params + 10), 1.0 / tl.load(params + 11))
+                p = tl.minimum(tl.maximum(_round_half_even(p * inv_step), p_qmin), p_qmax) * step
+            v = _load_operand(v_base, start + cols_in_block, dims, stride_vn, n_ctx, HEAD_DIM, params, 6, V_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
             acc += tl.dot(p.to(DTYPE), v, input_precision=PRECISION)
 
         out_base = Out + sample * stride_ob + head * stride_oh
-        mask = (rows[:, None] < n_ctx) & (dims[None, :] < head_dim)
+        mask = (rows[:, None] < n_ctx) & (dims[None, :] < HEAD_DIM)
         tl.store(out_base + rows[:, None] * stride_on + dims[None, :], acc.to(DTYPE), mask=mask)
 
 
@@ -149,18 +150,18 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: t
     batch, heads, tokens, head_dim = q.shape
     out = torch.empty(batch, tokens, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block = 64 if q.is_cuda else 16
-    grid = (triton.cdiv(tokens, block), batch * heads)
+    config = KERNEL_CONFIG if q.is_cuda else {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1}
+    grid = (triton.cdiv(tokens, config["block_m"]), batch * heads)
     dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[q.dtype]
     _quant_attention_kernel[grid](
         q, k, v, out, params.contiguous(),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        heads, tokens, head_dim, sm_scale, qkv_range[0], qkv_range[1], p_range[0], p_range[1],
+        heads, tokens, sm_scale, qkv_range[0], qkv_range[1], p_range[0], p_range[1],
         Q_MODE=modes[0], K_MODE=modes[1], V_MODE=modes[2], P_MODE=modes[3],
-        DTYPE=dtype, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
-        num_warps=4, num_stages=2,
+        HEAD_DIM=head_dim, DTYPE=dtype, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_D=block_d,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out
 
