@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,8 @@ def compose(*overrides: str):
     ("quant=qdiffusion +quant.params.iterations=5", "quant.params has unknown keys ['iterations'] for quant=qdiffusion"),
     ("quant=mrq_tgq +quant.params.mean=0.3", "quant=mrq_tgq takes no method parameters"),
     ("quant=qdiffusion quant.recon.iters=-1", "quant.recon.iters, act_iters must be integers"),
+    ("quant.attention=flash", "quant.attention=flash is unknown: use auto, fused or explicit"),
+    ("device=cpu quant.attention=fused", "quant.attention=fused runs a Triton kernel on a CUDA GPU; device=cpu is not one"),
 ])
 def test_bad_config_is_refused_before_any_work(override, message):
     from tqdit.errors import TqditError
@@ -90,6 +93,16 @@ def test_bad_config_is_refused_before_any_work(override, message):
     with pytest.raises(TqditError) as error:
         validate(compose(*override.split()))
     assert message in str(error.value)
+
+
+def test_quantized_attention_is_fused_only_where_it_is_faster():
+    from tqdit.pipeline.job import fused_attention_wanted
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused_attention_wanted("auto", cuda, compiled=False)  # eager on a GPU: the Triton kernel
+    assert not fused_attention_wanted("auto", cuda, compiled=True)  # compiled: inductor's kernels are faster
+    assert not fused_attention_wanted("auto", cpu, compiled=False)
+    assert fused_attention_wanted("fused", cuda, compiled=True) and not fused_attention_wanted("explicit", cuda, compiled=False)
 
 
 def test_default_and_sweep_values_validate():

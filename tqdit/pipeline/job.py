@@ -131,11 +131,13 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
                        recon=recon, params=OmegaConf.to_container(q.params))
 
 
-def fused_attention_wanted(setting: str, device: torch.device) -> bool:
-    """quant.attention: ``auto`` fuses quantized attention into one Triton kernel on CUDA and keeps
-    the explicit PyTorch ops elsewhere; ``fused`` / ``explicit`` force one (validated beforehand)."""
+def fused_attention_wanted(setting: str, device: torch.device, compiled: bool) -> bool:
+    """quant.attention: ``auto`` computes quantized attention with the fused Triton kernel on CUDA
+    when the model runs eagerly (6× faster there) and with the explicit ops otherwise (compiled,
+    inductor fuses those into faster kernels than ours: docs/performance.md); ``fused`` /
+    ``explicit`` force one (validated beforehand)."""
     if setting == "auto":
-        return device.type == "cuda" and fused_attention.available()
+        return device.type == "cuda" and fused_attention.available() and not compiled
     return setting == "fused"
 
 
@@ -357,7 +359,7 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         record = {}
         if cfg.quant.backend == "fp8" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
             record.update(lowbit=to_low_bit(model), weight_bytes=weight_bytes(model))
-        if cfg.quant.name != "fp" and fused_attention_wanted(cfg.quant.attention, device):
+        if cfg.quant.name != "fp" and fused_attention_wanted(cfg.quant.attention, device, cfg.compile):
             record["fused_attention_blocks"] = use_fused_attention(model)
         return record
 
