@@ -23,13 +23,13 @@ from tqdit.quant import fused_attention
 from tqdit.quant.layers import QuantMatMul
 from tqdit.quant.quantizers import SoftmaxMRQ, TimeGroupContext, UniformQuantizer
 
-CONFIGS = [  # two passes over key blocks of block_n; one pass: all 256 keys in one block
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "one_pass_tokens": 0},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2, "one_pass_tokens": 0},
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 1, "one_pass_tokens": 0},
-    {"block_m": 64, "block_n": 256, "num_warps": 4, "num_stages": 1, "one_pass_tokens": 256},
-    {"block_m": 64, "block_n": 256, "num_warps": 8, "num_stages": 1, "one_pass_tokens": 256},
-    {"block_m": 128, "block_n": 256, "num_warps": 8, "num_stages": 1, "one_pass_tokens": 256},
+CONFIGS = [
+    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    {"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 1},
+    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
+    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 1},
 ]
 
 
@@ -84,7 +84,7 @@ def main() -> None:
     results["configs"] = []
     for config in CONFIGS:
         fused_attention.KERNEL_CONFIG.update(config)
-        name = "fused_{block_m}x{block_n}_w{num_warps}_s{num_stages}".format(**config) + ("_one_pass" if config["one_pass_tokens"] else "")
+        name = "fused_{block_m}x{block_n}_w{num_warps}_s{num_stages}".format(**config)
         try:
             with torch.no_grad():
                 diff = ((fused().float() - reference).norm() / quantization_error).item()

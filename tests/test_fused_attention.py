@@ -52,11 +52,10 @@ def explicit_and_fused(attn, x):
 
 
 @pytest.mark.parametrize("post_softmax", ["mrq", "uniform", "off"])
-@pytest.mark.parametrize("tokens", [20, 45])  # all keys in one block (one pass); several blocks (two passes)
-def test_kernel_computes_the_explicit_quantized_attention(post_softmax, tokens):
-    # 3 samples of both time groups, a token count no block size divides, head_dim 12 (padded to 16)
+def test_kernel_computes_the_explicit_quantized_attention(post_softmax):
+    # 3 samples of both time groups, 37 tokens (not a multiple of the key block), head_dim 12 (padded to 16)
     attn, context = quantized_attention(dim=24, heads=2, post_softmax=post_softmax)
-    x = torch.randn(3, tokens, 24, device=DEVICE)
+    x = torch.randn(3, 37, 24, device=DEVICE)
     context.set_timesteps(torch.tensor([10, 900, 499], device=DEVICE))
     explicit, fused = explicit_and_fused(attn, x)
     with torch.no_grad():

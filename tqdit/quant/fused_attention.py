@@ -10,19 +10,18 @@ is most of what fake quantization costs once the linears are compiled. This kern
     P = softmax(S) (rounded to the model dtype)
     out = Q_p(P) v̂,  Q_p = TQ-DiT's post-softmax MRQ (two regions) or a uniform quantizer
 
-When every key fits one block (up to ``one_pass_tokens``: DiT-XL/2 at 256×256 has 256 tokens), the
-scores of a query block are computed once and normalised exactly. Otherwise the kernel makes two
-passes over the keys: the first finds each row's max and sum of exponentials, the second forms the
-*normalised* probabilities — which the post-softmax quantizer needs, as its regions are fixed in
-[0, 1] — quantizes them and accumulates P̂ v̂, recomputing the scores instead of storing them.
+in two passes over the keys: the first finds each row's max and sum of exponentials, the second
+forms the *normalised* probabilities — which the post-softmax quantizer needs, as its regions are
+fixed in [0, 1] — quantizes them and accumulates P̂ v̂. The scores are recomputed in the second pass
+(1.5× the attention FLOPs, a few per cent of a DiT block's) instead of being stored.
 
 Each operand's parameters are gathered per sample (its time group) on the device and passed as one
 float table, so the kernel takes time groups without a device sync or a recompilation. Rounding is
 half to even, as in :mod:`tqdit.quant.quantizers`; the remaining differences from the explicit
 path are the order of floating-point sums and divisions done as multiplications by a reciprocal,
 which can move a value lying on a rounding boundary to the neighbouring code
-(``tests/test_fused_attention.py`` bounds the effect). The kernel is registered as the custom op
-``tqdit::quant_attention`` so ``torch.compile`` keeps it whole. On the CPU it runs only under Triton's interpreter
+(``tests/test_fused_attention.py`` bounds the effect). The kernel is registered as the custom op ``tqdit::quant_attention`` so
+``torch.compile`` keeps it whole. On the CPU it runs only under Triton's interpreter
 (``TRITON_INTERPRET=1``, tests).
 
 Where it pays (H100, DiT-XL/2 attention on 256 inputs, docs/performance.md): 2.0 ms against 12.8 ms
@@ -47,7 +46,7 @@ PARAMS_PER_SAMPLE = 12
 OFF, UNIFORM, MRQ = 0, 1, 2
 # Tile sizes and launch settings on the GPU: the fastest of six measured at DiT-XL/2's shapes on an
 # H100 (benchmarks/fused_attention_speed.py; docs/performance.md)
-KERNEL_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 1, "one_pass_tokens": 0}
+KERNEL_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 1}
 
 
 def available() -> bool:
@@ -88,18 +87,6 @@ if triton is not None:
         return tl.where((start + cols_in_block)[None, :] < n_cols, s, float("-inf"))
 
     @triton.jit
-    def _quantized_probabilities(p, params, P_MODE: tl.constexpr, p_qmin, p_qmax, DTYPE: tl.constexpr):
-        p = p.to(DTYPE).to(tl.float32)  # the softmax output in the model dtype, as the explicit path has it
-        if P_MODE == 1:
-            p = _uniform(p, params, 9, p_qmin, p_qmax)
-        elif P_MODE == 2:  # MRQ: Δ_lo below the split, Δ_hi above; codes 0..levels in each region
-            below = p < tl.load(params + 9)
-            step = tl.where(below, tl.load(params + 10), tl.load(params + 11))
-            inv_step = tl.where(below, 1.0 / tl.load(params + 10), 1.0 / tl.load(params + 11))
-            p = tl.minimum(tl.maximum(_round_half_even(p * inv_step), p_qmin), p_qmax) * step
-        return p.to(DTYPE)
-
-    @triton.jit
     def _quant_attention_kernel(
         Q, K, V, Out, Params,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -108,7 +95,7 @@ if triton is not None:
         qkv_qmin, qkv_qmax, p_qmin, p_qmax,
         Q_MODE: tl.constexpr, K_MODE: tl.constexpr, V_MODE: tl.constexpr, P_MODE: tl.constexpr,
         HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         block_m = tl.program_id(0)
         sample = tl.program_id(1) // heads
@@ -122,32 +109,32 @@ if triton is not None:
         v_base = V + sample * stride_vb + head * stride_vh
         q = _load_operand(q_base, rows, dims, stride_qn, n_ctx, HEAD_DIM, params, 0, Q_MODE, qkv_qmin, qkv_qmax, sm_scale, True, DTYPE)
 
-        if ONE_PASS:  # every key in one block: the exact softmax from scores computed once
-            k = _load_operand(k_base, cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
-            s = _scores(q, k, n_ctx, 0, cols_in_block, DTYPE, PRECISION)
-            e = tl.exp(s - tl.max(s, 1)[:, None])
-            p = _quantized_probabilities(e * (1.0 / tl.sum(e, 1))[:, None], params, P_MODE, p_qmin, p_qmax, DTYPE)
-            v = _load_operand(v_base, cols_in_block, dims, stride_vn, n_ctx, HEAD_DIM, params, 6, V_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
-            acc = tl.dot(p, v, input_precision=PRECISION)
-        else:
-            # pass 1: each row's max and sum of exponentials
-            row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            row_sum = tl.zeros((BLOCK_M,), tl.float32)
-            for start in range(0, n_ctx, BLOCK_N):
-                k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
-                s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
-                new_max = tl.maximum(row_max, tl.max(s, 1))
-                row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
-                row_max = new_max
-            # pass 2: normalised probabilities, quantized, times v̂
-            inv_row_sum = 1.0 / row_sum
-            acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-            for start in range(0, n_ctx, BLOCK_N):
-                k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
-                s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
-                p = _quantized_probabilities(tl.exp(s - row_max[:, None]) * inv_row_sum[:, None], params, P_MODE, p_qmin, p_qmax, DTYPE)
-                v = _load_operand(v_base, start + cols_in_block, dims, stride_vn, n_ctx, HEAD_DIM, params, 6, V_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
-                acc += tl.dot(p, v, input_precision=PRECISION)
+        # pass 1: each row's max and sum of exponentials
+        row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), tl.float32)
+        for start in range(0, n_ctx, BLOCK_N):
+            k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+            s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
+            row_max = new_max
+
+        # pass 2: normalised probabilities, quantized, times v̂
+        inv_row_sum = 1.0 / row_sum
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start in range(0, n_ctx, BLOCK_N):
+            k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+            s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
+            p = (tl.exp(s - row_max[:, None]) * inv_row_sum[:, None]).to(DTYPE).to(tl.float32)
+            if P_MODE == 1:
+                p = _uniform(p, params, 9, p_qmin, p_qmax)
+            elif P_MODE == 2:  # MRQ: Δ_lo below the split, Δ_hi above; codes 0..levels in each region
+                below = p < tl.load(params + 9)
+                step = tl.where(below, tl.load(params + 10), tl.load(params + 11))
+                inv_step = tl.where(below, 1.0 / tl.load(params + 10), 1.0 / tl.load(params + 11))
+                p = tl.minimum(tl.maximum(_round_half_even(p * inv_step), p_qmin), p_qmax) * step
+            v = _load_operand(v_base, start + cols_in_block, dims, stride_vn, n_ctx, HEAD_DIM, params, 6, V_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+            acc += tl.dot(p.to(DTYPE), v, input_precision=PRECISION)
 
         out_base = Out + sample * stride_ob + head * stride_oh
         mask = (rows[:, None] < n_ctx) & (dims[None, :] < HEAD_DIM)
@@ -169,9 +156,7 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: t
     batch, heads, tokens, head_dim = q.shape
     out = torch.empty(batch, tokens, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    config = KERNEL_CONFIG if q.is_cuda else {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1, "one_pass_tokens": 32}
-    one_pass = tokens <= config["one_pass_tokens"]
-    block_n = max(16, triton.next_power_of_2(tokens)) if one_pass else config["block_n"]
+    config = KERNEL_CONFIG if q.is_cuda else {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1}
     grid = (triton.cdiv(tokens, config["block_m"]), batch * heads)
     dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[q.dtype]
     _quant_attention_kernel[grid](
@@ -181,7 +166,7 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: t
         heads, tokens, sm_scale, qkv_range[0], qkv_range[1], p_range[0], p_range[1],
         Q_MODE=modes[0], K_MODE=modes[1], V_MODE=modes[2], P_MODE=modes[3],
         HEAD_DIM=head_dim, DTYPE=dtype, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=config["block_m"], BLOCK_N=block_n, BLOCK_D=block_d, ONE_PASS=one_pass,
+        BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_D=block_d,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out
