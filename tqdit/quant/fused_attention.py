@@ -13,16 +13,17 @@ is most of what fake quantization costs once the linears are compiled. This kern
 in two passes over the keys: the first finds each row's max and sum of exponentials, the second
 forms the *normalised* probabilities — which the post-softmax quantizer needs, as its regions are
 fixed in [0, 1] — quantizes them and accumulates P̂ v̂. The scores are recomputed in the second pass
-(1.5× the attention FLOPs, a few per cent of a DiT block's) instead of being stored.
+(1.5× the attention FLOPs, a few per cent of a DiT block's) instead of being stored. (A one-pass
+variant for sequences that fit one key tile ran 3.6–5× slower: its tile spills registers.)
 
 Each operand's parameters are gathered per sample (its time group) on the device and passed as one
 float table, so the kernel takes time groups without a device sync or a recompilation. Rounding is
 half to even, as in :mod:`tqdit.quant.quantizers`; the remaining differences from the explicit
 path are the order of floating-point sums and divisions done as multiplications by a reciprocal,
 which can move a value lying on a rounding boundary to the neighbouring code
-(``tests/test_fused_attention.py`` bounds the effect). The kernel is registered as the custom op ``tqdit::quant_attention`` so
-``torch.compile`` keeps it whole. On the CPU it runs only under Triton's interpreter
-(``TRITON_INTERPRET=1``, tests).
+(``tests/test_fused_attention.py`` bounds the effect). The kernel is registered as the custom op
+``tqdit::quant_attention`` so ``torch.compile`` keeps it whole. On the CPU it runs only under
+Triton's interpreter (``TRITON_INTERPRET=1``, tests).
 
 Where it pays (H100, DiT-XL/2 attention on 256 inputs, docs/performance.md): 2.0 ms against 12.8 ms
 for the explicit path run eagerly, but compiled, inductor's kernels for the explicit path take
