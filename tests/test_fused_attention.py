@@ -73,6 +73,7 @@ def test_kernel_without_quantizers_is_softmax_attention():
     for quantizer in (attn.qk_matmul.a_quant, attn.qk_matmul.b_quant, attn.av_matmul.b_quant):
         quantizer.enabled = False
     q, k, v = torch.randn(3, 2, 3, 37, 12, device=DEVICE).unbind(0)
+    v = torch.randn(2, 3, 12, 37, device=DEVICE).transpose(-2, -1)  # a strided head dimension is accepted too
     params = torch.zeros(2, fused_attention.PARAMS_PER_SAMPLE, device=DEVICE)
     out = torch.ops.tqdit.quant_attention(q, k, v, params, 12**-0.5, [0, 0, 0, 0], [0, 0], [0, 0])
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)

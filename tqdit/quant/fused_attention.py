@@ -45,8 +45,8 @@ except ImportError:  # pragma: no cover - Triton ships with CUDA builds of PyTor
 # post-softmax quantizer's three numbers: uniform (1/scale, scale, zero point) or MRQ (split, Δ_lo, Δ_hi).
 PARAMS_PER_SAMPLE = 12
 OFF, UNIFORM, MRQ = 0, 1, 2
-# Tile sizes and launch settings on the GPU: the fastest of six measured at DiT-XL/2's shapes on an
-# H100 (benchmarks/fused_attention_speed.py; docs/performance.md)
+# Tile sizes and launch settings on the GPU: the fastest of the tilings measured at DiT-XL/2's shapes
+# on an H100, in two runs (benchmarks/fused_attention_speed.py; docs/performance.md)
 KERNEL_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 1}
 
 
@@ -147,13 +147,14 @@ if triton is not None:
 @torch.library.custom_op("tqdit::quant_attention", mutates_args=())
 def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: torch.Tensor, sm_scale: float,
                     modes: list[int], qkv_range: list[int], p_range: list[int]) -> torch.Tensor:
-    """Quantized attention of (batch, heads, tokens, head_dim) q, k, v (any strides, last one 1).
+    """Quantized attention of (batch, heads, tokens, head_dim) q, k, v (any strides).
 
     ``params``: (batch, 12) float32, see ``PARAMS_PER_SAMPLE``. ``modes``: OFF/UNIFORM for q, k, v,
     then OFF/UNIFORM/MRQ for the post-softmax values. ``qkv_range``/``p_range``: (qmin, qmax) codes.
     Returns (batch, heads, tokens, head_dim), laid out as (batch, tokens, heads, head_dim) so the
     caller's merge of the heads is free.
     """
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))  # the kernel reads rows of head_dim
     batch, heads, tokens, head_dim = q.shape
     out = torch.empty(batch, tokens, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     block_d = max(16, triton.next_power_of_2(head_dim))
