@@ -15,7 +15,8 @@ this order (``--skip`` drops any):
   in one Triton kernel (:mod:`tqdit.quant.fused_attention`, what jobs use on CUDA);
 - ``fp8_compiled``: real W8A8 of that TQ-DiT model (:func:`tqdit.quant.lowbit.to_low_bit`: FP8
   matmuls where the input quantizer is uniform; fc2 behind the post-GELU MRQ keeps a simulated
-  input, an int8-stored weight and a bf16 matmul), fused attention, compiled;
+  input, an int8-stored weight and a bf16 matmul), compiled (with the explicit attention, which
+  compiles to faster kernels than the fused one);
 - ``fp8_tgq_compiled``: real W8A8 of TGQ alone (uniform quantizers with time groups, no MRQ), where
   every linear of the blocks runs on FP8 — the real speed when no operand lacks a fast kernel.
 

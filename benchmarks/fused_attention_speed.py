@@ -5,8 +5,9 @@ fused Triton kernel (tqdit/quant/fused_attention.py) at several tile configurati
 
 One DiT-XL/2 attention (16 heads × 72 dims, 256 tokens, bf16) on ``--batch`` inputs (2 × 128 with
 guidance); q, k, v are the strided views of the qkv projection's output, as in the model. TQ-DiT's
-quantizers (uniform q, k, v; post-softmax MRQ) with 10 time groups, the batch spread over them.
-Median times from ``triton.testing.do_bench``. The explicit path is timed eager and compiled.
+quantizers (uniform q, k, v; post-softmax MRQ) with 10 time groups, the batch spread over them
+(and, for ``*_one_step``, the whole batch at one step, as while sampling). Median times from
+``triton.testing.do_bench``. The explicit path is timed eager and compiled.
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ def main() -> None:
     bench("sdpa_fp", lambda: F.scaled_dot_product_attention(q, k, v))
     bench("explicit_eager", explicit)
     bench("explicit_compiled", torch.compile(explicit))
+    # while sampling, every sample shares one step: the eager explicit path then uses scalar parameters
+    context.tensor_only = False
+    context.set_timesteps(torch.full((args.batch,), 500, device="cuda"))
+    bench("explicit_eager_one_step", explicit)
+    bench("fused_one_step", fused)
+    context.tensor_only = True
+    context.set_timesteps(torch.randint(0, 1000, (args.batch,), device="cuda"))
     results["configs"] = []
     for config in CONFIGS:
         fused_attention.KERNEL_CONFIG.update(config)

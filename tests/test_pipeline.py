@@ -84,7 +84,7 @@ def compose(*overrides: str):
     ("quant=mrq_tgq +quant.params.mean=0.3", "quant=mrq_tgq takes no method parameters"),
     ("quant=qdiffusion quant.recon.iters=-1", "quant.recon.iters, act_iters must be integers"),
     ("quant.attention=flash", "quant.attention=flash is unknown: use auto, fused or explicit"),
-    ("device=cpu quant.attention=fused", "quant.attention=fused runs a Triton kernel on a CUDA GPU; device=cpu is not one"),
+    ("device=cpu quant=mrq_tgq quant.attention=fused", "quant.attention=fused runs a Triton kernel on a CUDA GPU; device=cpu is not one"),
 ])
 def test_bad_config_is_refused_before_any_work(override, message):
     from tqdit.errors import TqditError
@@ -97,12 +97,15 @@ def test_bad_config_is_refused_before_any_work(override, message):
 
 def test_quantized_attention_is_fused_only_where_it_is_faster():
     from tqdit.pipeline.job import fused_attention_wanted
+    from tqdit.quant import fused_attention
 
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert fused_attention_wanted("auto", cuda, compiled=False)  # eager on a GPU: the Triton kernel
-    assert not fused_attention_wanted("auto", cuda, compiled=True)  # compiled: inductor's kernels are faster
-    assert not fused_attention_wanted("auto", cpu, compiled=False)
-    assert fused_attention_wanted("fused", cuda, compiled=True) and not fused_attention_wanted("explicit", cuda, compiled=False)
+    cuda, cpu, bf16, fp32 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16, torch.float32
+    # eager bf16 on a GPU: the Triton kernel (where Triton is installed)
+    assert fused_attention_wanted("auto", cuda, bf16, compiled=False) == fused_attention.available()
+    assert not fused_attention_wanted("auto", cuda, bf16, compiled=True)  # compiled: inductor's kernels are faster
+    assert not fused_attention_wanted("auto", cuda, fp32, compiled=False)  # not measured in float32
+    assert not fused_attention_wanted("auto", cpu, bf16, compiled=False)
+    assert fused_attention_wanted("fused", cuda, fp32, compiled=True) and not fused_attention_wanted("explicit", cuda, bf16, compiled=False)
 
 
 def test_default_and_sweep_values_validate():

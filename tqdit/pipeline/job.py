@@ -100,8 +100,9 @@ def validate(cfg: DictConfig) -> None:
           "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
     check(quant.backend in ("simulated", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated or fp8")
     check(quant.attention in ("auto", "fused", "explicit"), f"quant.attention={quant.attention} is unknown: use auto, fused or explicit")
-    check(quant.attention != "fused" or (device.type == "cuda" and fused_attention.available()),
-          f"quant.attention=fused runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use quant.attention=auto or explicit")
+    if quant.attention == "fused" and quant.name != "fp":
+        check(device.type == "cuda", f"quant.attention=fused runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use quant.attention=auto or explicit")
+        check(fused_attention.available(), "quant.attention=fused needs Triton, which this PyTorch install lacks: install a CUDA build of PyTorch or use quant.attention=explicit")
     if quant.backend == "fp8" and quant.name != "fp":
         check(fp8_supported(device), f"quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device={cfg.device} does not: use quant.backend=simulated")
         check(cfg.w_bits == 8 and cfg.a_bits == 8, f"quant.backend=fp8 runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated")
@@ -131,13 +132,13 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
                        recon=recon, params=OmegaConf.to_container(q.params))
 
 
-def fused_attention_wanted(setting: str, device: torch.device, compiled: bool) -> bool:
-    """quant.attention: ``auto`` computes quantized attention with the fused Triton kernel on CUDA
-    when the model runs eagerly (6× faster there) and with the explicit ops otherwise (compiled,
-    inductor fuses those into faster kernels than ours: docs/performance.md); ``fused`` /
-    ``explicit`` force one (validated beforehand)."""
+def fused_attention_wanted(setting: str, device: torch.device, dtype: torch.dtype, compiled: bool) -> bool:
+    """quant.attention: ``auto`` computes quantized attention with the fused Triton kernel for
+    bf16/fp16 models running eagerly on CUDA (faster than the eager explicit ops) and with the
+    explicit ops otherwise (compiled, inductor fuses those into faster kernels than ours; float32 was
+    not measured: docs/performance.md); ``fused`` / ``explicit`` force one (validated beforehand)."""
     if setting == "auto":
-        return device.type == "cuda" and fused_attention.available() and not compiled
+        return device.type == "cuda" and fused_attention.available() and dtype in (torch.bfloat16, torch.float16) and not compiled
     return setting == "fused"
 
 
@@ -359,7 +360,7 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         record = {}
         if cfg.quant.backend == "fp8" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
             record.update(lowbit=to_low_bit(model), weight_bytes=weight_bytes(model))
-        if cfg.quant.name != "fp" and fused_attention_wanted(cfg.quant.attention, device, cfg.compile):
+        if cfg.quant.name != "fp" and fused_attention_wanted(cfg.quant.attention, device, dtype, cfg.compile):
             record["fused_attention_blocks"] = use_fused_attention(model)
         return record
 

@@ -18,17 +18,20 @@ variant for sequences that fit one key tile ran 3.6–5× slower: its tile spill
 
 Each operand's parameters are gathered per sample (its time group) on the device and passed as one
 float table, so the kernel takes time groups without a device sync or a recompilation. Rounding is
-half to even, as in :mod:`tqdit.quant.quantizers`; the remaining differences from the explicit
-path are the order of floating-point sums and divisions done as multiplications by a reciprocal,
-which can move a value lying on a rounding boundary to the neighbouring code
-(``tests/test_fused_attention.py`` bounds the effect). The kernel is registered as the custom op
+half to even, as in :mod:`tqdit.quant.quantizers`. What still differs from the explicit path is
+float rounding: summation order, multiplications by a reciprocal where the explicit path divides,
+on the GPU the compiler's fusing of the scale multiply into the rounding add (an FMA: a product
+within an ulp of a half-way point can take the neighbouring code) and the hardware exp. These can
+move a value to the neighbouring code: on the CPU the kernel lands within 1 % of the quantization
+error of the explicit path, at DiT-XL/2 shapes in bf16 on an H100 within 12 % of it
+(``tests/test_fused_attention.py``, docs/performance.md). The kernel is registered as the custom op
 ``tqdit::quant_attention`` so ``torch.compile`` keeps it whole. On the CPU it runs only under
 Triton's interpreter (``TRITON_INTERPRET=1``, tests).
 
-Where it pays (H100, DiT-XL/2 attention on 256 inputs, docs/performance.md): 2.0 ms against 12.8 ms
-for the explicit path run eagerly, but compiled, inductor's kernels for the explicit path take
-1.4 ms (FP SDPA: 0.33 ms). So jobs use it on CUDA when the model is not compiled
-(``quant.attention=auto``).
+Where it pays (H100, one DiT-XL/2 attention on 256 bf16 inputs of mixed time groups,
+docs/performance.md): 2.0 ms against 12.8 ms for the explicit path run eagerly, but compiled,
+inductor's kernels for the explicit path take 1.4 ms (FP SDPA: 0.33 ms). So jobs use it on CUDA for
+bf16/fp16 models that are not compiled (``quant.attention=auto``); float32 runs were not measured.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ OFF, UNIFORM, MRQ = 0, 1, 2
 # Tile sizes and launch settings on the GPU: the fastest of the tilings measured at DiT-XL/2's shapes
 # on an H100, in two runs (benchmarks/fused_attention_speed.py; docs/performance.md)
 KERNEL_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 1}
+FLOAT32_KERNEL_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1}  # not tuned
 
 
 def available() -> bool:
@@ -77,7 +81,7 @@ if triton is not None:
         x = tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if SCALED:  # q · d^-½ in the model dtype, as the explicit path computes it
             x = (x * multiplier).to(DTYPE).to(tl.float32)
-        if MODE == 1:
+        if MODE == 1:  # UNIFORM
             x = _uniform(x, params, column, qmin, qmax)
         return x.to(DTYPE)
 
@@ -95,13 +99,14 @@ if triton is not None:
         heads, n_ctx, sm_scale,
         qkv_qmin, qkv_qmax, p_qmin, p_qmax,
         Q_MODE: tl.constexpr, K_MODE: tl.constexpr, V_MODE: tl.constexpr, P_MODE: tl.constexpr,
-        HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr, PARAMS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        block_m = tl.program_id(0)
-        sample = tl.program_id(1) // heads
-        head = tl.program_id(1) % heads
-        params = Params + sample * 12
+        # (sample, head) on the large grid axis; 64-bit offsets: sample × its stride can pass 2^31
+        sample = (tl.program_id(0) // heads).to(tl.int64)
+        head = (tl.program_id(0) % heads).to(tl.int64)
+        block_m = tl.program_id(1)
+        params = Params + sample * PARAMS
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols_in_block = tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
@@ -127,7 +132,7 @@ if triton is not None:
             k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
             s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
             p = (tl.exp(s - row_max[:, None]) * inv_row_sum[:, None]).to(DTYPE).to(tl.float32)
-            if P_MODE == 1:
+            if P_MODE == 1:  # UNIFORM
                 p = _uniform(p, params, 9, p_qmin, p_qmax)
             elif P_MODE == 2:  # MRQ: Δ_lo below the split, Δ_hi above; codes 0..levels in each region
                 below = p < tl.load(params + 9)
@@ -140,8 +145,6 @@ if triton is not None:
         out_base = Out + sample * stride_ob + head * stride_oh
         mask = (rows[:, None] < n_ctx) & (dims[None, :] < HEAD_DIM)
         tl.store(out_base + rows[:, None] * stride_on + dims[None, :], acc.to(DTYPE), mask=mask)
-
-
 
 
 @torch.library.custom_op("tqdit::quant_attention", mutates_args=())
@@ -158,8 +161,11 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: t
     batch, heads, tokens, head_dim = q.shape
     out = torch.empty(batch, tokens, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    config = KERNEL_CONFIG if q.is_cuda else {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1}
-    grid = (triton.cdiv(tokens, config["block_m"]), batch * heads)
+    if not q.is_cuda:  # Triton's interpreter (tests)
+        config = {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1}
+    else:  # float32 tiles take twice the shared memory: smaller ones fit GPUs with less than Hopper's
+        config = KERNEL_CONFIG if q.element_size() <= 2 else FLOAT32_KERNEL_CONFIG
+    grid = (batch * heads, triton.cdiv(tokens, config["block_m"]))
     dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[q.dtype]
     _quant_attention_kernel[grid](
         q, k, v, out, params.contiguous(),
@@ -167,7 +173,9 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: t
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         heads, tokens, sm_scale, qkv_range[0], qkv_range[1], p_range[0], p_range[1],
         Q_MODE=modes[0], K_MODE=modes[1], V_MODE=modes[2], P_MODE=modes[3],
-        HEAD_DIM=head_dim, DTYPE=dtype, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HEAD_DIM=head_dim, DTYPE=dtype, PARAMS=PARAMS_PER_SAMPLE,
+        # float32 operands: TF32 tensor cores when PyTorch's matmuls use them (jobs enable it), as the explicit path
+        PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
         BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_D=block_d,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

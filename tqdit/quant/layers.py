@@ -112,6 +112,7 @@ def use_explicit_attention(model: DiT) -> None:
     """Quantized matmuls need the explicit attention path (the fused kernel hides them)."""
     for block in model.blocks:
         block.attn.fused = not any(isinstance(m, QuantMatMul) for m in (block.attn.qk_matmul, block.attn.av_matmul))
+        block.attn.kernel = None  # calibration reads the explicit path's matmul inputs; fuse only afterwards
 
 
 def activation_ranges(model: nn.Module) -> list[dict]:
