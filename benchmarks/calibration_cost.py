@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 import torch
@@ -27,6 +26,7 @@ from tqdit.models import build_dit
 from tqdit.quant import METHODS, QuantConfig, SearchConfig
 from tqdit.quant.methods import FIXED_SEARCH
 from tqdit.quant.reconstruct import ReconConfig
+from tqdit.utils import atomic_write_json
 
 
 def main() -> None:
@@ -90,8 +90,7 @@ def main() -> None:
                                      "peak_memory_kind": cost["peak_memory_kind"], "quantized_layers": cost["quantized_layers"],
                                      "calibration_inputs": cost["calibration_inputs"]}
         if args.out:  # after every method: a long run that is stopped keeps what it measured
-            with open(args.out, "w") as handle:
-                json.dump(result, handle, indent=2)
+            atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from tqdit.quant import fused_attention
 from tqdit.quant.fused_attention import use_fused_attention
 from tqdit.quant.layers import prepare_for_compile
 from tqdit.quant.lowbit import to_low_bit, weight_bytes
+from tqdit.utils import atomic_write_json
 
 RUNS = ["fp_eager", "fp_compiled", "fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager",
         "fake_quant_fused_compiled", "fp8_compiled", "fp8_tgq_compiled"]
@@ -84,8 +85,7 @@ def main() -> None:
 
     def save() -> None:
         if args.out:
-            with open(args.out, "w") as handle:
-                json.dump(results, handle, indent=2)
+            atomic_write_json(args.out, results)
 
     def sample(net) -> torch.Tensor:
         noise = PerSampleNoise(0, indices, (4, 32, 32), device)

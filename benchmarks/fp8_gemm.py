@@ -17,6 +17,8 @@ import sys
 
 import torch
 
+from tqdit.utils import atomic_write_json
+
 SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
 
 
@@ -59,8 +61,7 @@ def main() -> None:
         print(name, {label: v["tflops"] for label, v in layer.items()}, flush=True)
     print(json.dumps(results, indent=2))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        atomic_write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from tqdit.models.dit import Attention
 from tqdit.quant import fused_attention
 from tqdit.quant.layers import QuantMatMul
 from tqdit.quant.quantizers import SoftmaxMRQ, TimeGroupContext, UniformQuantizer
+from tqdit.utils import atomic_write_json
 
 CONFIGS = [
     {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
@@ -102,8 +103,7 @@ def main() -> None:
             print(name, "failed:", str(error).splitlines()[0][:200], flush=True)
     print(json.dumps(results, indent=1))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        atomic_write_json(args.out, results)
 
 
 if __name__ == "__main__":

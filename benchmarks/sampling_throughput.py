@@ -14,7 +14,6 @@ The reference code is imported from --reference and never copied into this repos
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 
 from tqdit.diffusion import PerSampleNoise, create_diffusion, guided_model, sample_loop
 from tqdit.models import build_dit
+from tqdit.utils import atomic_write_json
 
 
 def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
@@ -113,8 +113,7 @@ def main() -> None:
         results["speedup_vs_reference"] = {k: round(v["image_steps_per_s"] / base, 3) for k, v in results["runs"].items()}
         print("speed-up vs reference:", results["speedup_vs_reference"])
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        atomic_write_json(args.out, results)
 
 
 if __name__ == "__main__":
