@@ -38,7 +38,6 @@ from tqdit.quant import METHODS, USES_TIME_GROUPS, QuantConfig, SearchConfig, lo
 from tqdit.quant.calibrate import method_settings
 from tqdit.quant.layers import activation_ranges, prepare_for_compile
 from tqdit.quant import fused_attention
-from tqdit.quant.fused_attention import use_fused_attention
 from tqdit.quant.lowbit import fp8_supported, to_low_bit, weight_bytes
 from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
 from tqdit.quant.reconstruct import ReconConfig
@@ -361,7 +360,7 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         if cfg.quant.backend == "fp8" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
             record.update(lowbit=to_low_bit(model), weight_bytes=weight_bytes(model))
         if cfg.quant.name != "fp" and fused_attention_wanted(cfg.quant.attention, device, dtype, cfg.compile):
-            record["fused_attention_blocks"] = use_fused_attention(model)
+            record["fused_attention_blocks"] = fused_attention.use_fused_attention(model)
         return record
 
     quant_record = {**quant_record, **distributed.all_succeed(follow_rank_zero)}

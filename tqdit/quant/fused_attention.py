@@ -38,6 +38,9 @@ from __future__ import annotations
 
 import torch
 
+from tqdit.quant.layers import QuantMatMul
+from tqdit.quant.quantizers import SoftmaxMRQ, UniformQuantizer
+
 try:
     import triton
     import triton.language as tl
@@ -190,22 +193,21 @@ def _(q, k, v, params, sm_scale, modes, qkv_range, p_range):
 
 # --- the calibrated model's side: which attentions can run fused, and their parameter tables ---
 
+def _per_sample(quantizer, values: torch.Tensor, batch: int) -> torch.Tensor:
+    """(groups,) values -> (batch,): each sample's time group, or the one value for all."""
+    return quantizer.context.per_sample(values, batch) if quantizer.groups > 1 else values.expand(batch)
+
+
 def _uniform_columns(quantizer, batch: int) -> torch.Tensor:
     """(batch, 3): 1/scale, scale, zero point of each sample's time group."""
-    scale, zero_point = quantizer.scale[:, 0].float(), quantizer.zero_point[:, 0].float()
-    if quantizer.groups > 1:
-        scale, zero_point = quantizer.context.per_sample(scale, batch), quantizer.context.per_sample(zero_point, batch)
-    else:
-        scale, zero_point = scale.expand(batch), zero_point.expand(batch)
+    scale = _per_sample(quantizer, quantizer.scale[:, 0].float(), batch)
+    zero_point = _per_sample(quantizer, quantizer.zero_point[:, 0].float(), batch)
     return torch.stack([1.0 / scale, scale, zero_point], dim=1)
 
 
 def _mrq_columns(quantizer, batch: int) -> torch.Tensor:
     """(batch, 3): split 2^-i, Δ_lo = split / levels, Δ_hi = 1 / levels of each sample's time group."""
-    exponent = quantizer.split_exponent
-    if quantizer.groups > 1:
-        exponent = quantizer.context.per_sample(exponent, batch)
-    split = torch.pow(2.0, -exponent.float()).expand(batch)
+    split = torch.pow(2.0, -_per_sample(quantizer, quantizer.split_exponent, batch).float())
     return torch.stack([split, split / quantizer.levels, torch.full_like(split, 1.0 / quantizer.levels)], dim=1)
 
 
@@ -216,9 +218,6 @@ def _quantizers(attn):
 def supports(attn) -> bool:
     """Whether this attention's quantizers are ones the kernel computes: per-tensor uniform q, k, v
     sharing one code range, and a uniform or MRQ post-softmax quantizer."""
-    from tqdit.quant.layers import QuantMatMul
-    from tqdit.quant.quantizers import SoftmaxMRQ, UniformQuantizer
-
     if not (isinstance(attn.qk_matmul, QuantMatMul) and isinstance(attn.av_matmul, QuantMatMul)):
         return False
     *qkv, post_softmax = _quantizers(attn)
@@ -231,8 +230,6 @@ def supports(attn) -> bool:
 
 def fused_quantized_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``Attention.kernel``: the explicit quantized attention's function, computed by one Triton kernel."""
-    from tqdit.quant.quantizers import SoftmaxMRQ
-
     batch = q.shape[0]
     *qkv, post_softmax = _quantizers(attn)
     columns = [_uniform_columns(quantizer, batch) if quantizer.enabled else q.new_zeros(batch, 3, dtype=torch.float32)
