@@ -12,13 +12,15 @@ this order (``--skip`` drops any):
 - ``fake_quant_eager``, ``fake_quant_compiled``: TQ-DiT (mrq_tgq) W8A8 fake quantization with the
   explicit attention (score matrix materialised), compiled after ``prepare_for_compile``;
 - ``fake_quant_fused_eager``, ``fake_quant_fused_compiled``: the same with the quantized attention
-  in one Triton kernel (:mod:`tqdit.quant.fused_attention`, what jobs use on CUDA);
+  in one Triton kernel (:mod:`tqdit.quant.fused_attention`, what jobs use eagerly on CUDA);
+- ``fake_quant_fused_softmax_compiled``: q̂k̂ᵀ by inductor, then softmax, post-softmax MRQ and ·v̂ in
+  one Triton kernel (what compiled jobs use on CUDA);
 - ``fp8_compiled``: real W8A8 of that TQ-DiT model (:func:`tqdit.quant.lowbit.to_low_bit`: FP8
   matmuls where the input quantizer is uniform; fc2 behind the post-GELU MRQ keeps a simulated
-  input, an int8-stored weight and a bf16 matmul), compiled (with the explicit attention, which
-  compiles to faster kernels than the fused one);
+  input, an int8-stored weight and a bf16 matmul), compiled, attention as the run before;
 - ``fp8_tgq_compiled``: real W8A8 of TGQ alone (uniform quantizers with time groups, no MRQ), where
-  every linear of the blocks runs on FP8 — the real speed when no operand lacks a fast kernel.
+  every linear of the blocks runs on FP8 — the real speed when no operand lacks a fast kernel;
+  attention as the run before.
 
 Each: one warm-up loop (compilation), then the median of ``--repeats`` timed loops; image-steps/s =
 batch × steps / s. Numerics are compared on one forward pass with mixed timesteps, relative to the
@@ -48,7 +50,7 @@ from tqdit.quant.lowbit import to_low_bit, weight_bytes
 from tqdit.utils import atomic_write_json
 
 RUNS = ["fp_eager", "fp_compiled", "fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager",
-        "fake_quant_fused_compiled", "fp8_compiled", "fp8_tgq_compiled"]
+        "fake_quant_fused_compiled", "fake_quant_fused_softmax_compiled", "fp8_compiled", "fp8_tgq_compiled"]
 
 
 def main() -> None:
@@ -66,10 +68,13 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     os.environ.setdefault("TQDM_DISABLE", "1")  # calibration progress bars would bury the results
-    if args.attention_config:
+    if args.attention_config:  # each kernel's fastest tiling
         with open(args.attention_config) as handle:
-            fastest = min(json.load(handle)["configs"], key=lambda c: c["ms"])
-        fused_attention.KERNEL_CONFIG.update({key: fastest[key] for key in fused_attention.KERNEL_CONFIG})
+            configs = json.load(handle)["configs"]
+        for kernel, config in [("fused", fused_attention.KERNEL_CONFIG), ("softmax_v", fused_attention.SOFTMAX_KERNEL_CONFIG)]:
+            measured = [c for c in configs if c.get("kernel", "fused") == kernel]
+            if measured:
+                config.update({key: min(measured, key=lambda c: c["ms"])[key] for key in config})
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -81,7 +86,8 @@ def main() -> None:
     labels = torch.arange(args.batch, device=device) % 1000
     indices = torch.arange(args.batch).numpy()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch, "steps": args.steps,
-               "groups": args.groups, "bits": args.bits, "attention_kernel": dict(fused_attention.KERNEL_CONFIG), "runs": {}, "numerics": {}}
+               "groups": args.groups, "bits": args.bits, "attention_tiles": {"fused": dict(fused_attention.KERNEL_CONFIG),
+               "fused_softmax": dict(fused_attention.SOFTMAX_KERNEL_CONFIG)}, "runs": {}, "numerics": {}}
 
     def save() -> None:
         if args.out:
@@ -187,8 +193,12 @@ def main() -> None:
     compare("fused_compiled_vs_explicit_eager", forward(quantized), fake_out)
     uncompile(quantized)
 
-    for block in quantized.blocks:  # compiled, the explicit attention is the faster (quant.attention=auto)
-        block.attn.kernel = None
+    use_fused_attention(quantized, "fused_softmax")  # what quant.attention=auto takes when compiled
+    compare("fused_softmax_vs_explicit", forward(quantized), fake_out)
+    timed("fake_quant_fused_softmax_compiled", compiled(quantized))
+    compare("fused_softmax_compiled_vs_explicit_eager", forward(quantized), fake_out)
+    uncompile(quantized)
+
     results["lowbit"] = to_low_bit(quantized)
     results["weight_bytes"] = {"fp_bf16": fp_weight_bytes, "w8a8_lowbit": weight_bytes(quantized),
                                "ratio": round(fp_weight_bytes / weight_bytes(quantized), 2)}
@@ -200,6 +210,7 @@ def main() -> None:
     if "fp8_tgq_compiled" not in args.skip:
         tgq = prepare_for_compile(calibrate("tgq"))
         tgq_fake_out = forward(tgq)
+        use_fused_attention(tgq, "fused_softmax")
         results["lowbit_tgq"] = to_low_bit(tgq)
         results["weight_bytes"]["w8a8_lowbit_tgq"] = weight_bytes(tgq)
         results["numerics"]["tgq_w8a8_error_relative_to_fp"] = round(((tgq_fake_out - fp_out).norm() / fp_out.norm()).item(), 4)
@@ -211,7 +222,8 @@ def main() -> None:
     speed = {name: run["image_steps_per_s"] for name, run in runs.items()}
     ratios = {}
     for slow, fast in [("fake_quant_eager", "fp_eager"), ("fake_quant_compiled", "fp_compiled"),
-                       ("fake_quant_fused_eager", "fp_eager"), ("fake_quant_fused_compiled", "fp_compiled")]:
+                       ("fake_quant_fused_eager", "fp_eager"), ("fake_quant_fused_compiled", "fp_compiled"),
+                       ("fake_quant_fused_softmax_compiled", "fp_compiled")]:
         if slow in speed and fast in speed:
             ratios[f"{slow}_time_over_{fast}"] = round(speed[fast] / speed[slow], 2)
     for real in ("fp8_compiled", "fp8_tgq_compiled"):

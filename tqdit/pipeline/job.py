@@ -98,10 +98,10 @@ def validate(cfg: DictConfig) -> None:
     check(all(isinstance(recon[k], int) and recon[k] >= 0 for k in ("iters", "act_iters")) and recon.batch >= 1,
           "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
     check(quant.backend in ("simulated", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated or fp8")
-    check(quant.attention in ("auto", "fused", "explicit"), f"quant.attention={quant.attention} is unknown: use auto, fused or explicit")
-    if quant.attention == "fused" and quant.name != "fp":
-        check(device.type == "cuda", f"quant.attention=fused runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use quant.attention=auto or explicit")
-        check(fused_attention.available(), "quant.attention=fused needs Triton, which this PyTorch install lacks: install a CUDA build of PyTorch or use quant.attention=explicit")
+    check(quant.attention in ATTENTION_SETTINGS, f"quant.attention={quant.attention} is unknown: use {', '.join(ATTENTION_SETTINGS)}")
+    if quant.attention in fused_attention.KERNELS and quant.name != "fp":
+        check(device.type == "cuda", f"quant.attention={quant.attention} runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use quant.attention=auto or explicit")
+        check(fused_attention.available(), f"quant.attention={quant.attention} needs Triton, which this PyTorch install lacks: install a CUDA build of PyTorch or use quant.attention=explicit")
     if quant.backend == "fp8" and quant.name != "fp":
         check(fp8_supported(device), f"quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device={cfg.device} does not: use quant.backend=simulated")
         check(cfg.w_bits == 8 and cfg.a_bits == 8, f"quant.backend=fp8 runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated")
@@ -131,14 +131,22 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
                        recon=recon, params=OmegaConf.to_container(q.params))
 
 
-def fused_attention_wanted(setting: str, device: torch.device, dtype: torch.dtype, compiled: bool) -> bool:
-    """quant.attention: ``auto`` computes quantized attention with the fused Triton kernel for
-    bf16/fp16 models running eagerly on CUDA (faster than the eager explicit ops) and with the
-    explicit ops otherwise (compiled, inductor fuses those into faster kernels than ours; float32 was
-    not measured: docs/performance.md); ``fused`` / ``explicit`` force one (validated beforehand)."""
+ATTENTION_SETTINGS = ("auto", "fused", "fused_softmax", "explicit")
+
+
+def attention_kernel(setting: str, device: torch.device, dtype: torch.dtype, compiled: bool) -> str | None:
+    """quant.attention -> the Triton kernel of tqdit/quant/fused_attention.py to use, or None for the explicit ops.
+
+    ``auto``, for bf16/fp16 models on CUDA (the measured case, docs/performance.md): eager, ``fused``
+    (the whole attention in one kernel, faster than the eager explicit ops); compiled,
+    ``fused_softmax`` (inductor's q/k quantization and q̂k̂ᵀ, then softmax, Q_p and ·v̂ in one kernel,
+    faster than inductor's kernels for the explicit path, which beat ``fused``). float32 and the CPU:
+    the explicit ops. ``fused`` / ``fused_softmax`` / ``explicit`` force one (validated beforehand)."""
     if setting == "auto":
-        return device.type == "cuda" and fused_attention.available() and dtype in (torch.bfloat16, torch.float16) and not compiled
-    return setting == "fused"
+        if device.type != "cuda" or not fused_attention.available() or dtype not in (torch.bfloat16, torch.float16):
+            return None
+        return "fused_softmax" if compiled else "fused"
+    return setting if setting in fused_attention.KERNELS else None
 
 
 def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
@@ -359,8 +367,10 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         record = {}
         if cfg.quant.backend == "fp8" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
             record.update(lowbit=to_low_bit(model), weight_bytes=weight_bytes(model))
-        if cfg.quant.name != "fp" and fused_attention_wanted(cfg.quant.attention, device, dtype, cfg.compile):
-            record["fused_attention_blocks"] = fused_attention.use_fused_attention(model)
+        kernel = attention_kernel(cfg.quant.attention, device, dtype, cfg.compile) if cfg.quant.name != "fp" else None
+        if kernel is not None:
+            record["attention_kernel"] = kernel
+            record["fused_attention_blocks"] = fused_attention.use_fused_attention(model, kernel)
         return record
 
     quant_record = {**quant_record, **distributed.all_succeed(follow_rank_zero)}
