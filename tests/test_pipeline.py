@@ -102,9 +102,9 @@ def test_quantized_attention_kernel_is_chosen_where_it_is_faster():
 
     cuda, cpu, bf16, fp32 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16, torch.float32
     triton = fused_attention.available()
-    # bf16 on a GPU: the whole-attention kernel eagerly, the softmax kernel after inductor's q̂k̂ᵀ when compiled
+    # bf16/fp16 on a GPU: the whole-attention kernel eagerly; compiled, inductor's kernels are faster than ours
     assert attention_kernel("auto", cuda, bf16, compiled=False) == ("fused" if triton else None)
-    assert attention_kernel("auto", cuda, torch.float16, compiled=True) == ("fused_softmax" if triton else None)
+    assert attention_kernel("auto", cuda, torch.float16, compiled=True) is None
     assert attention_kernel("auto", cuda, fp32, compiled=False) is None  # not measured in float32
     assert attention_kernel("auto", cpu, bf16, compiled=True) is None
     assert attention_kernel("fused", cuda, fp32, compiled=True) == "fused"

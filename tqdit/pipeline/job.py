@@ -137,15 +137,14 @@ ATTENTION_SETTINGS = ("auto", "fused", "fused_softmax", "explicit")
 def attention_kernel(setting: str, device: torch.device, dtype: torch.dtype, compiled: bool) -> str | None:
     """quant.attention -> the Triton kernel of tqdit/quant/fused_attention.py to use, or None for the explicit ops.
 
-    ``auto``, for bf16/fp16 models on CUDA (the measured case, docs/performance.md): eager, ``fused``
-    (the whole attention in one kernel, faster than the eager explicit ops); compiled,
-    ``fused_softmax`` (inductor's q/k quantization and q̂k̂ᵀ, then softmax, Q_p and ·v̂ in one kernel,
-    faster than inductor's kernels for the explicit path, which beat ``fused``). float32 and the CPU:
-    the explicit ops. ``fused`` / ``fused_softmax`` / ``explicit`` force one (validated beforehand)."""
+    ``auto``: ``fused`` (the whole attention in one kernel) for bf16/fp16 models running eagerly on
+    CUDA, where it beats the eager explicit ops; the explicit ops otherwise — compiled, inductor's
+    kernels for them beat both of ours (one DiT-XL/2 attention on an H100: 1.36 ms against 1.53 ms for
+    ``fused_softmax`` and 2.0 ms for ``fused``, docs/performance.md), and float32 was not measured.
+    ``fused`` / ``fused_softmax`` / ``explicit`` force one (validated beforehand)."""
     if setting == "auto":
-        if device.type != "cuda" or not fused_attention.available() or dtype not in (torch.bfloat16, torch.float16):
-            return None
-        return "fused_softmax" if compiled else "fused"
+        usable = device.type == "cuda" and fused_attention.available() and dtype in (torch.bfloat16, torch.float16)
+        return "fused" if usable and not compiled else None
     return setting if setting in fused_attention.KERNELS else None
 
 
