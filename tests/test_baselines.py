@@ -207,6 +207,22 @@ def test_baselines_quantize_every_scoped_layer(method, setting):
     assert cost["calibration_s"] > 0 and ("reconstruction" in cost) == (method != "ptq4dm")
 
 
+@pytest.mark.parametrize("method", ["qdiffusion", "ptq4dit"])
+def test_reconstruction_leaves_blocks_outside_the_scope_alone(method, setting):
+    # a scope of one block's layers: the other block has nothing to reconstruct and stays FP
+    model, calib = setting
+    cfg = QuantConfig(w_bits=6, a_bits=6, scope=["blocks.0.*"], num_inputs=24, capture_batch=8,
+                      search=SearchConfig(criterion="lp", candidates=20), recon=ReconConfig(iters=20, act_iters=10, batch=8))
+    quantized, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
+    names = [name for name, _ in quantizers(quantized)]
+    assert names and all(name.startswith("blocks.0.") for name in names)
+    recon = cost["reconstruction"]
+    assert recon["blocks"] == len(model.blocks)
+    assert recon["error_after"][1] == recon["error_nearest"][1]  # nothing was fitted there
+    for name, param in model.blocks[1].named_parameters():  # not reconstructed, and (PTQ4DiT) not balanced
+        torch.testing.assert_close(quantized.blocks[1].get_parameter(name), param, rtol=0, atol=0)
+
+
 def test_unknown_method_parameter_is_refused(setting):
     with pytest.raises(ValueError, match=r"unknown keys \['mu'\] for quant=ptq4dm"):
         baseline("ptq4dm", setting, mu=0.3)

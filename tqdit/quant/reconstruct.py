@@ -170,7 +170,7 @@ def reconstruct_block(model, block: nn.Module, x_q: torch.Tensor, cond: torch.Te
     def run(phase: str, iterations: int, learn_rounding: bool, learn_steps: bool) -> None:
         swaps = _swap_activations(block) if learn_steps else []
         groups = []
-        if learn_rounding:
+        if learn_rounding and linears:  # a block the scope leaves unquantized has nothing to round
             groups.append({"params": [layer.weight_quant.v for layer in linears], "lr": cfg.lr})
         if learn_steps and swaps:
             groups.append({"params": [s.step for _, _, s in swaps], "lr": cfg.act_lr})

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from tqdit.quant.calibrate import QuantConfig, method_settings
+from tqdit.quant.layers import resolve_scope
 from tqdit.quant.methods.qdiffusion import calibration_index, initialise_and_reconstruct
 
 BALANCED = ("attn.proj", "attn.qkv", "mlp.fc1")  # proj first: its fold changes qkv's rows
@@ -134,8 +135,10 @@ def balance_block(block, factors: dict[str, torch.Tensor]) -> list[str]:
     return changed
 
 
-def salience_balance(model, x, t, y, step: np.ndarray, layers=BALANCED, ssc: bool = True) -> list[str]:
-    """CSB + SSC on every block, folded into the weights; returns the changed parameter names.
+def salience_balance(model, x, t, y, step: np.ndarray, layers=BALANCED, ssc: bool = True,
+                     scope: set[str] | None = None) -> list[str]:
+    """CSB + SSC on every block (or on the layers named in ``scope``: the quantized ones), folded into
+    the weights; returns the changed parameter names.
 
     Layers are balanced in the order of ``layers`` (proj before qkv), each from saliences measured on
     the model as it is at that point, so a later layer sees the earlier folds.
@@ -146,9 +149,12 @@ def salience_balance(model, x, t, y, step: np.ndarray, layers=BALANCED, ssc: boo
     ordered = [layer for layer in BALANCED if layer in layers]
     changed = set()
     for layer in ordered:
-        names = [f"blocks.{i}.{layer}" for i in range(len(model.blocks))]
-        salience = input_salience_per_step(model, names, x, t, y, step)
-        for i, block in enumerate(model.blocks):
+        blocks = [i for i in range(len(model.blocks)) if scope is None or f"blocks.{i}.{layer}" in scope]
+        if not blocks:
+            continue
+        salience = input_salience_per_step(model, [f"blocks.{i}.{layer}" for i in blocks], x, t, y, step)
+        for i in blocks:
+            block = model.blocks[i]
             weight = block.get_submodule(layer).weight
             b = balancing_factors(weight, salience[f"blocks.{i}.{layer}"], ssc)
             changed |= {f"blocks.{i}.{name}" for name in balance_block(block, {layer: b})}
@@ -162,6 +168,6 @@ def quantize(model, calib, cfg: QuantConfig):
     device = next(model.parameters()).device
     x = calib.x[index].to(device, next(model.parameters()).dtype)
     changed = salience_balance(model, x, calib.t[index].to(device), calib.y[index].to(device), calib.step.numpy()[index],
-                               settings.layers, settings.ssc)
+                               settings.layers, settings.ssc, scope=set(resolve_scope(model, cfg.scope)))
     model.quant_modified_parameters = changed
     return initialise_and_reconstruct(model, calib, cfg, index, settings.p, joint=True, start=start)
