@@ -1,7 +1,7 @@
 """Calibration time and peak memory of each method on DiT-XL/2 shapes (random weights), one run.
 
     python benchmarks/calibration_cost.py [--methods mrq_tgq ...] [--steps 250] [--groups 10] [--bits 8]
-        [--num-inputs 256] [--trajectories 32] [--recon-iters N] [--recon-act-iters N] [--out cost.json]
+        [--num-inputs 256] [--trajectories 32] [--recon-iters N] [--recon-act-iters N] [--blocks N] [--out cost.json]
 
 Steps: build DiT-XL/2 (256×256, latent 32×32×4) with N(0, 0.02) weights on the GPU, capture the
 calibration set from FP DDPM trajectories with guidance 1.5 (policy ``all``), then calibrate a fresh
@@ -9,7 +9,9 @@ copy of the FP model with each of ``--methods`` in turn (``all``: every method).
 and each calibration's seconds and peak memory (GPU: ``torch.cuda`` peak of that phase; CPU: what
 the method reports). Q-Diffusion's and PTQ4DiT's block reconstruction runs their papers' iteration
 counts unless ``--recon-iters`` / ``--recon-act-iters`` shorten it (the result records which); on
-DiT-XL/2 the papers' counts take hours.
+DiT-XL/2 the papers' counts take hours. ``--blocks N`` calibrates the first N DiT blocks only and
+projects the whole model's time as time × blocks / N (every block does the same work: on DiT-XL/2 the
+per-block time of TQ-DiT's search was flat to 12 %, docs/performance.md); peak memory is a block's.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main() -> None:
     parser.add_argument("--search-batch", type=int, default=32)
     parser.add_argument("--recon-iters", type=int, help="rounding iterations per block (default: the papers' 20,000)")
     parser.add_argument("--recon-act-iters", type=int, help="activation-step iterations per block (default: the papers' 5,000)")
+    parser.add_argument("--blocks", type=int, help="calibrate only the first N DiT blocks (scope blocks.0-N-1) and project "
+                        "the whole model's time from them (a method's work is per block); default: every block")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -71,22 +75,27 @@ def main() -> None:
         parser.error(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)} or all")
     recon = ReconConfig(**{key: value for key, value in (("iters", args.recon_iters), ("act_iters", args.recon_act_iters))
                            if value is not None})
-    result = {"model": args.model, "steps": args.steps, "groups": args.groups, "bits": args.bits,
+    total_blocks = len(model.blocks)
+    blocks = min(args.blocks or total_blocks, total_blocks)
+    scope = "blocks" if blocks == total_blocks else [f"blocks.{index}.*" for index in range(blocks)]
+    result = {"model": args.model, "blocks_calibrated": blocks, "blocks_in_model": total_blocks, "steps": args.steps, "groups": args.groups, "bits": args.bits,
               "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__, "capture_s": round(capture_s, 1),
               "capture_peak_gib": round(capture_peak, 2), "recon_iters": recon.iters, "recon_act_iters": recon.act_iters, "methods": {}}
     for method in methods:
         # each method's own choices (search rule, calibration steps) stand; only the shared settings are set here
         search = SearchConfig(batch=args.search_batch, criterion=FIXED_SEARCH.get(method, "hessian"))
-        cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, time_groups=args.groups, num_inputs=args.num_inputs,
+        cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, scope=scope, time_groups=args.groups, num_inputs=args.num_inputs,
                           capture_batch=args.capture_batch, search=search, recon=recon)
         if cuda:
             torch.cuda.empty_cache()
         _, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
         peak = cost["peak_memory_bytes"] / 2**30
-        print(f"{method} W{args.bits}A{args.bits} G={args.groups}: calibration {cost['calibration_s']:.1f} s, "
-              f"peak {peak:.2f} GiB ({cost['peak_memory_kind']}), {cost['quantized_layers']} layers, "
-              f"{cost['calibration_inputs']} inputs", flush=True)
+        projected = cost["calibration_s"] * total_blocks / blocks
+        print(f"{method} W{args.bits}A{args.bits} G={args.groups}: calibration {cost['calibration_s']:.1f} s for {blocks} of "
+              f"{total_blocks} blocks (whole model ≈ {projected:.0f} s), peak {peak:.2f} GiB ({cost['peak_memory_kind']}), "
+              f"{cost['quantized_layers']} layers, {cost['calibration_inputs']} inputs", flush=True)
         result["methods"][method] = {"calibration_s": cost["calibration_s"], "calibration_peak_gib": round(peak, 2),
+                                     "projected_whole_model_s": round(projected, 1),
                                      "peak_memory_kind": cost["peak_memory_kind"], "quantized_layers": cost["quantized_layers"],
                                      "calibration_inputs": cost["calibration_inputs"]}
         if args.out:  # after every method: a long run that is stopped keeps what it measured
