@@ -13,8 +13,6 @@ this order (``--skip`` drops any):
   explicit attention (score matrix materialised), compiled after ``prepare_for_compile``;
 - ``fake_quant_fused_eager``, ``fake_quant_fused_compiled``: the same with the quantized attention
   in one Triton kernel (:mod:`tqdit.quant.fused_attention`, what jobs use eagerly on CUDA);
-- ``fake_quant_fused_softmax_compiled``: q̂k̂ᵀ by inductor, then softmax, post-softmax MRQ and ·v̂ in
-  one Triton kernel (``quant.attention=fused_softmax``);
 - ``fp8_compiled``: real W8A8 of that TQ-DiT model (:func:`tqdit.quant.lowbit.to_low_bit`: FP8
   matmuls where the input quantizer is uniform; fc2 behind the post-GELU MRQ keeps a simulated
   input, an int8-stored weight and a bf16 matmul), compiled, with the explicit attention (what
@@ -50,7 +48,7 @@ from tqdit.quant.lowbit import to_low_bit, weight_bytes
 from tqdit.utils import atomic_write_json
 
 RUNS = ["fp_eager", "fp_compiled", "fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager",
-        "fake_quant_fused_compiled", "fake_quant_fused_softmax_compiled", "fp8_compiled", "fp8_tgq_compiled"]
+        "fake_quant_fused_compiled", "fp8_compiled", "fp8_tgq_compiled"]
 
 
 def main() -> None:
@@ -68,14 +66,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     os.environ.setdefault("TQDM_DISABLE", "1")  # calibration progress bars would bury the results
-    if args.attention_config:  # each kernel's fastest tiling
+    if args.attention_config:
         with open(args.attention_config) as handle:
-            configs = json.load(handle)["configs"]
-        for kernel, config in [("fused", fused_attention.KERNEL_CONFIG), ("softmax_v", fused_attention.SOFTMAX_KERNEL_CONFIG)]:
-            measured = [c for c in configs if c.get("kernel", "fused") == kernel]
-            if measured:
-                fastest = min(measured, key=lambda c: c["ms"])
-                config.update({key: fastest[key] for key in config if key in fastest})
+            fastest = min(json.load(handle)["configs"], key=lambda c: c["ms"])
+        fused_attention.KERNEL_CONFIG.update({key: fastest[key] for key in fused_attention.KERNEL_CONFIG})
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -87,8 +81,7 @@ def main() -> None:
     labels = torch.arange(args.batch, device=device) % 1000
     indices = torch.arange(args.batch).numpy()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch, "steps": args.steps,
-               "groups": args.groups, "bits": args.bits, "attention_tiles": {"fused": dict(fused_attention.KERNEL_CONFIG),
-               "fused_softmax": dict(fused_attention.SOFTMAX_KERNEL_CONFIG)}, "runs": {}, "numerics": {}}
+               "groups": args.groups, "bits": args.bits, "attention_kernel": dict(fused_attention.KERNEL_CONFIG), "runs": {}, "numerics": {}}
 
     def save() -> None:
         if args.out:
@@ -194,12 +187,6 @@ def main() -> None:
     compare("fused_compiled_vs_explicit_eager", forward(quantized), fake_out)
     uncompile(quantized)
 
-    use_fused_attention(quantized, "fused_softmax")
-    compare("fused_softmax_vs_explicit", forward(quantized), fake_out)
-    timed("fake_quant_fused_softmax_compiled", compiled(quantized))
-    compare("fused_softmax_compiled_vs_explicit_eager", forward(quantized), fake_out)
-    uncompile(quantized)
-
     for block in quantized.blocks:  # compiled, the explicit attention is the faster (quant.attention=auto)
         block.attn.kernel = None
     results["lowbit"] = to_low_bit(quantized)
@@ -224,8 +211,7 @@ def main() -> None:
     speed = {name: run["image_steps_per_s"] for name, run in runs.items()}
     ratios = {}
     for slow, fast in [("fake_quant_eager", "fp_eager"), ("fake_quant_compiled", "fp_compiled"),
-                       ("fake_quant_fused_eager", "fp_eager"), ("fake_quant_fused_compiled", "fp_compiled"),
-                       ("fake_quant_fused_softmax_compiled", "fp_compiled")]:
+                       ("fake_quant_fused_eager", "fp_eager"), ("fake_quant_fused_compiled", "fp_compiled")]:
         if slow in speed and fast in speed:
             ratios[f"{slow}_time_over_{fast}"] = round(speed[fast] / speed[slow], 2)
     for real in ("fp8_compiled", "fp8_tgq_compiled"):

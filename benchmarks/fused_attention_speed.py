@@ -1,8 +1,6 @@
 """Quantized attention alone at DiT-XL/2 shapes: FP SDPA vs the explicit fake-quantized path vs the
-Triton kernels of tqdit/quant/fused_attention.py — the whole attention in one kernel (``fused``) and
-q̂k̂ᵀ by PyTorch followed by the softmax-quantize-·v̂ kernel (``fused_softmax``), eager and compiled —
-at several tile configurations, and the whole-attention kernel with its operands left unquantized
-(where its time goes).
+fused Triton kernel (tqdit/quant/fused_attention.py) at several tile configurations, and the kernel
+with its operands left unquantized (where its time goes).
 
     python benchmarks/fused_attention_speed.py [--batch 256] [--out attention.json]
 
@@ -28,17 +26,11 @@ from tqdit.quant.layers import QuantMatMul
 from tqdit.quant.quantizers import SoftmaxMRQ, TimeGroupContext, UniformQuantizer
 from tqdit.utils import atomic_write_json
 
-CONFIGS = [  # the whole-attention kernel's tilings (the fastest four of an earlier sweep of nine)
+CONFIGS = [  # the fastest four of an earlier sweep of nine tilings
     {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 1},
     {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 1},
     {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1},
     {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
-]
-SOFTMAX_CONFIGS = [  # the softmax kernel's (whole rows of 256 keys in one pass, tried once, ran 1.1-4.0 ms)
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 1},
-    {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 1},
-    {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2},
-    {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1},
 ]
 
 
@@ -77,9 +69,6 @@ def main() -> None:
     def fused():
         return fused_attention.fused_quantized_attention(attn, q, k, v)
 
-    def fused_softmax():
-        return fused_attention.fused_softmax_attention(attn, q, k, v)
-
     results = {"gpu": torch.cuda.get_device_name(), "batch": args.batch, "ms": {}}
 
     def bench(name, fn):
@@ -93,8 +82,6 @@ def main() -> None:
     bench("sdpa_fp", lambda: F.scaled_dot_product_attention(q, k, v))
     bench("explicit_eager", explicit)
     bench("explicit_compiled", torch.compile(explicit))
-    bench("fused_softmax_eager", fused_softmax)
-    bench("fused_softmax_compiled", torch.compile(fused_softmax))
     # while sampling, every sample shares one step: the eager explicit path then uses scalar parameters
     context.tensor_only = False
     context.set_timesteps(torch.full((args.batch,), 500, device="cuda"))
@@ -106,32 +93,17 @@ def main() -> None:
     params, modes, qkv_range, p_range = fused_attention.kernel_arguments(attn, args.batch, q.device)
     for name, variant in [("fused_no_qkv_quantization", [0, 0, 0, modes[3]]), ("fused_no_quantization", [0, 0, 0, 0])]:
         bench(name, lambda: torch.ops.tqdit.quant_attention(q, k, v, params, attn.scale, variant, qkv_range, p_range))
-    with torch.no_grad():  # the softmax kernel alone, on the scores the compiled path computes before it
-        scores = attn.qk_matmul(q * attn.scale, k.transpose(-2, -1))
-
-    def softmax_kernel():
-        return torch.ops.tqdit.quant_softmax_v(scores, v, params, modes[2:], qkv_range, p_range)
-
     results["configs"] = []
-    sweeps = [("fused", CONFIGS, fused_attention.KERNEL_CONFIG, fused, fused),
-              ("softmax_v", SOFTMAX_CONFIGS, fused_attention.SOFTMAX_KERNEL_CONFIG, softmax_kernel, fused_softmax)]
-    for kernel, configs, kernel_config, fn, check in sweeps:
-        for config in configs:
-            kernel_config.update(config)
-            name = "{}_{block_m}x{block_n}_w{num_warps}_s{num_stages}".format(kernel, **config)
-            try:
-                with torch.no_grad():
-                    diff = ((check().float() - reference).norm() / quantization_error).item()
-                bench(name, fn)
-                results["configs"].append({**config, "kernel": kernel, "ms": results["ms"][name],
-                                           "diff_over_quantization_error": round(diff, 4)})
-            except Exception as error:  # a configuration that does not fit (shared memory, registers)
-                print(name, "failed:", str(error).splitlines()[0][:200], flush=True)
-    softmax_configs = [c for c in results["configs"] if c["kernel"] == "softmax_v"]
-    if softmax_configs:  # the compiled hybrid again, with the softmax kernel's fastest tiling
-        best = min(softmax_configs, key=lambda c: c["ms"])
-        fused_attention.SOFTMAX_KERNEL_CONFIG.update({key: best[key] for key in fused_attention.SOFTMAX_KERNEL_CONFIG})
-        bench("fused_softmax_compiled_best_tiling", torch.compile(fused_softmax))
+    for config in CONFIGS:
+        fused_attention.KERNEL_CONFIG.update(config)
+        name = "fused_{block_m}x{block_n}_w{num_warps}_s{num_stages}".format(**config)
+        try:
+            with torch.no_grad():
+                diff = ((fused().float() - reference).norm() / quantization_error).item()
+            bench(name, fused)
+            results["configs"].append({**config, "ms": results["ms"][name], "diff_over_quantization_error": round(diff, 4)})
+        except Exception as error:  # a configuration that does not fit (shared memory, registers)
+            print(name, "failed:", str(error).splitlines()[0][:200], flush=True)
     print(json.dumps(results, indent=1))
     if args.out:
         atomic_write_json(args.out, results)

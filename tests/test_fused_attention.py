@@ -48,11 +48,11 @@ def quantized_attention(dim: int, heads: int, post_softmax: str, bits: int = 8, 
     return attn, context
 
 
-def explicit_and_fused(attn, x, kind="fused"):
+def explicit_and_fused(attn, x):
     with torch.no_grad():
         attn.kernel = None
         explicit = attn(x)
-        attn.kernel = fused_attention.KERNELS[kind]
+        attn.kernel = fused_attention.fused_quantized_attention
         fused = attn(x)
     return explicit.float(), fused.float()
 
@@ -61,8 +61,7 @@ def explicit_and_fused(attn, x, kind="fused"):
     ("mrq", True, torch.float32, 12), ("uniform", True, torch.float32, 12), ("off", True, torch.float32, 12),
     ("mrq", False, torch.float32, 12), ("uniform", False, torch.float32, 12), ("mrq", True, torch.float16, 12),
     ("mrq", False, torch.float32, 20), ("off", True, torch.float32, 20)])
-@pytest.mark.parametrize("kind", ["fused", "fused_softmax"])
-def test_kernel_computes_the_explicit_quantized_attention(post_softmax, symmetric, dtype, head_dim, kind):
+def test_kernel_computes_the_explicit_quantized_attention(post_softmax, symmetric, dtype, head_dim):
     # 3 samples of both time groups, 37 tokens (not a multiple of the key block), head_dim 12 or 20
     # (padded to a 16- or 32-wide tile, as DiT-XL/2's 72 to 128)
     attn, context = quantized_attention(dim=2 * head_dim, heads=2, post_softmax=post_softmax, symmetric=symmetric, dtype=dtype)
@@ -72,7 +71,7 @@ def test_kernel_computes_the_explicit_quantized_attention(post_softmax, symmetri
         assert len(uniform) >= 3 and all((m.zero_point != 0).all() for m in uniform)
     x = torch.randn(3, 37, 2 * head_dim, device=DEVICE, dtype=dtype)
     context.set_timesteps(torch.tensor([10, 900, 499], device=DEVICE))
-    explicit, fused = explicit_and_fused(attn, x, kind)
+    explicit, fused = explicit_and_fused(attn, x)
     with torch.no_grad():
         attn.kernel, attn.fused = None, True
         full_precision = attn(x).float()
@@ -93,26 +92,16 @@ def test_kernel_without_quantizers_is_softmax_attention(head_dim):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
-def test_softmax_kernel_without_quantizers_is_softmax_times_v():
-    scores = torch.randn(2, 3, 37, 37, device=DEVICE) * 3
-    v = torch.randn(2, 3, 20, 37, device=DEVICE).transpose(-2, -1)  # strided head dimension, padded to 32
-    params = torch.zeros(2, fused_attention.PARAMS_PER_SAMPLE, device=DEVICE)
-    out = torch.ops.tqdit.quant_softmax_v(scores, v, params, [0, 0], [0, 0], [0, 0])
-    torch.testing.assert_close(out, scores.softmax(-1) @ v, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", ["fused", "fused_softmax"])
-def test_kernel_uses_each_samples_time_group(kind):
+def test_kernel_uses_each_samples_time_group():
     attn, context = quantized_attention(dim=24, heads=2, post_softmax="mrq")
     x = torch.randn(1, 37, 24, device=DEVICE).expand(2, -1, -1).contiguous()
     context.set_timesteps(torch.tensor([10, 900], device=DEVICE))  # the same input in groups 0 and 1
-    explicit, fused = explicit_and_fused(attn, x, kind)
+    explicit, fused = explicit_and_fused(attn, x)
     assert (fused[0] - fused[1]).abs().max() > 1e-3  # different parameters give different outputs
     torch.testing.assert_close(fused, explicit, rtol=0, atol=2e-2 * explicit.abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["fused", "fused_softmax"])
-def test_calibrated_model_runs_the_kernel_and_keeps_its_samples(kind):
+def test_calibrated_model_runs_the_kernel_and_keeps_its_samples():
     fp, quantized, calib = calibrated("mrq_tgq", device=DEVICE)
     pick = torch.arange(0, len(calib.x), max(1, len(calib.x) // 8))  # samples of every time group
     x, t, y = calib.x[pick].to(DEVICE), calib.t[pick].to(DEVICE), calib.y[pick].to(DEVICE)
@@ -120,13 +109,13 @@ def test_calibrated_model_runs_the_kernel_and_keeps_its_samples(kind):
 
     def counted(attn, q, k, v):
         calls.append(attn)
-        return fused_attention.KERNELS[kind](attn, q, k, v)
+        return fused_attention.fused_quantized_attention(attn, q, k, v)
 
     with torch.no_grad():
         reference, explicit = fp(x, t, y), quantized(x, t, y)
-        assert use_fused_attention(quantized, kind) == len(quantized.blocks)
+        assert use_fused_attention(quantized) == len(quantized.blocks)
         for block in quantized.blocks:
-            assert block.attn.kernel is fused_attention.KERNELS[kind]
+            assert block.attn.kernel is fused_attention.fused_quantized_attention
             block.attn.kernel = counted
         ours = quantized(x, t, y)
     assert len(calls) == len(quantized.blocks)  # every block's attention ran in the kernel
@@ -135,13 +124,12 @@ def test_calibrated_model_runs_the_kernel_and_keeps_its_samples(kind):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind", ["fused", "fused_softmax"])
-def test_kernel_at_dit_xl_shapes_in_bf16(kind):
+def test_kernel_at_dit_xl_shapes_in_bf16():
     # DiT-XL/2 256: 16 heads of 72 dims, 256 tokens; bf16 as in the ImageNet recipe
     attn, context = quantized_attention(dim=1152, heads=16, post_softmax="mrq", dtype=torch.bfloat16)
     x = torch.randn(8, 256, 1152, device="cuda", dtype=torch.bfloat16)
     context.set_timesteps(torch.tensor([0, 999] * 4, device="cuda"))
-    explicit, fused = explicit_and_fused(attn, x, kind)
+    explicit, fused = explicit_and_fused(attn, x)
     with torch.no_grad():
         attn.kernel, attn.fused = None, True
         full_precision = attn(x).float()

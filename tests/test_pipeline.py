@@ -83,9 +83,8 @@ def compose(*overrides: str):
     ("quant=qdiffusion +quant.params.iterations=5", "quant.params has unknown keys ['iterations'] for quant=qdiffusion"),
     ("quant=mrq_tgq +quant.params.mean=0.3", "quant=mrq_tgq takes no method parameters"),
     ("quant=qdiffusion quant.recon.iters=-1", "quant.recon.iters, act_iters must be integers"),
-    ("quant.attention=flash", "quant.attention=flash is unknown: use auto, fused, fused_softmax, explicit"),
+    ("quant.attention=flash", "quant.attention=flash is unknown: use auto, fused or explicit"),
     ("device=cpu quant=mrq_tgq quant.attention=fused", "quant.attention=fused runs a Triton kernel on a CUDA GPU; device=cpu is not one"),
-    ("device=cpu quant=mrq_tgq quant.attention=fused_softmax", "quant.attention=fused_softmax runs a Triton kernel on a CUDA GPU"),
 ])
 def test_bad_config_is_refused_before_any_work(override, message):
     from tqdit.errors import TqditError
@@ -96,20 +95,17 @@ def test_bad_config_is_refused_before_any_work(override, message):
     assert message in str(error.value)
 
 
-def test_quantized_attention_kernel_is_chosen_where_it_is_faster():
-    from tqdit.pipeline.job import attention_kernel
+def test_quantized_attention_is_fused_only_where_it_is_faster():
+    from tqdit.pipeline.job import fused_attention_wanted
     from tqdit.quant import fused_attention
 
     cuda, cpu, bf16, fp32 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16, torch.float32
-    triton = fused_attention.available()
-    # bf16/fp16 on a GPU: the whole-attention kernel eagerly; compiled, inductor's kernels are faster than ours
-    assert attention_kernel("auto", cuda, bf16, compiled=False) == ("fused" if triton else None)
-    assert attention_kernel("auto", cuda, torch.float16, compiled=True) is None
-    assert attention_kernel("auto", cuda, fp32, compiled=False) is None  # not measured in float32
-    assert attention_kernel("auto", cpu, bf16, compiled=True) is None
-    assert attention_kernel("fused", cuda, fp32, compiled=True) == "fused"
-    assert attention_kernel("fused_softmax", cuda, bf16, compiled=False) == "fused_softmax"
-    assert attention_kernel("explicit", cuda, bf16, compiled=False) is None
+    # eager bf16 on a GPU: the Triton kernel (where Triton is installed)
+    assert fused_attention_wanted("auto", cuda, bf16, compiled=False) == fused_attention.available()
+    assert not fused_attention_wanted("auto", cuda, bf16, compiled=True)  # compiled: inductor's kernels are faster
+    assert not fused_attention_wanted("auto", cuda, fp32, compiled=False)  # not measured in float32
+    assert not fused_attention_wanted("auto", cpu, bf16, compiled=False)
+    assert fused_attention_wanted("fused", cuda, fp32, compiled=True) and not fused_attention_wanted("explicit", cuda, bf16, compiled=False)
 
 
 def test_default_and_sweep_values_validate():

@@ -98,10 +98,10 @@ def validate(cfg: DictConfig) -> None:
     check(all(isinstance(recon[k], int) and recon[k] >= 0 for k in ("iters", "act_iters")) and recon.batch >= 1,
           "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
     check(quant.backend in ("simulated", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated or fp8")
-    check(quant.attention in ATTENTION_SETTINGS, f"quant.attention={quant.attention} is unknown: use {', '.join(ATTENTION_SETTINGS)}")
-    if quant.attention in fused_attention.KERNELS and quant.name != "fp":
-        check(device.type == "cuda", f"quant.attention={quant.attention} runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use quant.attention=auto or explicit")
-        check(fused_attention.available(), f"quant.attention={quant.attention} needs Triton, which this PyTorch install lacks: install a CUDA build of PyTorch or use quant.attention=explicit")
+    check(quant.attention in ("auto", "fused", "explicit"), f"quant.attention={quant.attention} is unknown: use auto, fused or explicit")
+    if quant.attention == "fused" and quant.name != "fp":
+        check(device.type == "cuda", f"quant.attention=fused runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use quant.attention=auto or explicit")
+        check(fused_attention.available(), "quant.attention=fused needs Triton, which this PyTorch install lacks: install a CUDA build of PyTorch or use quant.attention=explicit")
     if quant.backend == "fp8" and quant.name != "fp":
         check(fp8_supported(device), f"quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device={cfg.device} does not: use quant.backend=simulated")
         check(cfg.w_bits == 8 and cfg.a_bits == 8, f"quant.backend=fp8 runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated")
@@ -131,21 +131,14 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
                        recon=recon, params=OmegaConf.to_container(q.params))
 
 
-ATTENTION_SETTINGS = ("auto", "fused", "fused_softmax", "explicit")
-
-
-def attention_kernel(setting: str, device: torch.device, dtype: torch.dtype, compiled: bool) -> str | None:
-    """quant.attention -> the Triton kernel of tqdit/quant/fused_attention.py to use, or None for the explicit ops.
-
-    ``auto``: ``fused`` (the whole attention in one kernel) for bf16/fp16 models running eagerly on
-    CUDA, where it beats the eager explicit ops; the explicit ops otherwise — compiled, inductor's
-    kernels for them beat both of ours (one DiT-XL/2 attention on an H100: 1.36 ms against 1.53 ms for
-    ``fused_softmax`` and 2.0 ms for ``fused``, docs/performance.md), and float32 was not measured.
-    ``fused`` / ``fused_softmax`` / ``explicit`` force one (validated beforehand)."""
+def fused_attention_wanted(setting: str, device: torch.device, dtype: torch.dtype, compiled: bool) -> bool:
+    """quant.attention: ``auto`` computes quantized attention with the fused Triton kernel for
+    bf16/fp16 models running eagerly on CUDA (faster than the eager explicit ops) and with the
+    explicit ops otherwise (compiled, inductor fuses those into faster kernels than ours; float32 was
+    not measured: docs/performance.md); ``fused`` / ``explicit`` force one (validated beforehand)."""
     if setting == "auto":
-        usable = device.type == "cuda" and fused_attention.available() and dtype in (torch.bfloat16, torch.float16)
-        return "fused" if usable and not compiled else None
-    return setting if setting in fused_attention.KERNELS else None
+        return device.type == "cuda" and fused_attention.available() and dtype in (torch.bfloat16, torch.float16) and not compiled
+    return setting == "fused"
 
 
 def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
@@ -366,10 +359,8 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         record = {}
         if cfg.quant.backend == "fp8" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
             record.update(lowbit=to_low_bit(model), weight_bytes=weight_bytes(model))
-        kernel = attention_kernel(cfg.quant.attention, device, dtype, cfg.compile) if cfg.quant.name != "fp" else None
-        if kernel is not None:
-            record["attention_kernel"] = kernel
-            record["fused_attention_blocks"] = fused_attention.use_fused_attention(model, kernel)
+        if cfg.quant.name != "fp" and fused_attention_wanted(cfg.quant.attention, device, dtype, cfg.compile):
+            record["fused_attention_blocks"] = fused_attention.use_fused_attention(model)
         return record
 
     quant_record = {**quant_record, **distributed.all_succeed(follow_rank_zero)}

@@ -55,8 +55,6 @@ OFF, UNIFORM, MRQ = 0, 1, 2
 # on an H100, in two runs (benchmarks/fused_attention_speed.py; docs/performance.md)
 KERNEL_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 1}
 FLOAT32_KERNEL_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1}  # not tuned
-# the softmax-and-value kernel's (quant_softmax_v) tiles on the GPU: the fastest of 9 measured (1.01 ms)
-SOFTMAX_KERNEL_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 1}
 
 
 def available() -> bool:
@@ -97,26 +95,6 @@ if triton is not None:
         return tl.where((start + cols_in_block)[None, :] < n_cols, s, float("-inf"))
 
     @triton.jit
-    def _update_softmax_stats(s, row_max, row_sum):
-        # online max and sum of exponentials over one block of keys
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
-        return new_max, row_sum
-
-    @triton.jit
-    def _quantized_probabilities(p, params, P_MODE: tl.constexpr, p_qmin, p_qmax, DTYPE: tl.constexpr):
-        # the softmax, rounded to the model dtype (as the explicit path's softmax output), then Q_p
-        p = p.to(DTYPE).to(tl.float32)
-        if P_MODE == 1:  # UNIFORM
-            p = _uniform(p, params, 9, p_qmin, p_qmax)
-        elif P_MODE == 2:  # MRQ: Δ_lo below the split, Δ_hi above; codes 0..levels in each region
-            below = p < tl.load(params + 9)
-            step = tl.where(below, tl.load(params + 10), tl.load(params + 11))
-            inv_step = tl.where(below, 1.0 / tl.load(params + 10), 1.0 / tl.load(params + 11))
-            p = tl.minimum(tl.maximum(_round_half_even(p * inv_step), p_qmin), p_qmax) * step
-        return p.to(DTYPE)
-
-    @triton.jit
     def _quant_attention_kernel(
         Q, K, V, Out, Params,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -146,7 +124,9 @@ if triton is not None:
         for start in range(0, n_ctx, BLOCK_N):
             k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
             s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
-            row_max, row_sum = _update_softmax_stats(s, row_max, row_sum)
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
+            row_max = new_max
 
         # pass 2: normalised probabilities, quantized, times v̂
         inv_row_sum = 1.0 / row_sum
@@ -154,78 +134,20 @@ if triton is not None:
         for start in range(0, n_ctx, BLOCK_N):
             k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
             s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
-            p = _quantized_probabilities(tl.exp(s - row_max[:, None]) * inv_row_sum[:, None], params, P_MODE, p_qmin, p_qmax, DTYPE)
+            p = (tl.exp(s - row_max[:, None]) * inv_row_sum[:, None]).to(DTYPE).to(tl.float32)
+            if P_MODE == 1:  # UNIFORM
+                p = _uniform(p, params, 9, p_qmin, p_qmax)
+            elif P_MODE == 2:  # MRQ: Δ_lo below the split, Δ_hi above; codes 0..levels in each region
+                below = p < tl.load(params + 9)
+                step = tl.where(below, tl.load(params + 10), tl.load(params + 11))
+                inv_step = tl.where(below, 1.0 / tl.load(params + 10), 1.0 / tl.load(params + 11))
+                p = tl.minimum(tl.maximum(_round_half_even(p * inv_step), p_qmin), p_qmax) * step
             v = _load_operand(v_base, start + cols_in_block, dims, stride_vn, n_ctx, HEAD_DIM, params, 6, V_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
-            acc += tl.dot(p, v, input_precision=PRECISION)
+            acc += tl.dot(p.to(DTYPE), v, input_precision=PRECISION)
 
         out_base = Out + sample * stride_ob + head * stride_oh
         mask = (rows[:, None] < n_ctx) & (dims[None, :] < HEAD_DIM)
         tl.store(out_base + rows[:, None] * stride_on + dims[None, :], acc.to(DTYPE), mask=mask)
-
-    @triton.jit
-    def _quant_softmax_v_kernel(
-        S, V, Out, Params,
-        stride_sb, stride_sh, stride_sn, stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-        heads, n_ctx, qkv_qmin, qkv_qmax, p_qmin, p_qmax,
-        V_MODE: tl.constexpr, P_MODE: tl.constexpr, HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr,
-        PRECISION: tl.constexpr, PARAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # the second half of the quantized attention from given scores S = q̂ k̂ᵀ: Q_p(softmax(S)) v̂,
-        # two passes over each row block of S as in _quant_attention_kernel, the scores read rather
-        # than recomputed (reading whole rows of 256 keys in one pass measured 1.1-4.0 ms against 1.0:
-        # the row tile spills registers)
-        sample = (tl.program_id(0) // heads).to(tl.int64)
-        head = (tl.program_id(0) % heads).to(tl.int64)
-        params = Params + sample * PARAMS
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols_in_block = tl.arange(0, BLOCK_N)
-        dims = tl.arange(0, BLOCK_D)
-        s_base = S + sample * stride_sb + head * stride_sh
-        v_base = V + sample * stride_vb + head * stride_vh
-
-        row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        row_sum = tl.zeros((BLOCK_M,), tl.float32)
-        for start in range(0, n_ctx, BLOCK_N):
-            s = _load_scores(s_base, rows, start + cols_in_block, stride_sn, n_ctx)
-            row_max, row_sum = _update_softmax_stats(s, row_max, row_sum)
-
-        inv_row_sum = 1.0 / row_sum
-        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        for start in range(0, n_ctx, BLOCK_N):
-            s = _load_scores(s_base, rows, start + cols_in_block, stride_sn, n_ctx)
-            p = _quantized_probabilities(tl.exp(s - row_max[:, None]) * inv_row_sum[:, None], params, P_MODE, p_qmin, p_qmax, DTYPE)
-            v = _load_operand(v_base, start + cols_in_block, dims, stride_vn, n_ctx, HEAD_DIM, params, 6, V_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
-            acc += tl.dot(p, v, input_precision=PRECISION)
-
-        out_base = Out + sample * stride_ob + head * stride_oh
-        mask = (rows[:, None] < n_ctx) & (dims[None, :] < HEAD_DIM)
-        tl.store(out_base + rows[:, None] * stride_on + dims[None, :], acc.to(DTYPE), mask=mask)
-
-    @triton.jit
-    def _load_scores(base, rows, cols, stride_row, n_ctx):
-        # rows past the end read zeros (their results are not stored), keys past the end -inf
-        mask = (rows[:, None] < n_ctx) & (cols[None, :] < n_ctx)
-        s = tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        return tl.where(cols[None, :] < n_ctx, s, float("-inf"))
-
-
-def _launch_settings(x: torch.Tensor, tokens: int, head_dim: int, tuned: dict) -> tuple[dict, tuple[int, int], int, object, str]:
-    """(tile config, grid, BLOCK_D, Triton dtype, matmul precision) of either kernel; ``tuned``: its 16-bit tiles."""
-    if not x.is_cuda:  # Triton's interpreter (tests)
-        config = {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1}
-    else:  # float32 tiles take twice the shared memory: smaller ones fit GPUs with less than Hopper's
-        config = tuned if x.element_size() <= 2 else FLOAT32_KERNEL_CONFIG
-    grid = (x.shape[0] * x.shape[1], triton.cdiv(tokens, config["block_m"]))
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
-    # float32 operands: TF32 tensor cores when PyTorch's matmuls use them (jobs enable it), as the explicit path
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return config, grid, block_d, dtype, precision
-
-
-def _heads_merged_output(like: torch.Tensor, batch: int, heads: int, tokens: int, head_dim: int) -> torch.Tensor:
-    # (batch, heads, tokens, head_dim) laid out as (batch, tokens, heads, head_dim): the caller's merge of the heads is free
-    return like.new_empty(batch, tokens, heads, head_dim).transpose(1, 2)
 
 
 @torch.library.custom_op("tqdit::quant_attention", mutates_args=())
@@ -240,15 +162,23 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: t
     """
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))  # the kernel reads rows of head_dim
     batch, heads, tokens, head_dim = q.shape
-    out = _heads_merged_output(q, batch, heads, tokens, head_dim)
-    config, grid, block_d, dtype, precision = _launch_settings(q, tokens, head_dim, KERNEL_CONFIG)
+    out = torch.empty(batch, tokens, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if not q.is_cuda:  # Triton's interpreter (tests)
+        config = {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1}
+    else:  # float32 tiles take twice the shared memory: smaller ones fit GPUs with less than Hopper's
+        config = KERNEL_CONFIG if q.element_size() <= 2 else FLOAT32_KERNEL_CONFIG
+    grid = (batch * heads, triton.cdiv(tokens, config["block_m"]))
+    dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[q.dtype]
     _quant_attention_kernel[grid](
         q, k, v, out, params.contiguous(),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         heads, tokens, sm_scale, qkv_range[0], qkv_range[1], p_range[0], p_range[1],
         Q_MODE=modes[0], K_MODE=modes[1], V_MODE=modes[2], P_MODE=modes[3],
-        HEAD_DIM=head_dim, DTYPE=dtype, PARAMS=PARAMS_PER_SAMPLE, PRECISION=precision,
+        HEAD_DIM=head_dim, DTYPE=dtype, PARAMS=PARAMS_PER_SAMPLE,
+        # float32 operands: TF32 tensor cores when PyTorch's matmuls use them (jobs enable it), as the explicit path
+        PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
         BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_D=block_d,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
@@ -257,35 +187,8 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: t
 
 @quant_attention.register_fake
 def _(q, k, v, params, sm_scale, modes, qkv_range, p_range):
-    return _heads_merged_output(q, *q.shape)
-
-
-@torch.library.custom_op("tqdit::quant_softmax_v", mutates_args=())
-def quant_softmax_v(scores: torch.Tensor, v: torch.Tensor, params: torch.Tensor, modes: list[int], qkv_range: list[int],
-                    p_range: list[int]) -> torch.Tensor:
-    """Q_p(softmax(scores)) Q_v(v) of (batch, heads, tokens, tokens) scores and (batch, heads, tokens,
-    head_dim) v: the quantized attention after q̂ k̂ᵀ. ``params``: the (batch, 12) table of
-    ``quant_attention`` (its q and k columns unused); ``modes``: the v and post-softmax modes."""
-    scores = scores if scores.stride(-1) == 1 else scores.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
-    batch, heads, tokens, head_dim = v.shape
-    out = _heads_merged_output(v, batch, heads, tokens, head_dim)
-    config, grid, block_d, dtype, precision = _launch_settings(v, tokens, head_dim, SOFTMAX_KERNEL_CONFIG)
-    _quant_softmax_v_kernel[grid](
-        scores, v, out, params.contiguous(),
-        scores.stride(0), scores.stride(1), scores.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, tokens, qkv_range[0], qkv_range[1], p_range[0], p_range[1],
-        V_MODE=modes[0], P_MODE=modes[1], HEAD_DIM=head_dim, DTYPE=dtype, PARAMS=PARAMS_PER_SAMPLE, PRECISION=precision,
-        BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_D=block_d,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    return out
-
-
-@quant_softmax_v.register_fake
-def _(scores, v, params, modes, qkv_range, p_range):
-    return _heads_merged_output(v, *v.shape)
+    batch, heads, tokens, head_dim = q.shape
+    return q.new_empty(batch, tokens, heads, head_dim).transpose(1, 2)
 
 
 # --- the calibrated model's side: which attentions can run fused, and their parameter tables ---
@@ -352,26 +255,14 @@ def fused_quantized_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return torch.ops.tqdit.quant_attention(q, k, v, params, attn.scale, modes, qkv_range, p_range)
 
 
-def fused_softmax_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``Attention.kernel``: q̂ k̂ᵀ by the explicit path's own ops (inductor fuses the q/k quantization
-    into them when compiled), then softmax, Q_p and P̂ v̂ in one Triton kernel: the post-softmax
-    values are neither written to memory nor read back by a second matmul."""
-    scores = attn.qk_matmul(q * attn.scale, k.transpose(-2, -1))
-    params, modes, qkv_range, p_range = kernel_arguments(attn, q.shape[0], q.device)
-    return torch.ops.tqdit.quant_softmax_v(scores, v, params, modes[2:], qkv_range, p_range)
-
-
-KERNELS = {"fused": fused_quantized_attention, "fused_softmax": fused_softmax_attention}
-
-
-def use_fused_attention(model, kind: str = "fused") -> int:
-    """Route every quantized attention whose quantizers the kernels support through ``KERNELS[kind]``
-    (after calibration: calibration reads the explicit path's matmul inputs). Returns how many blocks."""
+def use_fused_attention(model) -> int:
+    """Route every quantized attention whose quantizers the kernel supports through it (after
+    calibration: calibration reads the explicit path's matmul inputs). Returns how many blocks."""
     if not available():
         raise RuntimeError("the fused quantized attention needs Triton (it ships with CUDA builds of PyTorch)")
     count = 0
     for block in getattr(model, "blocks", []):
         if supports(block.attn):
-            block.attn.kernel = KERNELS[kind]
+            block.attn.kernel = fused_quantized_attention
             count += 1
     return count
