@@ -88,7 +88,8 @@ def main() -> None:
                           capture_batch=args.capture_batch, search=search, recon=recon)
         if cuda:
             torch.cuda.empty_cache()
-        _, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
+        quantized, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
+        del quantized  # before the next method: its peak memory must not include this model
         peak = cost["peak_memory_bytes"] / 2**30
         projected = cost["calibration_s"] * total_blocks / blocks
         print(f"{method} W{args.bits}A{args.bits} G={args.groups}: calibration {cost['calibration_s']:.1f} s for {blocks} of "
@@ -98,6 +99,16 @@ def main() -> None:
                                      "projected_whole_model_s": round(projected, 1),
                                      "peak_memory_kind": cost["peak_memory_kind"], "quantized_layers": cost["quantized_layers"],
                                      "calibration_inputs": cost["calibration_inputs"]}
+        if "reconstruction" in cost:  # Q-Diffusion, PTQ4DiT: the reconstruction's share, and at the papers' iteration counts
+            recon_s, joint = cost["reconstruction"]["seconds"], cost["reconstruction"]["joint"]
+            paper = ReconConfig()  # joint (PTQ4DiT): rounding and steps together for iters; else iters, then act_iters
+            ran = recon.iters if joint else recon.iters + recon.act_iters
+            factor = (paper.iters if joint else paper.iters + paper.act_iters) / max(1, ran)
+            result["methods"][method].update(reconstruction_s=recon_s,
+                                             projected_whole_model_paper_iterations_s=round(projected + recon_s * (factor - 1) * total_blocks / blocks, 1))
+            print(f"  of which reconstruction {recon_s:.1f} s ({ran} iterations per block); at the papers' "
+                  f"{paper.iters if joint else paper.iters + paper.act_iters}: whole model ≈ "
+                  f"{result['methods'][method]['projected_whole_model_paper_iterations_s']:.0f} s", flush=True)
         if args.out:  # after every method: a long run that is stopped keeps what it measured
             atomic_write_json(args.out, result)
 

@@ -46,10 +46,11 @@ def initialise_and_reconstruct(model, calib, cfg: QuantConfig, index: np.ndarray
                             index=index)
     device = next(model.parameters()).device
     x, t, y = calib.x[index].to(device), calib.t[index].to(device), calib.y[index].to(device)
+    recon_start = time.perf_counter()
     reports = reconstruct_blocks(model, x.to(next(model.parameters()).dtype), t, y, cfg.recon, joint=joint)
     peak, kind = peak_memory(device)
     cost.update(calibration_s=round(time.perf_counter() - start, 2), peak_memory_bytes=peak, peak_memory_kind=kind,
-                reconstruction={"blocks": len(reports),
+                reconstruction={"blocks": len(reports), "seconds": round(time.perf_counter() - recon_start, 2), "joint": joint,
                                 "error_nearest": [round(r["error_nearest"], 6) for r in reports],
                                 "error_after": [round(r["error_after"], 6) for r in reports],
                                 "undecided_rounding": max((r["undecided_rounding"] for r in reports), default=0.0)})
