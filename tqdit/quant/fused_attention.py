@@ -13,8 +13,11 @@ is most of what fake quantization costs once the linears are compiled. This kern
 in two passes over the keys: the first finds each row's max and sum of exponentials, the second
 forms the *normalised* probabilities — which the post-softmax quantizer needs, as its regions are
 fixed in [0, 1] — quantizes them and accumulates P̂ v̂. The scores are recomputed in the second pass
-(1.5× the attention FLOPs, a few per cent of a DiT block's) instead of being stored. (A one-pass
-variant for sequences that fit one key tile ran 3.6–5× slower: its tile spills registers.)
+(1.5× the attention FLOPs, a few per cent of a DiT block's) instead of being stored. Measured and
+dropped (docs/performance.md): a one-pass variant for sequences that fit one key tile (3.6–5×
+slower: its tile spills registers), the 72-wide head as a 64- plus a 16-wide tile (wrong results on
+the H100 with Triton 3.6), and fusing only the softmax half after PyTorch's q̂k̂ᵀ (slower than
+inductor's kernels for the explicit path).
 
 Each operand's parameters are gathered per sample (its time group) on the device and passed as one
 float table, so the kernel takes time groups without a device sync or a recompilation. Rounding is
