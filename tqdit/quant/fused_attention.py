@@ -22,7 +22,7 @@ inductor's kernels for the explicit path).
 Each operand's parameters are gathered per sample (its time group) on the device and passed as one
 float table, so the kernel takes time groups without a device sync or a recompilation. Rounding is
 half to even, as in :mod:`tqdit.quant.quantizers`. What still differs from the explicit path is
-float rounding: summation order, multiplications by a reciprocal where the explicit path divides,
+float rounding: summation order, the softmax's normalisation (a multiply by 1/sum here),
 on the GPU the compiler's fusing of the scale multiply into the rounding add (an FMA: a product
 within an ulp of a half-way point can take the neighbouring code) and the hardware exp. These can
 move a value to the neighbouring code: on the CPU the kernel lands within 1 % of the quantization
