@@ -248,7 +248,7 @@ def kernel_arguments(attn, batch: int, device: torch.device) -> tuple[torch.Tens
         columns.append(_uniform_columns(post_softmax, batch))
         modes.append(UNIFORM)
         p_range = [post_softmax.qmin, post_softmax.qmax]
-    params = torch.cat([column.to(device=device, dtype=torch.float32) for column in columns], dim=1)
+    params = torch.cat(columns, dim=1).to(device)
     return params, modes, [qkv[0].qmin, qkv[0].qmax], p_range
 
 

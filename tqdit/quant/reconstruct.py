@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from tqdit.quant.layers import QuantLinear, quantization_disabled
+from tqdit.quant.layers import QuantLinear, QuantMatMul, quantization_disabled
 from tqdit.quant.quantizers import UniformQuantizer
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
@@ -241,9 +241,14 @@ def reconstruct_blocks(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
     for number, block in enumerate(tqdm(model.blocks, desc="reconstruct", unit="block", disable=not progress)):
         with torch.no_grad(), quantization_disabled(model):
             target = _batched(block, x_fp, cond_fp, batch=batch)
-        report = reconstruct_block(model, block, x_q, cond, target, cfg, joint, generator, progress, f"block {number}")
-        reports.append(report)
-        with torch.no_grad():
-            x_q = _batched(block, x_q, cond, batch=batch)
+        if any(isinstance(m, (QuantLinear, QuantMatMul)) for m in block.modules()):
+            reports.append(reconstruct_block(model, block, x_q, cond, target, cfg, joint, generator, progress, f"block {number}"))
+            with torch.no_grad():
+                x_q = _batched(block, x_q, cond, batch=batch)
+        else:  # outside the scope: nothing to fit; pass the quantized prefix's output on and report its error
+            with torch.no_grad():
+                x_q = _batched(block, x_q, cond, batch=batch)
+                error = float(lp_loss(x_q, target, 2.0))
+            reports.append({"error_nearest": error, "error_after": error, "undecided_rounding": 0.0})
         x_fp = target
     return reports
