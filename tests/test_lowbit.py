@@ -1,4 +1,6 @@
-"""Real low-bit inference (tqdit/quant/lowbit.py): int8 weight storage on the CPU, FP8 matmuls on a GPU."""
+"""Real low-bit inference (tqdit/quant/lowbit.py, tqdit/quant/int8_gemm.py): the int8 matmul path
+(PyTorch ops and the Triton kernel, the latter in Triton's interpreter on the CPU), int8 weight
+storage, and FP8 matmuls on a GPU."""
 
 import copy
 import json
@@ -14,12 +16,19 @@ from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
 from tqdit.quant import METHODS, QuantConfig, SearchConfig
 from tqdit.quant.layers import QuantLinear
-from tqdit.quant.lowbit import Fp8Linear, Int8WeightLinear, fp8_supported, to_low_bit, weight_bytes
+from tqdit.quant import int8_gemm
+from tqdit.quant.lowbit import Fp8Linear, Int8Linear, Int8WeightLinear, fp8_supported, to_low_bit, weight_bytes
 from tqdit.quant.reconstruct import ReconConfig
+
 
 def needs_fp8(test):
     """A GPU test (marker ``gpu``), skipped without FP8 tensor cores."""
     return pytest.mark.gpu(pytest.mark.skipif(not fp8_supported(), reason="needs a CUDA GPU with FP8 tensor cores")(test))
+
+
+def needs_cuda(test):
+    """A GPU test (marker ``gpu``), skipped without CUDA (the int8 Triton kernel's compiled path)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 def calibrated(method: str, device: str = "cpu", dtype=torch.float32):
@@ -47,6 +56,132 @@ def test_int8_weight_storage_reproduces_the_calibrated_layer(method):
         x = torch.randn(5, 7, layer.weight.shape[1])
         torch.testing.assert_close(stored(x), layer(x), rtol=0, atol=1e-5)
         assert stored.codes.element_size() * stored.codes.numel() * 4 == layer.weight.numel() * layer.weight.element_size()
+
+
+def integer_operands(m, k, n, rows_per_sample, weight_offsets, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    samples = m // rows_per_sample
+    return dict(
+        a=torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8),
+        weight=torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8),
+        sample_scale=torch.rand(samples, generator=g) * 0.1 + 0.01,
+        sample_offset=torch.randint(-127, 129, (samples,), generator=g, dtype=torch.int32),
+        weight_scale=torch.rand(n, generator=g) * 0.01 + 0.001,
+        weight_offset=torch.randint(-127, 129, (n,), generator=g, dtype=torch.int32) if weight_offsets else None,
+        bias=torch.randn(n, generator=g))
+
+
+def dequantized_product(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, bias, rows_per_sample):
+    """The same layer computed the plain way, in float64: dequantize both operands, multiply."""
+    sample = torch.arange(a.shape[0]) // rows_per_sample
+    x = (a.double() + sample_offset[sample].double()[:, None]) * sample_scale[sample].double()[:, None]
+    w_offset = 0.0 if weight_offset is None else weight_offset.double()[:, None]
+    w = (weight.double() + w_offset) * weight_scale.double()[:, None]
+    return x @ w.t() + (0.0 if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("k,weight_offsets,with_bias", [(100, False, True), (100, True, True), (70, True, False), (1100, True, True)])
+def test_int8_matmul_equals_the_dequantized_product(k, weight_offsets, with_bias):
+    # 6 samples × 7 rows, 45 channels: no dimension a multiple of the tiles; K = 1100 takes the float64 path
+    ops = integer_operands(42, k, 45, rows_per_sample=7, weight_offsets=weight_offsets)
+    if not with_bias:
+        ops["bias"] = None
+    ops["weight_sum"] = ops["weight"].to(torch.int32).sum(dim=1, dtype=torch.int32)
+    expected = dequantized_product(**{key: v for key, v in ops.items() if key != "weight_sum"}, rows_per_sample=7)
+    ours = int8_gemm.reference(**ops, rows_per_sample=7, out_dtype=torch.float32)
+    kernel = int8_gemm.launch(**ops, rows_per_sample=7, out_dtype=torch.float32, config=int8_gemm.INTERPRETER_CONFIG)
+    # exact integer sums, then one float32 rounding of the scaled result: within a few ulps
+    scale = expected.abs().max()
+    assert (ours.double() - expected).abs().max() < 1e-6 * scale
+    torch.testing.assert_close(kernel, ours, rtol=0, atol=0)  # the kernel's arithmetic, operation for operation
+    assert (torch.ops.tqdit.int8_linear(**ops, rows_per_sample=7, out_dtype=torch.bfloat16).float() - ours).abs().max() < 1e-2 * scale
+
+
+def test_int8_matmul_cannot_overflow_at_the_extremes():
+    # every code and offset at its extreme at DiT-XL/2's largest K: (−128 − 127)² · 4608 = 299,635,200,
+    # held by the int32 accumulator and corrections (a wrap-around past 2^31 would change the sign)
+    k, n = 4608, 8
+    ops = dict(a=torch.full((4, k), -128, dtype=torch.int8), weight=torch.full((n, k), -128, dtype=torch.int8),
+               sample_scale=torch.ones(1), sample_offset=torch.full((1,), -127, dtype=torch.int32),
+               weight_scale=torch.ones(n), weight_offset=torch.full((n,), -127, dtype=torch.int32), bias=None)
+    ops["weight_sum"] = ops["weight"].to(torch.int32).sum(dim=1, dtype=torch.int32)
+    expected = torch.full((4, n), float(k * 255**2))
+    kernel = int8_gemm.launch(**ops, rows_per_sample=4, out_dtype=torch.float32, config=int8_gemm.INTERPRETER_CONFIG)
+    torch.testing.assert_close(kernel, expected, rtol=0, atol=0)
+    torch.testing.assert_close(int8_gemm.reference(**ops, rows_per_sample=4, out_dtype=torch.float32), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["mrq_tgq", "ptq4dit"])  # symmetric int8 weights, asymmetric time-grouped inputs; asymmetric uint8 weights
+def test_int8_linear_computes_the_fake_quantized_layer(method):
+    _, quantized, calib = calibrated(method)
+    layers = [(name, m) for name, m in quantized.named_modules() if isinstance(m, QuantLinear) and m.act.__class__.__name__ == "UniformQuantizer"]
+    assert len(layers) >= 8
+    if quantized.quant_context is not None:  # time-grouped inputs: samples from both groups in one batch
+        quantized.quant_context.set_groups(torch.tensor([0, 1, 1, 0, 1]))
+    asymmetric_weights = 0
+    for name, layer in layers:
+        real = Int8Linear(layer)
+        asymmetric_weights += real.weight_offset is not None
+        assert real.weight_codes.dtype == torch.int8
+        x = torch.randn(5, 7, layer.weight.shape[1]) * 3
+        reference, ours = layer(x), real(x)
+        # same codes, exact integer sums: only float32 rounding apart (the quantization error itself is ~1e-2)
+        assert (ours - reference).abs().max() < 2e-6 * reference.abs().max(), name
+    assert asymmetric_weights == (len(layers) if method == "ptq4dit" else 0)
+
+
+@pytest.mark.parametrize("method", ["tgq", "ptq4dm"])
+def test_int8_model_follows_the_simulation_far_closer_than_the_quantization_error(method):
+    fp, quantized, calib = calibrated(method)
+    x, t, y = calib.x[:16], calib.t[:16], calib.y[:16]
+    with torch.no_grad():
+        reference, simulated = fp(x, t, y), quantized(x, t, y)
+        before = weight_bytes(quantized)
+        linear_values = sum(m.weight.numel() for m in quantized.modules() if isinstance(m, QuantLinear))
+        counts = to_low_bit(quantized, "int8")
+        real = quantized(x, t, y)
+    assert counts == {"int8_linear": 10, "int8_weight_linear": 0, "simulated": 0}
+    # float32 rounding can move a value that sits on a rounding boundary to the neighbouring code, and
+    # attention spreads that over the sample, so not zero — but far below the quantization error
+    # (FP8, a different grid, lands ~1.4× the quantization error away)
+    assert (real - simulated).norm() < 0.1 * (simulated - reference).norm()
+    assert before - weight_bytes(quantized) == linear_values * (4 - 1)  # float32 weights became int8 codes
+
+
+@needs_cuda
+@pytest.mark.parametrize("k,weight_offsets", [(100, False), (1100, True), (4608, True)])
+def test_int8_kernel_on_the_gpu_computes_the_reference(k, weight_offsets):
+    ops = {key: None if value is None else value.cuda()
+           for key, value in integer_operands(600, k, 300, rows_per_sample=50, weight_offsets=weight_offsets).items()}
+    ops["weight_sum"] = ops["weight"].to(torch.int32).sum(dim=1, dtype=torch.int32)
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):  # fused multiply-adds; bf16 rounding
+        kernel = torch.ops.tqdit.int8_linear(**ops, rows_per_sample=50, out_dtype=dtype).float()
+        reference = int8_gemm.reference(**ops, rows_per_sample=50, out_dtype=torch.float32)
+        assert (kernel - reference).abs().max() < tolerance * reference.abs().max(), dtype
+
+
+def test_int8_model_compiles_as_one_graph():
+    """The custom op and the per-sample parameter gathers trace as one graph (what compile=true needs):
+    dynamo, the op's fake implementation and AOT autograd, without inductor's code generation (which
+    the op is opaque to, and which would cost the CPU suite a minute)."""
+    from tqdit.quant.layers import prepare_for_compile
+
+    fp, quantized, calib = calibrated("tgq")
+    x, t, y = calib.x[:16], calib.t[:16], calib.y[:16]  # two time groups in one batch
+    with torch.no_grad():
+        simulated = quantized(x, t, y)
+        to_low_bit(prepare_for_compile(quantized), "int8")
+        eager = quantized(x, t, y)
+        compiled = torch.compile(quantized, fullgraph=True, backend="aot_eager")(x, t, y)  # a graph break would raise
+        quantization_error = (fp(x, t, y) - simulated).norm()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert (eager - simulated).norm() < 0.1 * quantization_error
+
+
+def test_unknown_low_bit_backend_is_refused():
+    _, quantized, _ = calibrated("tgq")
+    with pytest.raises(ValueError, match="unknown low-bit backend 'int4': use one of int8, fp8"):
+        to_low_bit(quantized, "int4")
 
 
 @needs_fp8
@@ -87,17 +222,32 @@ def test_fp8_model_weights_shrink_and_outputs_follow():
     assert weight_bytes(quantized) < before
 
 
-@needs_fp8
-def test_fp8_samples_of_the_embedded_model_match_fake_quantization_in_fid(tmp_path):
-    """Same calibration (quant.load), same seed: FID of the real FP8 path within seed noise of the fake path."""
+def same_calibration_fid(tmp_path, backend: str) -> tuple[dict, dict]:
+    """FIDs of the embedded model's fake-quantized and ``backend`` jobs from one calibration (quant.load), same seed."""
     common = ["num_samples=2000", "batch_size=1000", "quant=mrq_tgq", "bits=8", "device=cuda", "dtype=bf16", f"cache_dir={tmp_path / 'cache'}"]
     fake = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'fake'}", *common], cwd=ROOT, capture_output=True, text=True)
     assert fake.returncode == 0, fake.stderr[-2000:]
-    real = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'fp8'}", *common, "quant.backend=fp8",
+    real = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path / backend}", *common, f"quant.backend={backend}",
                            f"quant.load={tmp_path / 'fake' / 'quant_params.safetensors'}"], cwd=ROOT, capture_output=True, text=True)
     assert real.returncode == 0, real.stderr[-2000:]
-    fid = {name: json.loads((tmp_path / name / "results.json").read_text())["metrics"]["fid"] for name in ("fake", "fp8")}
-    record = json.loads((tmp_path / "fp8" / "results.json").read_text())["quant"]
-    print(f"FID fake-quant {fid['fake']:.3f}, FP8 {fid['fp8']:.3f}; {record['lowbit']}")
+    fid = {name: json.loads((tmp_path / name / "results.json").read_text())["metrics"]["fid"] for name in ("fake", backend)}
+    record = json.loads((tmp_path / backend / "results.json").read_text())["quant"]
+    print(f"FID fake-quant {fid['fake']:.3f}, {backend} {fid[backend]:.3f}; {record['lowbit']}")
+    return fid, record
+
+
+@needs_fp8
+def test_fp8_samples_of_the_embedded_model_match_fake_quantization_in_fid(tmp_path):
+    """Same calibration (quant.load), same seed: FID of the real FP8 path within seed noise of the fake path."""
+    fid, record = same_calibration_fid(tmp_path, "fp8")
     assert record["lowbit"]["fp8_linear"] == 16
     assert abs(fid["fp8"] - fid["fake"]) < 0.99  # the seed-to-seed std of FID at N = 2000 (README)
+
+
+@needs_cuda
+def test_int8_samples_of_the_embedded_model_match_fake_quantization_in_fid(tmp_path):
+    """Same calibration, same seed: the int8 path computes the fake-quantized function, so FIDs agree
+    to well within seed noise (not exactly: float rounding moves a few boundary values a code)."""
+    fid, record = same_calibration_fid(tmp_path, "int8")
+    assert record["lowbit"]["int8_linear"] == 16
+    assert abs(fid["int8"] - fid["fake"]) < 0.99  # the seed-to-seed std of FID at N = 2000 (README)

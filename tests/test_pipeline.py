@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,6 +140,15 @@ def test_quantized_job_records_method_and_reloads_its_calibration(tmp_path):
     record = json.loads((cached / "results.json").read_text())["quant"]
     assert record["calibration_set_cached"] is True  # the sweep's second job reuses the captured set
     assert record["groups"] is None and record["search"] == "lp"
+
+
+def test_int8_job_runs_the_integer_path_and_records_it(tmp_path):
+    job = run_job(tmp_path, "int8", "quant=tgq", "bits=8", "quant.backend=int8")
+    quant = json.loads((job / "results.json").read_text())["quant"]
+    # every Linear of the 4 blocks has a uniform input under TGQ: all 20 run as int8 matmuls
+    assert quant["lowbit"] == {"int8_linear": 20, "int8_weight_linear": 0, "simulated": 0}
+    model_bytes = sum(t.numel() * t.element_size() for t in load_file(ROOT / "tqdit/assets/dit_mnist.safetensors").values())
+    assert quant["weight_bytes"] < 0.5 * model_bytes
 
 
 RECON_FAST = ["quant/recon=quick", "quant.recon.iters=20", "quant.recon.act_iters=5", "quant.num_inputs=16"]

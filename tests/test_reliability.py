@@ -120,6 +120,7 @@ def test_nan_in_calibration_names_the_layer_and_time_group():
     ("quant=mrq_tgq groups=0", "error: groups=0 must be an integer from 1 to the number of sampling steps (10)"),
     ("quant=ptq4dm +quant.params.mu=0.3", "error: quant.params has unknown keys ['mu'] for quant=ptq4dm; known keys: mean, p, std"),
     ("quant.backend=fp8 device=cpu", "error: quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device=cpu does not: use quant.backend=simulated"),
+    ("quant=tgq bits=6 quant.backend=int8", "error: quant.backend=int8 runs W8A8 only, not W6A6: use bits=8 or quant.backend=simulated"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path, override, message):
     command = [c for c in job_command(tmp_path / "job", tmp_path / "cache") if c != "quant=fp"] + override.split()

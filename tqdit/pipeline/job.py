@@ -97,14 +97,15 @@ def validate(cfg: DictConfig) -> None:
     recon = quant.recon
     check(all(isinstance(recon[k], int) and recon[k] >= 0 for k in ("iters", "act_iters")) and recon.batch >= 1,
           "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
-    check(quant.backend in ("simulated", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated or fp8")
+    check(quant.backend in ("simulated", "int8", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated, int8 or fp8")
     check(quant.attention in ("auto", "fused", "explicit"), f"quant.attention={quant.attention} is unknown: use auto, fused or explicit")
     if quant.attention == "fused" and quant.name != "fp":
         check(device.type == "cuda", f"quant.attention=fused runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use quant.attention=auto or explicit")
         check(fused_attention.available(), "quant.attention=fused needs Triton, which this PyTorch install lacks: install a CUDA build of PyTorch or use quant.attention=explicit")
     if quant.backend == "fp8" and quant.name != "fp":
         check(fp8_supported(device), f"quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device={cfg.device} does not: use quant.backend=simulated")
-        check(cfg.w_bits == 8 and cfg.a_bits == 8, f"quant.backend=fp8 runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated")
+    if quant.backend in ("int8", "fp8") and quant.name != "fp":
+        check(cfg.w_bits == 8 and cfg.a_bits == 8, f"quant.backend={quant.backend} runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated")
     check(quant.load is None or Path(str(quant.load)).expanduser().is_file(),
           f"quant.load={quant.load}: file not found; point it at a job's quant_params.safetensors")
     checkpoint = cfg.model.checkpoint
@@ -357,8 +358,8 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         if distributed.rank() != 0:  # the other ranks read the parameters rank 0 just saved
             quantize_model(cfg, model, diffusion, job_dir)
         record = {}
-        if cfg.quant.backend == "fp8" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
-            record.update(lowbit=to_low_bit(model), weight_bytes=weight_bytes(model))
+        if cfg.quant.backend != "simulated" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
+            record.update(lowbit=to_low_bit(model, cfg.quant.backend), weight_bytes=weight_bytes(model))
         if cfg.quant.name != "fp" and fused_attention_wanted(cfg.quant.attention, device, dtype, cfg.compile):
             record["fused_attention_blocks"] = fused_attention.use_fused_attention(model)
         return record

@@ -1,22 +1,26 @@
-"""Real low-bit inference for a calibrated model: FP8 tensor-core matmuls on Hopper, 8-bit weights.
+"""Real low-bit inference for a calibrated model: INT8 or FP8 tensor-core matmuls, 8-bit weights.
 
-``to_low_bit(model)`` swaps the calibrated fake-quantized layers for ones that store 8-bit weights
-and, where the activation quantizer is uniform, run the matmul on FP8 (e4m3) tensor cores:
+``to_low_bit(model, backend)`` swaps the calibrated fake-quantized layers for ones that store 8-bit
+weights and, where the activation quantizer is uniform, run the matmul in 8 bits:
 
-- ``Fp8Linear`` — a ``QuantLinear`` whose input quantizer is uniform (qkv, proj, fc1, adaLN):
-  the input is scaled by its *static calibrated* scale — per tensor, or per time group, gathered per
-  sample and expanded to that sample's rows — cast to e4m3 and multiplied by the e4m3 weight with
-  per-output-channel scales (``torch._scaled_mm``, row-wise scaling, bf16 out). The e4m3 scales
-  cover each calibrated range (activation: max(|low|, |high|) of its uniform grid; weight: the
-  channel's max |ŵ|) with e4m3's ±448.
-- ``Int8WeightLinear`` — a ``QuantLinear`` whose input quantizer has no fast kernel (TQ-DiT's
-  post-GELU multi-region quantizer on fc2): the weight is stored as its calibrated int8 codes and
-  scales and dequantized inside the (compiled) graph; the input stays fake-quantized.
-- Attention matmuls (q·kᵀ, softmax·V with MRQ) stay simulated: MRQ's two regions have no FP8 form.
-
-FP8 is not the int8 grid: e4m3 keeps 3 mantissa bits, so values are rounded relative to their
-magnitude rather than on a uniform grid. That is the point of comparing FIDs of the two paths
-(tests/test_lowbit.py, GPU only). Needs CUDA with FP8 support (compute capability ≥ 8.9).
+- ``Int8Linear`` (``backend="int8"``) — a ``QuantLinear`` whose input quantizer is uniform (qkv,
+  proj, fc1, adaLN): the input is rounded onto its *static calibrated* grid — per tensor, or per
+  time group, each sample taking its own group's (Δ, z) — and the int8 codes are multiplied by the
+  int8 weight codes with int32 accumulation (:mod:`tqdit.quant.int8_gemm`). This computes the fake-
+  quantized layer's function exactly up to one float32 rounding: the integer path of the same grids.
+- ``Fp8Linear`` (``backend="fp8"``) — the same layers on FP8 (e4m3) tensor cores: the input is
+  scaled by its static calibrated scale (per sample's group), cast to e4m3 and multiplied by the
+  e4m3 weight with per-output-channel scales (``torch._scaled_mm``, row-wise scaling, bf16 out). The
+  e4m3 scales cover each calibrated range (activation: max(|low|, |high|) of its uniform grid;
+  weight: the channel's max |ŵ|) with e4m3's ±448. FP8 is *not* the int8 grid: e4m3 keeps 3
+  mantissa bits, so values are rounded relative to their magnitude rather than on a uniform grid
+  (tests/test_lowbit.py compares the FIDs of the two paths, GPU only). Needs CUDA with FP8 support
+  (compute capability ≥ 8.9).
+- ``Int8WeightLinear`` (both backends) — a ``QuantLinear`` whose input quantizer has no fast
+  kernel (TQ-DiT's post-GELU multi-region quantizer on fc2: two step sizes would need two integer
+  matmuls): the weight is stored as its calibrated int8 codes and scales and dequantized inside the
+  (compiled) graph; the input stays fake-quantized.
+- Attention matmuls (q·kᵀ, softmax·V) stay simulated: MRQ's two regions have no single 8-bit form.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tqdit.quant import int8_gemm
 from tqdit.quant.layers import QuantLinear
 from tqdit.quant.quantizers import UniformQuantizer
+
+BACKENDS = ("int8", "fp8")
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -82,6 +89,65 @@ class Fp8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+def weight_codes(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, zero point) of the calibrated weight, codes (N, K) as float integers in
+    [qmin, qmax], scale and zero point (N, 1) float: ŵ = (codes − zero point) · scale."""
+    wq = layer.weight_quant
+    quantized = layer.quantized_weight().detach()  # on the grid, whatever rounding the method learned
+    scale, zero_point = wq.scale[0].float().reshape(-1, 1), wq.zero_point[0].float().reshape(-1, 1)
+    return torch.clamp(torch.round(quantized.float() / scale) + zero_point, wq.qmin, wq.qmax), scale, zero_point
+
+
+def code_offset(quantizer: UniformQuantizer) -> int:
+    """What is subtracted from a code to store it as int8: 128 for unsigned grids, 0 for signed."""
+    return 128 if quantizer.qmin == 0 else 0
+
+
+class Int8Linear(nn.Module):
+    """y = x̂ Ŵᵀ + b as an int8 × int8 → int32 matmul of the calibrated codes (see module docstring)."""
+
+    def __init__(self, layer: QuantLinear):
+        super().__init__()
+        act, wq = layer.act, layer.weight_quant
+        codes, scale, zero_point = weight_codes(layer)
+        self.out_features, self.in_features = codes.shape
+        if self.in_features > int8_gemm.MAX_EXACT_K:
+            raise ValueError(f"int8 matmul with K={self.in_features} could overflow int32 (at most {int8_gemm.MAX_EXACT_K})")
+        stored = (codes - code_offset(wq)).to(torch.int8)
+        offsets = (code_offset(wq) - zero_point).reshape(-1).to(torch.int32)
+        self.register_buffer("weight_codes", stored)
+        self.register_buffer("weight_scale", scale.reshape(-1).contiguous())
+        self.register_buffer("weight_sum", stored.to(torch.int32).sum(dim=1, dtype=torch.int32))
+        self.register_buffer("weight_offset", offsets if bool((offsets != 0).any()) else None)  # None: symmetric weights
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
+        # the input grid per time group: round(x · (1/Δ)) + z, clamped, as fake_quant rounds it
+        self.register_buffer("input_inv_scale", 1.0 / act.scale[:, 0].float())
+        self.register_buffer("input_scale", act.scale[:, 0].float().clone())
+        self.register_buffer("input_zero_point", act.zero_point[:, 0].float())
+        self.register_buffer("input_offset", (code_offset(act) - act.zero_point[:, 0]).to(torch.int32))
+        self.input_code_offset, self.qmin, self.qmax = code_offset(act), act.qmin, act.qmax
+        self.context = act.context if act.groups > 1 else None
+
+    def per_sample(self, values: torch.Tensor, batch: int) -> torch.Tensor:
+        """(groups,) -> (batch,): each sample's time group, or the one value for all."""
+        return self.context.per_sample(values, batch) if self.context is not None else values[:1].expand(batch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        rows = x.numel() // self.in_features
+        rows_per_sample = rows // batch
+        inv_scale = self.per_sample(self.input_inv_scale, batch).reshape(batch, 1, 1)
+        zero_point = self.per_sample(self.input_zero_point, batch).reshape(batch, 1, 1)
+        per_sample_rows = x.reshape(batch, rows_per_sample, self.in_features).float()
+        codes = torch.clamp(torch.round(per_sample_rows * inv_scale) + zero_point, self.qmin, self.qmax)
+        a = (codes - self.input_code_offset).to(torch.int8).reshape(rows, self.in_features)
+        out = torch.ops.tqdit.int8_linear(
+            a, self.weight_codes, self.per_sample(self.input_scale, batch).contiguous(),
+            self.per_sample(self.input_offset, batch).contiguous(), self.weight_scale, self.weight_offset, self.weight_sum,
+            self.bias, rows_per_sample, x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
 class Int8WeightLinear(nn.Module):
     """A quantized linear whose input stays fake-quantized; its weight is kept as int8 codes + scales."""
 
@@ -89,14 +155,12 @@ class Int8WeightLinear(nn.Module):
         super().__init__()
         wq = layer.weight_quant
         self.act = layer.act
-        quantized = layer.quantized_weight().detach()  # on the grid, whatever rounding the method learned
-        scale, zero_point = wq.scale[0].float().reshape(-1, 1), wq.zero_point[0].float().reshape(-1, 1)
-        codes = torch.clamp(torch.round(quantized.float() / scale) + zero_point, wq.qmin, wq.qmax)
+        codes, scale, zero_point = weight_codes(layer)
         self.register_buffer("codes", codes.to(torch.int8 if wq.qmin < 0 else torch.uint8))
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
-        self.weight_dtype = quantized.dtype
+        self.weight_dtype = layer.weight.dtype
 
     def weight(self) -> torch.Tensor:
         return ((self.codes.float() - self.zero_point) * self.scale).to(self.weight_dtype)
@@ -105,13 +169,17 @@ class Int8WeightLinear(nn.Module):
         return F.linear(self.act(x), self.weight(), self.bias)
 
 
-def to_low_bit(model: nn.Module) -> dict:
-    """Swap calibrated QuantLinear layers in place (see module docstring); returns what was converted.
+def to_low_bit(model: nn.Module, backend: str = "fp8") -> dict:
+    """Swap calibrated QuantLinear layers in place for ``backend`` (``int8`` or ``fp8``, see module
+    docstring); returns what was converted.
 
     Layers whose weight quantizer is off (no calibration) or not 8-bit, or whose input quantizer is
     not 8-bit, are left as they are.
     """
-    counts = {"fp8_linear": 0, "int8_weight_linear": 0, "simulated": 0}
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown low-bit backend '{backend}': use one of {', '.join(BACKENDS)}")
+    fast, fast_name = (Int8Linear, "int8_linear") if backend == "int8" else (Fp8Linear, "fp8_linear")
+    counts = {fast_name: 0, "int8_weight_linear": 0, "simulated": 0}
     names = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]
     for name in names:
         layer = model.get_submodule(name)
@@ -120,8 +188,8 @@ def to_low_bit(model: nn.Module) -> dict:
             counts["simulated"] += 1
             continue
         uniform_input = isinstance(layer.act, UniformQuantizer) and layer.act.enabled and layer.act.scale.shape[1] == 1
-        new = Fp8Linear(layer) if uniform_input else Int8WeightLinear(layer)
-        counts["fp8_linear" if uniform_input else "int8_weight_linear"] += 1
+        new = fast(layer) if uniform_input else Int8WeightLinear(layer)
+        counts[fast_name if uniform_input else "int8_weight_linear"] += 1
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return counts
@@ -131,7 +199,7 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights a forward pass reads (parameters and weight buffers, not quantizer scales)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
-        for name in ("weight_fp8", "codes"):
+        for name in ("weight_fp8", "weight_codes", "codes"):
             buffer = getattr(module, name, None)
             if isinstance(buffer, torch.Tensor):
                 total += buffer.numel() * buffer.element_size()
