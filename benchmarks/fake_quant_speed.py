@@ -13,12 +13,14 @@ this order (``--skip`` drops any):
   explicit attention (score matrix materialised), compiled after ``prepare_for_compile``;
 - ``fake_quant_fused_eager``, ``fake_quant_fused_compiled``: the same with the quantized attention
   in one Triton kernel (:mod:`tqdit.quant.fused_attention`, what jobs use eagerly on CUDA);
-- ``fp8_compiled``: real W8A8 of that TQ-DiT model (:func:`tqdit.quant.lowbit.to_low_bit`: FP8
-  matmuls where the input quantizer is uniform; fc2 behind the post-GELU MRQ keeps a simulated
-  input, an int8-stored weight and a bf16 matmul), compiled, with the explicit attention (what
-  ``quant.attention=auto`` takes when compiled: inductor's kernels for it are the fastest measured);
-- ``fp8_tgq_compiled``: real W8A8 of TGQ alone (uniform quantizers with time groups, no MRQ), where
-  every linear of the blocks runs on FP8 — the real speed when no operand lacks a fast kernel.
+- ``int8_compiled``, ``fp8_compiled``: real W8A8 of that TQ-DiT model
+  (:func:`tqdit.quant.lowbit.to_low_bit`: integer or FP8 matmuls where the input quantizer is
+  uniform; fc2 behind the post-GELU MRQ keeps a simulated input, an int8-stored weight and a bf16
+  matmul), compiled, with the explicit attention (what ``quant.attention=auto`` takes when
+  compiled: inductor's kernels for it are the fastest measured);
+- ``int8_tgq_compiled``, ``fp8_tgq_compiled``: real W8A8 of TGQ alone (uniform quantizers with time
+  groups, no MRQ), where every linear of the blocks runs in 8 bits — the real speed when no operand
+  lacks a fast kernel.
 
 Each: one warm-up loop (compilation), then the median of ``--repeats`` timed loops; image-steps/s =
 batch × steps / s. Numerics are compared on one forward pass with mixed timesteps, relative to the
@@ -48,7 +50,7 @@ from tqdit.quant.lowbit import to_low_bit, weight_bytes
 from tqdit.utils import atomic_write_json
 
 RUNS = ["fp_eager", "fp_compiled", "fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager",
-        "fake_quant_fused_compiled", "fp8_compiled", "fp8_tgq_compiled"]
+        "fake_quant_fused_compiled", "int8_compiled", "fp8_compiled", "int8_tgq_compiled", "fp8_tgq_compiled"]
 
 
 def main() -> None:
@@ -189,23 +191,31 @@ def main() -> None:
 
     for block in quantized.blocks:  # compiled, the explicit attention is the faster (quant.attention=auto)
         block.attn.kernel = None
-    results["lowbit"] = to_low_bit(quantized)
-    results["weight_bytes"] = {"fp_bf16": fp_weight_bytes, "w8a8_lowbit": weight_bytes(quantized),
-                               "ratio": round(fp_weight_bytes / weight_bytes(quantized), 2)}
-    compare("fp8_vs_fake_quant", forward(quantized), fake_out)
-    timed("fp8_compiled", compiled(quantized))
-    uncompile(quantized)
-    del quantized
+    results["weight_bytes"] = {"fp_bf16": fp_weight_bytes}
+    results["lowbit"] = {}
 
-    if "fp8_tgq_compiled" not in args.skip:
+    def real_low_bit(net, method: str, fake: torch.Tensor) -> None:
+        """int8 and FP8 copies of a calibrated model: numerics against its fake quantization, then timed."""
+        for backend in ("int8", "fp8"):
+            name = f"{backend}{'' if method == 'mrq_tgq' else '_' + method}_compiled"
+            if name in args.skip:
+                continue
+            real = copy.deepcopy(net)
+            results["lowbit"][name] = to_low_bit(real, backend)
+            results["weight_bytes"][name] = weight_bytes(real)
+            results["numerics"][f"{name}_vs_fake_quant_over_its_error"] = round(
+                ((forward(real) - fake).norm() / (fake - fp_out).norm()).item(), 4)
+            timed(name, compiled(real))
+            uncompile(real)
+            del real
+
+    real_low_bit(quantized, "mrq_tgq", fake_out)
+    del quantized
+    if not {"int8_tgq_compiled", "fp8_tgq_compiled"} <= set(args.skip):
         tgq = prepare_for_compile(calibrate("tgq"))
         tgq_fake_out = forward(tgq)
-        results["lowbit_tgq"] = to_low_bit(tgq)
-        results["weight_bytes"]["w8a8_lowbit_tgq"] = weight_bytes(tgq)
         results["numerics"]["tgq_w8a8_error_relative_to_fp"] = round(((tgq_fake_out - fp_out).norm() / fp_out.norm()).item(), 4)
-        results["numerics"]["tgq_fp8_vs_fake_quant_over_its_error"] = round(
-            ((forward(tgq) - tgq_fake_out).norm() / (tgq_fake_out - fp_out).norm()).item(), 4)
-        timed("fp8_tgq_compiled", compiled(tgq))
+        real_low_bit(tgq, "tgq", tgq_fake_out)
 
     runs = results["runs"]
     speed = {name: run["image_steps_per_s"] for name, run in runs.items()}
@@ -214,7 +224,7 @@ def main() -> None:
                        ("fake_quant_fused_eager", "fp_eager"), ("fake_quant_fused_compiled", "fp_compiled")]:
         if slow in speed and fast in speed:
             ratios[f"{slow}_time_over_{fast}"] = round(speed[fast] / speed[slow], 2)
-    for real in ("fp8_compiled", "fp8_tgq_compiled"):
+    for real in ("int8_compiled", "fp8_compiled", "int8_tgq_compiled", "fp8_tgq_compiled"):
         for base in ("fp_compiled", "fp_eager"):
             if real in speed and base in speed:
                 ratios[f"{real}_speedup_over_{base}"] = round(speed[real] / speed[base], 2)

@@ -1,12 +1,23 @@
-"""Matmul throughput at DiT-XL/2's linear shapes: bf16 vs FP8 (e4m3) with row-wise or tensor-wise scales.
+"""Matmul throughput at DiT-XL/2's linear shapes: bf16 vs FP8 (e4m3) vs INT8, one run, one GPU.
 
-    python benchmarks/fp8_gemm.py [--tokens 65536] [--out gemm.json]
+    python benchmarks/gemm_8bit.py [--tokens 65536] [--out gemm.json]
 
 Tokens = 2 × batch 128 (guidance) × 256 patches. For each layer shape (qkv, proj, fc1, fc2) on
-random data: ``torch.mm`` in bf16; ``torch._scaled_mm`` with a (tokens, 1) × (1, out) scale pair
-(row-wise: one scale per sample's row and per output channel, what :class:`tqdit.quant.lowbit.Fp8Linear`
-needs); and with unit scalar scales (tensor-wise), the per-row and per-channel scales then applied to
-the bf16 output by one elementwise pass. Median of ``triton.testing.do_bench``; TFLOP/s = 2·M·N·K / s.
+random data:
+
+- ``bf16``: ``torch.mm``;
+- ``fp8_rowwise``: ``torch._scaled_mm`` with a (tokens, 1) × (1, out) scale pair (one scale per
+  sample's row and per output channel, what :class:`tqdit.quant.lowbit.Fp8Linear` needs);
+  ``fp8_tensorwise_gemm_only`` with unit scalar scales, and ``fp8_tensorwise_plus_scaling`` with the
+  per-row and per-channel scales then applied to the bf16 output by one elementwise pass;
+- ``int8_int_mm``: ``torch._int_mm`` (int32 out, no scales: PyTorch's own int8 GEMM);
+- ``int8_tqdit``: :func:`tqdit.quant.int8_gemm.int8_linear` as :class:`tqdit.quant.lowbit.Int8Linear`
+  calls it (per-sample input scale and offset, per-channel weight scale, bias, bf16 out, symmetric
+  weights; autotuned tiling, reported) and ``int8_tqdit_asymmetric_weights`` (the Σa correction on).
+
+Each int8 result is checked against the same arithmetic in PyTorch ops. Median of
+``triton.testing.do_bench``; TFLOP/s (TOP/s for int8) = 2·M·N·K / s. Results are written after
+every layer (``--out``).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import sys
 
 import torch
 
+from tqdit.quant import int8_gemm
 from tqdit.utils import atomic_write_json
 
 SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
@@ -50,15 +62,38 @@ def main() -> None:
             out = torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
             return (out * row * col).to(torch.bfloat16)
 
+        a_int = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
+        w_int = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
+        samples = m // 256  # per-sample (time-group) input parameters, 256 tokens each
+        int8_args = dict(a=a_int, weight=w_int, sample_scale=torch.rand(samples, device="cuda") * 1e-3 + 1e-4,
+                         sample_offset=torch.randint(-127, 129, (samples,), device="cuda", dtype=torch.int32),
+                         weight_scale=torch.rand(n, device="cuda") * 1e-3 + 1e-4, weight_offset=None,
+                         weight_sum=w_int.to(torch.int32).sum(dim=1, dtype=torch.int32),
+                         bias=torch.randn(n, device="cuda", dtype=torch.bfloat16), rows_per_sample=256, out_dtype=torch.bfloat16)
+        asymmetric = dict(int8_args, weight_offset=torch.randint(-127, 129, (n,), device="cuda", dtype=torch.int32))
+
         runs = {"bf16": lambda: a @ w.t(), "fp8_rowwise": rowwise, "fp8_tensorwise_plus_scaling": tensorwise,
-                "fp8_tensorwise_gemm_only": lambda: torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)}
+                "fp8_tensorwise_gemm_only": lambda: torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                "int8_int_mm": lambda: torch._int_mm(a_int, w_int.t()),
+                "int8_tqdit": lambda: torch.ops.tqdit.int8_linear(**int8_args),
+                "int8_tqdit_asymmetric_weights": lambda: torch.ops.tqdit.int8_linear(**asymmetric)}
         torch.testing.assert_close(rowwise(), tensorwise(), rtol=2e-2, atol=1e-1)
-        layer = {}
+        layer = {"int8_vs_reference": {}}
+        for label, ops in (("symmetric", int8_args), ("asymmetric", asymmetric)):
+            ours, ref = torch.ops.tqdit.int8_linear(**ops).float(), int8_gemm.reference(**ops).float()
+            # max difference over the largest value; bf16 outputs round at ~4e-3 relative
+            layer["int8_vs_reference"][label] = (ours - ref).abs().max().item() / ref.abs().max().item()
         for label, fn in runs.items():
-            ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
+            ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
             layer[label] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+        # the autotuner's choice per (N, K, weight offsets)
+        layer["int8_tqdit_config"] = {str(key): str(config) for key, config in getattr(int8_gemm._autotuned_kernel, "cache", {}).items()
+                                      if key[:2] == (n, k)}
         results["layers"][name] = layer
-        print(name, {label: v["tflops"] for label, v in layer.items()}, flush=True)
+        print(name, {label: v["tflops"] for label, v in layer.items() if isinstance(v, dict) and "tflops" in v},
+              layer["int8_vs_reference"], layer["int8_tqdit_config"], flush=True)
+        if args.out:
+            atomic_write_json(args.out, results)
     print(json.dumps(results, indent=2))
     if args.out:
         atomic_write_json(args.out, results)
