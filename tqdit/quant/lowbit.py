@@ -116,7 +116,7 @@ class Int8Linear(nn.Module):
         stored = (codes - code_offset(wq)).to(torch.int8)
         offsets = (code_offset(wq) - zero_point).reshape(-1).to(torch.int32)
         self.register_buffer("weight_codes", stored)
-        self.register_buffer("weight_scale", scale.reshape(-1).contiguous())
+        self.register_buffer("weight_scale", scale.reshape(-1).clone())
         self.register_buffer("weight_sum", stored.to(torch.int32).sum(dim=1, dtype=torch.int32))
         self.register_buffer("weight_offset", offsets if bool((offsets != 0).any()) else None)  # None: symmetric weights
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
