@@ -129,6 +129,24 @@ def test_time_groups_follow_the_sampling_steps(steps):
         assert sizes.max() - sizes.min() <= 1  # equal groups (to one step)
 
 
+def test_a_copy_of_a_time_grouped_model_follows_its_own_timesteps():
+    torch.manual_seed(0)
+    fp = tiny_dit()
+    calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
+    cfg = QuantConfig(time_groups=2, num_inputs=12, capture_batch=8, search=SearchConfig(criterion="minmax"))
+    quantized, _ = METHODS["tgq"](copy.deepcopy(fp), calib, cfg)
+    clean, noisy = calib.step == 0, calib.step == 5  # time groups 0 and 1
+    x, t, y = calib.x, calib.t, calib.y
+    with torch.no_grad():
+        quantized(x[noisy], t[noisy], y[noisy])  # the original's groups now say 1
+        copied = copy.deepcopy(quantized)
+        assert copied.quant_context is not quantized.quant_context
+        for pick in (clean, noisy, clean | noisy):
+            torch.testing.assert_close(copied(x[pick], t[pick], y[pick]), quantized(x[pick], t[pick], y[pick]), rtol=0, atol=0)
+    grouped = [q for _, q in quantizers(quantized) if isinstance(q, UniformQuantizer) and q.groups == 2]
+    assert any(q.scale[0, 0] != q.scale[1, 0] for q in grouped)  # so a wrong group would change outputs
+
+
 def test_groups_outside_the_schedule_are_refused():
     with pytest.raises(ValueError, match="groups=51 must be between 1 and the number of sampling steps \\(50\\)"):
         group_table(create_diffusion(50).timesteps, 51)

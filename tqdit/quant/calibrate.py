@@ -99,6 +99,14 @@ def _activation_quantizer(position: str, cfg: QuantConfig, context: TimeGroupCon
     return UniformQuantizer(cfg.a_bits, symmetric=position in ("q", "k", "v"), groups=groups, context=ctx)
 
 
+def _read_time_groups(model, args) -> None:
+    """Forward pre-hook: this call's timesteps (DiT's second argument) into the model's own context.
+
+    Looked up on the model at call time, not captured when the hook is made, so a deep copy of a
+    quantized model follows its own timesteps (its quantizers hold the copied context)."""
+    model.quant_context.set_timesteps(args[1])
+
+
 def wrap(model: DiT, cfg: QuantConfig, timesteps: np.ndarray) -> list[str]:
     """Swap the scoped modules for quantized ones (in place); returns their names.
 
@@ -111,7 +119,7 @@ def wrap(model: DiT, cfg: QuantConfig, timesteps: np.ndarray) -> list[str]:
     context = None
     if cfg.time_groups > 1:
         context = TimeGroupContext(group_table(timesteps, cfg.time_groups))
-        model.register_forward_pre_hook(lambda module, args: context.set_timesteps(args[1]))
+        model.register_forward_pre_hook(_read_time_groups)
     model.quant_context = context
     model.quant_config = cfg  # the effective settings (what a method chose), saved with the parameters
     names = resolve_scope(model, cfg.scope)
