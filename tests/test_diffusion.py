@@ -42,13 +42,14 @@ def test_sampler_reproduces_reference_samples(reference, method, steps, eta):
     denoise = guided_model(model, reference["labels"], cfg_scale=4.0, guided_channels=3)
     out = sample_loop(denoise, create_diffusion(steps), noise, method=method, eta=eta)
     assert not noise.items  # consumed exactly as many draws as the reference
-    # Compared in norm, not element by element: on this random model without clipping the samples
-    # grow to |x| ≈ 5.6e10 (DDPM), so each step amplifies float32 round-off, which differs between
-    # CPUs' kernels (AVX2 vs AVX-512). Measured on an AVX2 machine: 6.4e-6 (DDPM) and 1.6e-6 (DDIM)
-    # from the reference; our own float32 vs a float64 model 7.6e-6; a guidance scale off by 0.1 %
-    # gives 5.4e-4 / 6.5e-4, guiding every channel instead of the first 3 gives 1.0 / 0.32.
+    # Compared per (sample, channel) image in norm, not element by element: on this random model
+    # without clipping the DDPM samples grow to |x| ≈ 5.6e10 (images' norms range 4e3..6.5e10), so
+    # each step amplifies float32 round-off, which differs between CPUs' kernels (AVX2 vs AVX-512).
+    # Measured on an AVX2 machine, worst image: 5.1e-5 (DDPM), 2.7e-6 (DDIM) from the reference; a
+    # guidance scale off by 0.1 % gives 1.7e-2 / 1.2e-3, guiding every channel instead of the first 3 more.
     expected = reference[f"{method}_samples"]
-    assert (out - expected).norm() / expected.norm() < 1e-4
+    error = (out - expected).flatten(2).norm(dim=2) / expected.flatten(2).norm(dim=2)
+    assert error.max() < 5e-4, error.max()
 
 
 def tiny_model():
