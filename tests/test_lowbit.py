@@ -16,6 +16,7 @@ from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
 from tqdit.quant import METHODS, QuantConfig, SearchConfig
 from tqdit.quant.layers import QuantLinear
+from tqdit.quant.quantizers import UniformQuantizer
 from tqdit.quant import int8_gemm
 from tqdit.quant.lowbit import Fp8Linear, Int8Linear, Int8WeightLinear, fp8_supported, to_low_bit, weight_bytes
 from tqdit.quant.reconstruct import ReconConfig
@@ -58,6 +59,12 @@ def test_int8_weight_storage_reproduces_the_calibrated_layer(method):
         assert stored.codes.element_size() * stored.codes.numel() * 4 == layer.weight.numel() * layer.weight.element_size()
 
 
+def mixed_groups(calib):
+    """Calibration inputs of the cleanest and the noisiest step: both time groups in one batch."""
+    pick = torch.cat([torch.nonzero(calib.step == step)[:8, 0] for step in (0, 5)])
+    return calib.x[pick], calib.t[pick], calib.y[pick]
+
+
 def integer_operands(m, k, n, rows_per_sample, weight_offsets, seed=0):
     g = torch.Generator().manual_seed(seed)
     samples = m // rows_per_sample
@@ -94,13 +101,14 @@ def test_int8_matmul_equals_the_dequantized_product(k, weight_offsets, with_bias
     scale = expected.abs().max()
     assert (ours.double() - expected).abs().max() < 1e-6 * scale
     torch.testing.assert_close(kernel, ours, rtol=0, atol=0)  # the kernel's arithmetic, operation for operation
+    # the op (on the CPU: the PyTorch-op path) in a model dtype: bf16 rounding of the same values
     assert (torch.ops.tqdit.int8_linear(**ops, rows_per_sample=7, out_dtype=torch.bfloat16).float() - ours).abs().max() < 1e-2 * scale
 
 
 def test_int8_matmul_cannot_overflow_at_the_extremes():
-    # every code and offset at its extreme at DiT-XL/2's largest K: (−128 − 127)² · 4608 = 299,635,200,
-    # held by the int32 accumulator and corrections (a wrap-around past 2^31 would change the sign)
-    k, n = 4608, 8
+    # every code and offset at its extreme, at the largest K admitted: |(−128 − 127)²| · 32,767 =
+    # 2,130,674,175, just under 2^31 (one more K and the int32 sums would wrap around)
+    k, n = int8_gemm.MAX_EXACT_K, 8
     ops = dict(a=torch.full((4, k), -128, dtype=torch.int8), weight=torch.full((n, k), -128, dtype=torch.int8),
                sample_scale=torch.ones(1), sample_offset=torch.full((1,), -127, dtype=torch.int32),
                weight_scale=torch.ones(n), weight_offset=torch.full((n,), -127, dtype=torch.int32), bias=None)
@@ -109,6 +117,42 @@ def test_int8_matmul_cannot_overflow_at_the_extremes():
     kernel = int8_gemm.launch(**ops, rows_per_sample=4, out_dtype=torch.float32, config=int8_gemm.INTERPRETER_CONFIG)
     torch.testing.assert_close(kernel, expected, rtol=0, atol=0)
     torch.testing.assert_close(int8_gemm.reference(**ops, rows_per_sample=4, out_dtype=torch.float32), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="K=32768 could overflow"):
+        wider = dict(ops, a=torch.zeros(4, k + 1, dtype=torch.int8), weight=torch.zeros(n, k + 1, dtype=torch.int8))
+        int8_gemm.reference(**wider, rows_per_sample=4, out_dtype=torch.float32)
+
+
+def test_int8_matmul_refuses_operands_it_would_misread():
+    ops = integer_operands(42, 100, 45, rows_per_sample=7, weight_offsets=True)
+    ops["weight_sum"] = ops["weight"].to(torch.int32).sum(dim=1, dtype=torch.int32)
+    for bad, message in [(dict(weight=ops["weight"][:, :99]), "input has K=100 but the weight"),
+                         (dict(weight_scale=ops["weight_scale"][:1]), r"per-channel scale/offset/sum/bias must each be \(45,\)"),
+                         (dict(sample_scale=ops["sample_scale"][:3]), "do not give one value per 7 of the 42 rows"),
+                         (dict(a=ops["a"].float()), "codes must be int8")]:
+        with pytest.raises(ValueError, match=message):
+            int8_gemm.launch(**{**ops, **bad}, rows_per_sample=7, out_dtype=torch.float32, config=int8_gemm.INTERPRETER_CONFIG)
+    # a transposed (non-contiguous) input is copied, not misread
+    strided = dict(ops, a=ops["a"].t().contiguous().t())
+    torch.testing.assert_close(int8_gemm.launch(**strided, rows_per_sample=7, out_dtype=torch.float32, config=int8_gemm.INTERPRETER_CONFIG),
+                               int8_gemm.reference(**ops, rows_per_sample=7, out_dtype=torch.float32), rtol=0, atol=0)
+
+
+def test_int8_linear_takes_a_per_tensor_weight_grid():
+    linear = torch.nn.Linear(24, 10)
+    act, weight_quant = UniformQuantizer(8, symmetric=False), UniformQuantizer(8, symmetric=True)  # one weight scale for all rows
+    act.set_range(torch.tensor(-2.0), torch.tensor(3.0))
+    weight_quant.set_range(-linear.weight.abs().max(), linear.weight.abs().max())
+    layer = QuantLinear(linear, act, weight_quant)
+    real = Int8Linear(layer)
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        reference = layer(x)
+        assert (real(x) - reference).abs().max() < 2e-6 * reference.abs().max()
+        codes = (torch.clamp(torch.round(x.reshape(15, 24) / act.scale[0, 0]) + act.zero_point[0, 0], 0, 255) - 128).to(torch.int8)
+        args = dict(a=codes, weight=real.weight_codes, sample_scale=real.input_scale.expand(3).contiguous(),
+                    sample_offset=real.input_offset.expand(3).contiguous(), weight_scale=real.weight_scale,
+                    weight_offset=real.weight_offset, weight_sum=real.weight_sum, bias=real.bias, rows_per_sample=5, out_dtype=torch.float32)
+        torch.testing.assert_close(int8_gemm.launch(**args, config=int8_gemm.INTERPRETER_CONFIG).reshape(3, 5, 10), real(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["mrq_tgq", "ptq4dit"])  # symmetric int8 weights, asymmetric time-grouped inputs; asymmetric uint8 weights
@@ -133,7 +177,7 @@ def test_int8_linear_computes_the_fake_quantized_layer(method):
 @pytest.mark.parametrize("method", ["tgq", "ptq4dm"])
 def test_int8_model_follows_the_simulation_far_closer_than_the_quantization_error(method):
     fp, quantized, calib = calibrated(method)
-    x, t, y = calib.x[:16], calib.t[:16], calib.y[:16]
+    x, t, y = mixed_groups(calib)
     with torch.no_grad():
         reference, simulated = fp(x, t, y), quantized(x, t, y)
         before = weight_bytes(quantized)
@@ -142,9 +186,11 @@ def test_int8_model_follows_the_simulation_far_closer_than_the_quantization_erro
         real = quantized(x, t, y)
     assert counts == {"int8_linear": 10, "int8_weight_linear": 0, "simulated": 0}
     # float32 rounding can move a value that sits on a rounding boundary to the neighbouring code, and
-    # attention spreads that over the sample, so not zero — but far below the quantization error
-    # (FP8, a different grid, lands ~1.4× the quantization error away)
-    assert (real - simulated).norm() < 0.1 * (simulated - reference).norm()
+    # attention spreads that over the sample (measured on this batch: 5e-6 to 7e-6 for every method;
+    # on PTQ4DM's first 16 inputs 0.03, where one value flips; which values flip depends on the CPU's
+    # rounding) — but far below the quantization error: reading the wrong time group lands 1.8
+    # errors away, FP8 (another grid) about 1.4
+    assert (real - simulated).norm() < 0.25 * (simulated - reference).norm()
     assert before - weight_bytes(quantized) == linear_values * (4 - 1)  # float32 weights became int8 codes
 
 
@@ -167,7 +213,7 @@ def test_int8_model_compiles_as_one_graph():
     from tqdit.quant.layers import prepare_for_compile
 
     fp, quantized, calib = calibrated("tgq")
-    x, t, y = calib.x[:16], calib.t[:16], calib.y[:16]  # two time groups in one batch
+    x, t, y = mixed_groups(calib)
     with torch.no_grad():
         simulated = quantized(x, t, y)
         to_low_bit(prepare_for_compile(quantized), "int8")
@@ -175,7 +221,7 @@ def test_int8_model_compiles_as_one_graph():
         compiled = torch.compile(quantized, fullgraph=True, backend="aot_eager")(x, t, y)  # a graph break would raise
         quantization_error = (fp(x, t, y) - simulated).norm()
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
-    assert (eager - simulated).norm() < 0.1 * quantization_error
+    assert (eager - simulated).norm() < 0.25 * quantization_error
 
 
 def test_unknown_low_bit_backend_is_refused():

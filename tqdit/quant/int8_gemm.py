@@ -114,9 +114,35 @@ if triton is not None:
     )(_int8_linear_kernel)
 
 
+def check_operands(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias,
+                   rows_per_sample: int) -> None:
+    """Shapes and dtypes the kernel relies on (it reads memory by them), else a ValueError naming the mismatch."""
+    m, k = a.shape
+    n = weight.shape[0]
+    problems = []
+    if a.dtype != torch.int8 or weight.dtype != torch.int8:
+        problems.append(f"codes must be int8, got {a.dtype} and {weight.dtype}")
+    if weight.shape[1] != k:
+        problems.append(f"input has K={k} but the weight {tuple(weight.shape)}")
+    if k > MAX_EXACT_K:
+        problems.append(f"K={k} could overflow the int32 sums (at most {MAX_EXACT_K})")
+    if rows_per_sample < 1 or m % rows_per_sample or sample_scale.shape != (m // max(rows_per_sample, 1),) \
+            or sample_offset.shape != sample_scale.shape or sample_offset.dtype != torch.int32:
+        problems.append(f"per-sample scale/offset {tuple(sample_scale.shape)}/{tuple(sample_offset.shape)} (int32 offsets) "
+                        f"do not give one value per {rows_per_sample} of the {m} rows")
+    per_channel = [weight_scale, weight_sum] + [t for t in (weight_offset, bias) if t is not None]
+    if any(t.shape != (n,) for t in per_channel) or weight_sum.dtype != torch.int32 or \
+            (weight_offset is not None and weight_offset.dtype != torch.int32):
+        problems.append(f"per-channel scale/offset/sum/bias must each be ({n},), offsets and sums int32")
+    if problems:
+        raise ValueError("int8_linear: " + "; ".join(problems))
+
+
 def launch(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample: int,
            out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """Run the Triton kernel (``config``: one fixed tiling, e.g. :data:`INTERPRETER_CONFIG`; None: autotuned)."""
+    check_operands(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample)
+    a, weight = a.contiguous(), weight.contiguous()  # the kernel steps along K with unit stride
     m, k = a.shape
     n = weight.shape[0]
     out = torch.empty(m, n, device=a.device, dtype=out_dtype)
@@ -136,6 +162,7 @@ def launch(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, 
 def reference(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample: int,
               out_dtype: torch.dtype) -> torch.Tensor:
     """The kernel's arithmetic in PyTorch ops (the CPU path; the tests' independent check of the kernel)."""
+    check_operands(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample)
     k = a.shape[1]
     wide = torch.float32 if k <= 1024 else torch.float64  # integer partial sums stay exact in either
     acc = (a.to(wide) @ weight.to(wide).t()).to(torch.int32)

@@ -7,7 +7,9 @@ weights and, where the activation quantizer is uniform, run the matmul in 8 bits
   proj, fc1, adaLN): the input is rounded onto its *static calibrated* grid — per tensor, or per
   time group, each sample taking its own group's (Δ, z) — and the int8 codes are multiplied by the
   int8 weight codes with int32 accumulation (:mod:`tqdit.quant.int8_gemm`). This computes the fake-
-  quantized layer's function exactly up to one float32 rounding: the integer path of the same grids.
+  quantized layer's function up to float32 rounding in the epilogue: the integer path of the same
+  grids. (In a bf16 model the simulation rounds x̂ and ŵ to bf16, so there the int8 path is the
+  more exact of the two.)
 - ``Fp8Linear`` (``backend="fp8"``) — the same layers on FP8 (e4m3) tensor cores: the input is
   scaled by its static calibrated scale (per sample's group), cast to e4m3 and multiplied by the
   e4m3 weight with per-output-channel scales (``torch._scaled_mm``, row-wise scaling, bf16 out). The
@@ -114,9 +116,10 @@ class Int8Linear(nn.Module):
         if self.in_features > int8_gemm.MAX_EXACT_K:
             raise ValueError(f"int8 matmul with K={self.in_features} could overflow int32 (at most {int8_gemm.MAX_EXACT_K})")
         stored = (codes - code_offset(wq)).to(torch.int8)
-        offsets = (code_offset(wq) - zero_point).reshape(-1).to(torch.int32)
+        # one scale and offset per output channel (a per-tensor weight grid is expanded to all of them)
+        offsets = (code_offset(wq) - zero_point).reshape(-1).expand(self.out_features).to(torch.int32)
         self.register_buffer("weight_codes", stored)
-        self.register_buffer("weight_scale", scale.reshape(-1).clone())
+        self.register_buffer("weight_scale", scale.reshape(-1).expand(self.out_features).clone())
         self.register_buffer("weight_sum", stored.to(torch.int32).sum(dim=1, dtype=torch.int32))
         self.register_buffer("weight_offset", offsets if bool((offsets != 0).any()) else None)  # None: symmetric weights
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
