@@ -64,25 +64,29 @@ def main() -> None:
     parser.add_argument("--profile", help="a folder: each compiled run's CUDA kernel times for one model call")
     parser.add_argument("--attention-config", help="fused_attention_speed.py's output: use its fastest kernel configuration")
     parser.add_argument("--out")
+    parser.add_argument("--arch", default="DiT-XL/2", help="a smaller DiT (e.g. DiT-S/8) with --device cpu checks the script itself")
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU (or --device cpu --arch DiT-S/8 to check the script)")
     os.environ.setdefault("TQDM_DISABLE", "1")  # calibration progress bars would bury the results
     if args.attention_config:
         with open(args.attention_config) as handle:
             fastest = min(json.load(handle)["configs"], key=lambda c: c["ms"])
         fused_attention.KERNEL_CONFIG.update({key: fastest[key] for key in fused_attention.KERNEL_CONFIG})
     torch.backends.cuda.matmul.allow_tf32 = True
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
-    model = build_dit("DiT-XL/2", input_size=32)
+    model = build_dit(args.arch, input_size=32)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0, 0.02)
     diffusion = create_diffusion(args.steps)
     labels = torch.arange(args.batch, device=device) % 1000
     indices = torch.arange(args.batch).numpy()
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch, "steps": args.steps,
+    results = {"gpu": torch.cuda.get_device_name() if cuda else None, "arch": args.arch, "torch": torch.__version__, "batch": args.batch, "steps": args.steps,
                "groups": args.groups, "bits": args.bits, "attention_kernel": dict(fused_attention.KERNEL_CONFIG), "runs": {}, "numerics": {}}
 
     def save() -> None:
@@ -97,20 +101,21 @@ def main() -> None:
     def timed(name: str, net) -> None:
         if name in args.skip:
             return
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         sample(net)  # warm-up (compiles)
-        torch.cuda.synchronize()
+        synchronize()
         warmup = time.perf_counter() - start
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             sample(net)
-            torch.cuda.synchronize()
+            synchronize()
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         results["runs"][name] = {"seconds": round(seconds, 3), "image_steps_per_s": round(args.batch * args.steps / seconds, 1),
-                                 "warmup_s": round(warmup, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+                                 "warmup_s": round(warmup, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
         print(name, results["runs"][name], flush=True)
         profile(name, net)
         save()
