@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from tqdit.quant.layers import QuantMatMul
-from tqdit.quant.quantizers import SoftmaxMRQ, UniformQuantizer
+from tqdit.quant.quantizers import SoftmaxMRQ, UniformQuantizer, per_sample
 
 try:
     import triton
@@ -198,7 +198,7 @@ def _(q, k, v, params, sm_scale, modes, qkv_range, p_range):
 
 def _per_sample(quantizer, values: torch.Tensor, batch: int) -> torch.Tensor:
     """(groups,) values -> (batch,): each sample's time group, or the one value for all."""
-    return quantizer.context.per_sample(values, batch) if quantizer.groups > 1 else values.expand(batch)
+    return per_sample(quantizer.context if quantizer.groups > 1 else None, values, batch)
 
 
 def _uniform_columns(quantizer, batch: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from tqdit.quant import int8_gemm
 from tqdit.quant.layers import QuantLinear
-from tqdit.quant.quantizers import UniformQuantizer
+from tqdit.quant.quantizers import UniformQuantizer, per_sample
 
 BACKENDS = ("int8", "fp8")
 
@@ -131,22 +131,18 @@ class Int8Linear(nn.Module):
         self.input_code_offset, self.qmin, self.qmax = code_offset(act), act.qmin, act.qmax
         self.context = act.context if act.groups > 1 else None
 
-    def per_sample(self, values: torch.Tensor, batch: int) -> torch.Tensor:
-        """(groups,) -> (batch,): each sample's time group, or the one value for all."""
-        return self.context.per_sample(values, batch) if self.context is not None else values[:1].expand(batch)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         rows = x.numel() // self.in_features
         rows_per_sample = rows // batch
-        inv_scale = self.per_sample(self.input_inv_scale, batch).reshape(batch, 1, 1)
-        zero_point = self.per_sample(self.input_zero_point, batch).reshape(batch, 1, 1)
+        inv_scale = per_sample(self.context, self.input_inv_scale, batch).reshape(batch, 1, 1)
+        zero_point = per_sample(self.context, self.input_zero_point, batch).reshape(batch, 1, 1)
         per_sample_rows = x.reshape(batch, rows_per_sample, self.in_features).float()
         codes = torch.clamp(torch.round(per_sample_rows * inv_scale) + zero_point, self.qmin, self.qmax)
         a = (codes - self.input_code_offset).to(torch.int8).reshape(rows, self.in_features)
         out = torch.ops.tqdit.int8_linear(
-            a, self.weight_codes, self.per_sample(self.input_scale, batch).contiguous(),
-            self.per_sample(self.input_offset, batch).contiguous(), self.weight_scale, self.weight_offset, self.weight_sum,
+            a, self.weight_codes, per_sample(self.context, self.input_scale, batch).contiguous(),
+            per_sample(self.context, self.input_offset, batch).contiguous(), self.weight_scale, self.weight_offset, self.weight_sum,
             self.bias, rows_per_sample, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 

@@ -50,6 +50,12 @@ class TimeGroupContext:
         return values[self.groups]
 
 
+def per_sample(context: TimeGroupContext | None, values: torch.Tensor, batch: int) -> torch.Tensor:
+    """(groups,) parameter values -> (batch,): each sample's time group's, or the one value of an
+    ungrouped quantizer (``context`` None) for all — a device gather, no Python branch per group."""
+    return context.per_sample(values, batch) if context is not None else values[:1].expand(batch)
+
+
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
     """Integer range of a ``bits``-bit code: [-2^(b-1), 2^(b-1)-1] signed, [0, 2^b-1] unsigned."""
     if signed:
