@@ -15,7 +15,7 @@ from test_quant import tiny_dit
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
 from tqdit.quant import METHODS, QuantConfig, SearchConfig
-from tqdit.quant.layers import QuantLinear
+from tqdit.quant.layers import QuantLinear, quantizers
 from tqdit.quant.quantizers import UniformQuantizer
 from tqdit.quant import int8_gemm
 from tqdit.quant.lowbit import Fp8Linear, Int8Linear, Int8WeightLinear, fp8_supported, to_low_bit, weight_bytes
@@ -32,12 +32,12 @@ def needs_cuda(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
-def calibrated(method: str, device: str = "cpu", dtype=torch.float32):
+def calibrated(method: str, device: str = "cpu", dtype=torch.float32, scope: str = "blocks"):
     torch.manual_seed(0)
     fp = tiny_dit().to(device=device, dtype=dtype)
     calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
     search = "lp" if method in ("ptq4dit", "qdiffusion") else "mse"
-    cfg = QuantConfig(w_bits=8, a_bits=8, time_groups=2, num_inputs=12, capture_batch=8, recon=ReconConfig(iters=20, act_iters=10, batch=8),
+    cfg = QuantConfig(w_bits=8, a_bits=8, time_groups=2, num_inputs=12, capture_batch=8, scope=scope, recon=ReconConfig(iters=20, act_iters=10, batch=8),
                       search=SearchConfig(criterion=search, candidates=20, rounds=1))
     quantized, _ = METHODS[method](copy.deepcopy(fp), calib, cfg)
     return fp, quantized, calib
@@ -192,6 +192,28 @@ def test_int8_model_follows_the_simulation_far_closer_than_the_quantization_erro
     # errors away, FP8 (another grid) about 1.4
     assert (real - simulated).norm() < 0.25 * (simulated - reference).norm()
     assert before - weight_bytes(quantized) == linear_values * (4 - 1)  # float32 weights became int8 codes
+
+
+def test_linears_scope_keeps_attention_in_floating_point_and_every_linear_on_the_int8_kernel():
+    """quant.scope=linears: W8A8 GEMMs only; the attention keeps the fused SDPA path (what the speed
+    benchmark's *_linears runs measure), and under TGQ every linear has a uniform input."""
+    fp, quantized, calib = calibrated("tgq", scope="linears")
+    x, t, y = mixed_groups(calib)
+    assert len(quantizers(quantized)) == 2 * 10  # input and weight of 5 linears in each of 2 blocks
+    assert all(block.attn.fused for block in quantized.blocks)
+    with torch.no_grad():
+        reference, simulated = fp(x, t, y), quantized(x, t, y)
+        for block in quantized.blocks:  # the explicit path with unquantized matmuls: the same function
+            block.attn.fused = False
+        explicit = quantized(x, t, y)
+        for block in quantized.blocks:
+            block.attn.fused = True
+        counts = to_low_bit(quantized, "int8")
+        real = quantized(x, t, y)
+    assert (explicit - simulated).abs().max() < 1e-5 * simulated.abs().max()
+    assert (simulated - reference).norm() > 1e-3 * reference.norm()  # the linears really are quantized
+    assert counts == {"int8_linear": 10, "int8_weight_linear": 0, "simulated": 0}
+    assert (real - simulated).norm() < 0.25 * (simulated - reference).norm()
 
 
 @needs_cuda

@@ -244,6 +244,7 @@ def test_scope_is_shared_and_resolvable():
     model = tiny_dit()
     assert len(resolve_scope(model, "blocks")) == 14
     assert len(resolve_scope(model, "all")) == 18
+    assert resolve_scope(model, "linears") == [n for n in resolve_scope(model, "blocks") if "matmul" not in n]
     assert resolve_scope(model, ["blocks.0.mlp.*"]) == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
     with pytest.raises(ValueError, match="matches no Linear"):
         resolve_scope(model, ["nothing.*"])

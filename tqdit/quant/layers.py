@@ -19,10 +19,12 @@ from tqdit.models.dit import DiT, MatMul
 # Named scopes. Default "blocks": every Linear in the DiT blocks (qkv, proj, fc1, fc2, adaLN
 # modulation) and both attention matmuls (q·kᵀ and softmax·V, both operands). "all" adds the
 # timestep-embedder MLP and the final layer (adaLN and linear). The patch embedding, the label
-# table and the norms stay in floating point.
+# table and the norms stay in floating point. "linears": the blocks' Linears only, attention in
+# floating point (its fused SDPA kernel) — the W8A8 setting of work that quantizes only the GEMMs.
+LINEARS = ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2", "blocks.*.adaLN_modulation.1"]
 SCOPES: dict[str, list[str]] = {
-    "blocks": ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2",
-               "blocks.*.adaLN_modulation.1", "blocks.*.attn.qk_matmul", "blocks.*.attn.av_matmul"],
+    "blocks": LINEARS + ["blocks.*.attn.qk_matmul", "blocks.*.attn.av_matmul"],
+    "linears": LINEARS,
     "tq_dit_code": ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2",
                     "blocks.*.attn.qk_matmul", "blocks.*.attn.av_matmul", "final_layer.linear"],
 }
