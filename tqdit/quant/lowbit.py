@@ -70,21 +70,23 @@ class Fp8Linear(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(torch.bfloat16), requires_grad=False)
         low, high = (bound[:, 0].float() for bound in act.represented_range())
         self.register_buffer("act_scale", (torch.maximum(low.abs(), high.abs()) / FP8_MAX).clamp(min=1e-12))
+        self.register_buffer("act_inv_scale", 1.0 / self.act_scale)
         self.context = act.context if act.groups > 1 else None
         self.out_features, self.in_features = weight.shape
 
     def row_scales(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, 1) activation scales: the calibrated scale of each row's sample (its time group)."""
         rows = x.numel() // self.in_features
-        if self.context is None:
-            return self.act_scale[:1].expand(rows).reshape(rows, 1).contiguous()
-        per_sample = self.context.per_sample(self.act_scale, x.shape[0])
-        return per_sample.repeat_interleave(rows // x.shape[0]).reshape(rows, 1).contiguous()
+        return per_sample(self.context, self.act_scale, x.shape[0]).repeat_interleave(rows // x.shape[0]).reshape(rows, 1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
         scales = self.row_scales(x)
-        rows = x.reshape(-1, self.in_features).float()
-        x_fp8 = (rows / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        # scaled per sample as Int8Linear rounds: a (batch, 1, 1) multiplier, which inductor fuses into
+        # the producer's kernel, rather than a division by the (rows, 1) scales the GEMM takes
+        inv_scale = per_sample(self.context, self.act_inv_scale, batch).reshape(batch, 1, 1)
+        per_sample_rows = x.reshape(batch, -1, self.in_features).float()
+        x_fp8 = (per_sample_rows * inv_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(-1, self.in_features)
         out = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=scales, scale_b=self.weight_scale, out_dtype=torch.bfloat16)
         if self.bias is not None:  # added after: row-wise scaled FP8 GEMMs do not take a bias everywhere
             out = out + self.bias
