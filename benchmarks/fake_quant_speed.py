@@ -20,7 +20,11 @@ this order (``--skip`` drops any):
   compiled: inductor's kernels for it are the fastest measured);
 - ``int8_tgq_compiled``, ``fp8_tgq_compiled``: real W8A8 of TGQ alone (uniform quantizers with time
   groups, no MRQ), where every linear of the blocks runs in 8 bits — the real speed when no operand
-  lacks a fast kernel.
+  lacks a fast kernel;
+- ``fake_quant_tgq_linears_compiled``, ``int8_tgq_linears_compiled``, ``fp8_tgq_linears_compiled``:
+  TGQ W8A8 with ``scope="linears"`` (every Linear of the blocks quantized, the attention matmuls
+  left in bf16, so attention keeps PyTorch's fused SDPA kernel) — what real 8-bit GEMMs buy when
+  the attention is not quantized.
 
 Each: one warm-up loop (compilation), then the median of ``--repeats`` timed loops; image-steps/s =
 batch × steps / s. Numerics are compared on one forward pass with mixed timesteps, relative to the
@@ -50,7 +54,8 @@ from tqdit.quant.lowbit import to_low_bit, weight_bytes
 from tqdit.utils import atomic_write_json
 
 RUNS = ["fp_eager", "fp_compiled", "fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager",
-        "fake_quant_fused_compiled", "int8_compiled", "fp8_compiled", "int8_tgq_compiled", "fp8_tgq_compiled"]
+        "fake_quant_fused_compiled", "int8_compiled", "fp8_compiled", "int8_tgq_compiled", "fp8_tgq_compiled",
+        "fake_quant_tgq_linears_compiled", "int8_tgq_linears_compiled", "fp8_tgq_linears_compiled"]
 
 
 def main() -> None:
@@ -116,7 +121,7 @@ def main() -> None:
         seconds = statistics.median(times)
         results["runs"][name] = {"seconds": round(seconds, 3), "image_steps_per_s": round(args.batch * args.steps / seconds, 1),
                                  "warmup_s": round(warmup, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
-        print(name, results["runs"][name], flush=True)
+        print(f"[{time.perf_counter() - started:.0f} s]", name, results["runs"][name], flush=True)
         profile(name, net)
         save()
 
@@ -145,7 +150,7 @@ def main() -> None:
         with torch.no_grad():
             return net(*probe).float()
 
-    def compare(name: str, out: torch.Tensor, reference: torch.Tensor) -> None:
+    def compare(name: str, out: torch.Tensor, reference: torch.Tensor, fake_out: torch.Tensor) -> None:
         """‖out − reference‖ over ‖W8A8 fake quantization − FP‖ (how far apart, in quantization errors)."""
         results["numerics"][name] = round(((out - reference).norm() / (fake_out - fp_out).norm()).item(), 4)
         save()
@@ -158,51 +163,38 @@ def main() -> None:
         net._compiled_call_impl = None
         torch._dynamo.reset()
 
+    started = time.perf_counter()
     fp = model.to(device=device, dtype=torch.bfloat16).eval()
     fp_out = forward(fp)
     fp_weight_bytes = weight_bytes(fp)
     timed("fp_eager", fp)
     compiled_fp = compiled(copy.deepcopy(fp))
     timed("fp_compiled", compiled_fp)
-    fp_compiled_out = forward(compiled_fp)
+    tq_dit_runs = {"fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager", "fake_quant_fused_compiled",
+                   "int8_compiled", "fp8_compiled"}
+    run_tq_dit = not tq_dit_runs <= set(args.skip)
+    # (a batch of 32 recompiles the graph: only when the comparison is made)
+    fp_compiled_out = forward(compiled_fp) if run_tq_dit and "fp_compiled" not in args.skip else None
     del compiled_fp
     torch._dynamo.reset()
 
     calib = capture(fp, create_diffusion(250), CalibrationSpec(num_samples=4, cfg_scale=1.5, cfg_channels=3))
+    print(f"[{time.perf_counter() - started:.0f} s] calibration data captured", flush=True)
 
-    def calibrate(method: str):
-        cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, time_groups=args.groups, num_inputs=64,
+    def calibrate(method: str, scope: str = "blocks"):
+        cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, time_groups=args.groups, num_inputs=64, scope=scope,
                           search=SearchConfig(criterion="minmax", batch=32))
         quantized, cost = METHODS[method](copy.deepcopy(fp), calib, cfg)
-        results[f"calibration_s_{method}"] = cost["calibration_s"]
+        results[f"calibration_s_{method}_{scope}"] = cost["calibration_s"]
         return quantized
 
-    # (groups were assigned on the 250-step schedule; the --steps timesteps map to the nearest ones)
-    quantized = calibrate("mrq_tgq")
-    fake_out = forward(quantized)
-    results["numerics"]["w8a8_error_relative_to_fp"] = round(((fake_out - fp_out).norm() / fp_out.norm()).item(), 4)
-    compare("fp_compiled_vs_fp_eager", fp_compiled_out, fp_out)
-    timed("fake_quant_eager", quantized)
-    timed("fake_quant_compiled", compiled(prepare_for_compile(quantized)))
-    compare("fake_quant_compiled_vs_eager", forward(quantized), fake_out)
-    uncompile(quantized)
-
-    results["fused_attention_blocks"] = use_fused_attention(quantized)
-    compare("fused_attention_vs_explicit", forward(quantized), fake_out)
-    timed("fake_quant_fused_eager", quantized)
-    timed("fake_quant_fused_compiled", compiled(quantized))
-    compare("fused_compiled_vs_explicit_eager", forward(quantized), fake_out)
-    uncompile(quantized)
-
-    for block in quantized.blocks:  # compiled, the explicit attention is the faster (quant.attention=auto)
-        block.attn.kernel = None
     results["weight_bytes"] = {"fp_bf16": fp_weight_bytes}
     results["lowbit"] = {}
 
-    def real_low_bit(net, method: str, fake: torch.Tensor) -> None:
+    def real_low_bit(net, label: str, fake: torch.Tensor) -> None:
         """int8 and FP8 copies of a calibrated model: numerics against its fake quantization, then timed."""
         for backend in ("int8", "fp8"):
-            name = f"{backend}{'' if method == 'mrq_tgq' else '_' + method}_compiled"
+            name = f"{backend}{label}_compiled"
             if name in args.skip:
                 continue
             real = copy.deepcopy(net)
@@ -214,22 +206,54 @@ def main() -> None:
             uncompile(real)
             del real
 
-    real_low_bit(quantized, "mrq_tgq", fake_out)
-    del quantized
-    if not {"int8_tgq_compiled", "fp8_tgq_compiled"} <= set(args.skip):
-        tgq = prepare_for_compile(calibrate("tgq"))
+    def tq_dit_section() -> None:
+        """TQ-DiT (mrq_tgq): fake quantization eager/compiled/fused, then its int8/FP8 copies."""
+        quantized = calibrate("mrq_tgq")
+        fake_out = forward(quantized)
+        results["numerics"]["w8a8_error_relative_to_fp"] = round(((fake_out - fp_out).norm() / fp_out.norm()).item(), 4)
+        if fp_compiled_out is not None:
+            compare("fp_compiled_vs_fp_eager", fp_compiled_out, fp_out, fake_out)
+        timed("fake_quant_eager", quantized)
+        timed("fake_quant_compiled", compiled(prepare_for_compile(quantized)))
+        compare("fake_quant_compiled_vs_eager", forward(quantized), fake_out, fake_out)
+        uncompile(quantized)
+
+        results["fused_attention_blocks"] = use_fused_attention(quantized)
+        compare("fused_attention_vs_explicit", forward(quantized), fake_out, fake_out)
+        timed("fake_quant_fused_eager", quantized)
+        timed("fake_quant_fused_compiled", compiled(quantized))
+        compare("fused_compiled_vs_explicit_eager", forward(quantized), fake_out, fake_out)
+        uncompile(quantized)
+
+        for block in quantized.blocks:  # compiled, the explicit attention is the faster (quant.attention=auto)
+            block.attn.kernel = None
+        real_low_bit(quantized, "", fake_out)
+        del quantized
+
+    # (groups were assigned on the 250-step schedule; the --steps timesteps map to the nearest ones)
+    if run_tq_dit:
+        tq_dit_section()
+    for scope, label in (("blocks", "_tgq"), ("linears", "_tgq_linears")):
+        if {f"{kind}{label}_compiled" for kind in ("int8", "fp8", "fake_quant")} & set(RUNS) <= set(args.skip):
+            continue
+        tgq = prepare_for_compile(calibrate("tgq", scope))
         tgq_fake_out = forward(tgq)
-        results["numerics"]["tgq_w8a8_error_relative_to_fp"] = round(((tgq_fake_out - fp_out).norm() / fp_out.norm()).item(), 4)
-        real_low_bit(tgq, "tgq", tgq_fake_out)
+        results["numerics"][f"{label[1:]}_w8a8_error_relative_to_fp"] = round(((tgq_fake_out - fp_out).norm() / fp_out.norm()).item(), 4)
+        if scope == "linears":
+            timed(f"fake_quant{label}_compiled", compiled(tgq))
+            uncompile(tgq)
+        real_low_bit(tgq, label, tgq_fake_out)
+        del tgq
 
     runs = results["runs"]
     speed = {name: run["image_steps_per_s"] for name, run in runs.items()}
     ratios = {}
     for slow, fast in [("fake_quant_eager", "fp_eager"), ("fake_quant_compiled", "fp_compiled"),
-                       ("fake_quant_fused_eager", "fp_eager"), ("fake_quant_fused_compiled", "fp_compiled")]:
+                       ("fake_quant_fused_eager", "fp_eager"), ("fake_quant_fused_compiled", "fp_compiled"),
+                       ("fake_quant_tgq_linears_compiled", "fp_compiled")]:
         if slow in speed and fast in speed:
             ratios[f"{slow}_time_over_{fast}"] = round(speed[fast] / speed[slow], 2)
-    for real in ("int8_compiled", "fp8_compiled", "int8_tgq_compiled", "fp8_tgq_compiled"):
+    for real in [run for run in RUNS if run.startswith(("int8", "fp8"))]:
         for base in ("fp_compiled", "fp_eager"):
             if real in speed and base in speed:
                 ratios[f"{real}_speedup_over_{base}"] = round(speed[real] / speed[base], 2)
