@@ -150,11 +150,6 @@ def main() -> None:
         with torch.no_grad():
             return net(*probe).float()
 
-    def compare(name: str, out: torch.Tensor, reference: torch.Tensor, fake_out: torch.Tensor) -> None:
-        """‖out − reference‖ over ‖W8A8 fake quantization − FP‖ (how far apart, in quantization errors)."""
-        results["numerics"][name] = round(((out - reference).norm() / (fake_out - fp_out).norm()).item(), 4)
-        save()
-
     def compiled(net):
         net.compile()  # in place: forward_with_cfg's self(...) then runs compiled, as in a job
         return net
@@ -170,11 +165,13 @@ def main() -> None:
     timed("fp_eager", fp)
     compiled_fp = compiled(copy.deepcopy(fp))
     timed("fp_compiled", compiled_fp)
-    tq_dit_runs = {"fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager", "fake_quant_fused_compiled",
-                   "int8_compiled", "fp8_compiled"}
-    run_tq_dit = not tq_dit_runs <= set(args.skip)
+    def asked(*names: str) -> bool:
+        return any(name not in args.skip for name in names)
+
+    run_tq_dit = asked("fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager", "fake_quant_fused_compiled",
+                       "int8_compiled", "fp8_compiled")
     # (a batch of 32 recompiles the graph: only when the comparison is made)
-    fp_compiled_out = forward(compiled_fp) if run_tq_dit and "fp_compiled" not in args.skip else None
+    fp_compiled_out = forward(compiled_fp) if run_tq_dit and asked("fp_compiled") else None
     del compiled_fp
     torch._dynamo.reset()
 
@@ -210,19 +207,25 @@ def main() -> None:
         """TQ-DiT (mrq_tgq): fake quantization eager/compiled/fused, then its int8/FP8 copies."""
         quantized = calibrate("mrq_tgq")
         fake_out = forward(quantized)
+
+        def compare(name: str, out: torch.Tensor, reference: torch.Tensor) -> None:
+            """‖out − reference‖ over ‖W8A8 fake quantization − FP‖ (how far apart, in quantization errors)."""
+            results["numerics"][name] = round(((out - reference).norm() / (fake_out - fp_out).norm()).item(), 4)
+            save()
+
         results["numerics"]["w8a8_error_relative_to_fp"] = round(((fake_out - fp_out).norm() / fp_out.norm()).item(), 4)
         if fp_compiled_out is not None:
-            compare("fp_compiled_vs_fp_eager", fp_compiled_out, fp_out, fake_out)
+            compare("fp_compiled_vs_fp_eager", fp_compiled_out, fp_out)
         timed("fake_quant_eager", quantized)
         timed("fake_quant_compiled", compiled(prepare_for_compile(quantized)))
-        compare("fake_quant_compiled_vs_eager", forward(quantized), fake_out, fake_out)
+        compare("fake_quant_compiled_vs_eager", forward(quantized), fake_out)
         uncompile(quantized)
 
         results["fused_attention_blocks"] = use_fused_attention(quantized)
-        compare("fused_attention_vs_explicit", forward(quantized), fake_out, fake_out)
+        compare("fused_attention_vs_explicit", forward(quantized), fake_out)
         timed("fake_quant_fused_eager", quantized)
         timed("fake_quant_fused_compiled", compiled(quantized))
-        compare("fused_compiled_vs_explicit_eager", forward(quantized), fake_out, fake_out)
+        compare("fused_compiled_vs_explicit_eager", forward(quantized), fake_out)
         uncompile(quantized)
 
         for block in quantized.blocks:  # compiled, the explicit attention is the faster (quant.attention=auto)
@@ -233,8 +236,9 @@ def main() -> None:
     # (groups were assigned on the 250-step schedule; the --steps timesteps map to the nearest ones)
     if run_tq_dit:
         tq_dit_section()
-    for scope, label in (("blocks", "_tgq"), ("linears", "_tgq_linears")):
-        if {f"{kind}{label}_compiled" for kind in ("int8", "fp8", "fake_quant")} & set(RUNS) <= set(args.skip):
+    for scope, label, names in (("blocks", "_tgq", ["int8_tgq_compiled", "fp8_tgq_compiled"]),
+                               ("linears", "_tgq_linears", ["fake_quant_tgq_linears_compiled", "int8_tgq_linears_compiled", "fp8_tgq_linears_compiled"])):
+        if not asked(*names):
             continue
         tgq = prepare_for_compile(calibrate("tgq", scope))
         tgq_fake_out = forward(tgq)
