@@ -27,10 +27,14 @@ def test_forward_equals_reference_outputs(reference, fused, tmp_path):
     model = load_dit_weights(small_model(reference), path)
     set_attention(model, fused)
     x, t, y = reference["x"], reference["t"], reference["y"]
+    # outputs reach |18|, and float32 rounding in the timestep frequencies (t·ω up to 999 rad; exp and
+    # sin kernels differ between CPUs, AVX2 vs AVX-512) moves the t = 999 sample's by up to 2.2e-4 on
+    # some machines: tolerance 5e-4 absolute, 3e-5 of the largest output. (The erf GELU in place of
+    # the tanh one, the subtlest wrong model, moves them by 1.1e-3.)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y), reference["forward"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x, t, y), reference["forward"], atol=5e-4, rtol=1e-5)
         cfg_out = model.forward_with_cfg(x, t, y, 1.5)
-    torch.testing.assert_close(cfg_out, reference["forward_with_cfg"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cfg_out, reference["forward_with_cfg"], atol=5e-4, rtol=1e-5)
 
 
 def functional_dit(state: dict, cfg: dict, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
