@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tqdit.models import DIT_CONFIGS, CheckpointError, DiT, build_dit, load_dit_weights, read_state_dict
+from tqdit.models.dit import gelu_tanh
 
 
 def small_model(reference) -> DiT:
@@ -90,6 +91,14 @@ def test_forward_equals_independent_computation(fused):
     with torch.no_grad():
         expected = functional_dit(model.state_dict(), cfg, x, t, y)
         torch.testing.assert_close(model(x, t, y), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_gelu_is_the_tanh_approximation():
+    """Compiled, GELU(tanh) is written x·σ(2u): the same function up to float32 rounding."""
+    x = torch.linspace(-12, 12, 20001)
+    expected = 0.5 * x.double() * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x.double() + 0.044715 * x.double() ** 3)))
+    torch.testing.assert_close(gelu_tanh(x).double(), expected, atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.compile(gelu_tanh)(x).double(), expected, atol=2e-6, rtol=1e-6)
 
 
 def test_official_configurations():

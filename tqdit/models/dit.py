@@ -137,13 +137,29 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
+SQRT_8_OVER_PI = math.sqrt(8 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, 0.5·x·(1 + tanh(u)), u = √(2/π)·(x + 0.044715·x³).
+
+    Eager: PyTorch's kernel. Compiled: the same function written x·σ(2u) (0.5·(1 + tanh(u)) = σ(2u)),
+    which inductor's kernel computes with one fast exp instead of libdevice's tanh; the results
+    differ by float32 rounding. It matters because the kernel after fc1 (GELU, and under real FP8
+    the input quantization of fc2 fused into it) is arithmetic-bound: docs/performance.md.
+    """
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(SQRT_8_OVER_PI * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU(tanh) -> fc2."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = gelu_tanh
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
