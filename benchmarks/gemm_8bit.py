@@ -8,8 +8,13 @@ random data:
 - ``bf16``: ``torch.mm``;
 - ``fp8_rowwise``: ``torch._scaled_mm`` with a (tokens, 1) × (1, out) scale pair (one scale per
   sample's row and per output channel, what :class:`tqdit.quant.lowbit.Fp8Linear` needs);
-  ``fp8_tensorwise_gemm_only`` with unit scalar scales, and ``fp8_tensorwise_plus_scaling`` with the
-  per-row and per-channel scales then applied to the bf16 output by one elementwise pass;
+  ``fp8_tensorwise_gemm_only`` with unit scalar scales (``fp8_tensorwise_bias`` with a bias too: the
+  faster form, which would need one weight scale per tensor — docs/performance.md on its FID
+  cost), and ``fp8_tensorwise_plus_scaling`` with the per-row and per-channel scales then applied
+  to the bf16 output by one elementwise pass;
+  ``fp8_rowwise_bias`` with a bf16 bias added in the GEMM's epilogue, and ``fp8_rowwise_plus_bias``
+  with the bias added by a separate pass (what Fp8Linear does where the epilogue cannot);
+  ``bf16_bias``: ``F.linear`` with a bias;
 - ``int8_int_mm``: ``torch._int_mm`` (int32 out, no scales: PyTorch's own int8 GEMM);
 - ``int8_tqdit``: :func:`tqdit.quant.int8_gemm.int8_linear` as :class:`tqdit.quant.lowbit.Int8Linear`
   calls it (per-sample input scale and offset, per-channel weight scale, bias, bf16 out, symmetric
@@ -58,6 +63,11 @@ def main() -> None:
         def rowwise():
             return torch._scaled_mm(a8, w8.t(), scale_a=row, scale_b=col, out_dtype=torch.bfloat16)
 
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+
+        def rowwise_bias():
+            return torch._scaled_mm(a8, w8.t(), scale_a=row, scale_b=col, bias=bias, out_dtype=torch.bfloat16)
+
         def tensorwise():
             out = torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
             return (out * row * col).to(torch.bfloat16)
@@ -72,12 +82,15 @@ def main() -> None:
                          bias=torch.randn(n, device="cuda", dtype=torch.bfloat16), rows_per_sample=256, out_dtype=torch.bfloat16)
         asymmetric = dict(int8_args, weight_offset=torch.randint(-127, 129, (n,), device="cuda", dtype=torch.int32))
 
-        runs = {"bf16": lambda: a @ w.t(), "fp8_rowwise": rowwise, "fp8_tensorwise_plus_scaling": tensorwise,
+        runs = {"bf16": lambda: a @ w.t(), "bf16_bias": lambda: torch.nn.functional.linear(a, w, bias), "fp8_rowwise": rowwise,
+                "fp8_rowwise_bias": rowwise_bias, "fp8_rowwise_plus_bias": lambda: rowwise() + bias, "fp8_tensorwise_plus_scaling": tensorwise,
+                "fp8_tensorwise_bias": lambda: torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, bias=bias, out_dtype=torch.bfloat16),
                 "fp8_tensorwise_gemm_only": lambda: torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
                 "int8_int_mm": lambda: torch._int_mm(a_int, w_int.t()),
                 "int8_tqdit": lambda: torch.ops.tqdit.int8_linear(**int8_args),
                 "int8_tqdit_asymmetric_weights": lambda: torch.ops.tqdit.int8_linear(**asymmetric)}
         torch.testing.assert_close(rowwise(), tensorwise(), rtol=2e-2, atol=1e-1)
+        torch.testing.assert_close(rowwise_bias(), rowwise() + bias, rtol=2e-2, atol=1e-1)
         layer = {"int8_vs_reference": {}}
         for label, ops in (("symmetric", int8_args), ("asymmetric", asymmetric)):
             ours, ref = torch.ops.tqdit.int8_linear(**ops).float(), int8_gemm.reference(**ops).float()
