@@ -28,7 +28,8 @@ this order (``--skip`` drops any):
 
 Each: one warm-up loop (compilation), then the median of ``--repeats`` timed loops; image-steps/s =
 batch × steps / s. Numerics are compared on one forward pass with mixed timesteps, relative to the
-size of the W8A8 quantization error itself. Results are written after every run (``--out``).
+size of the W8A8 quantization error itself (and, for the real low-bit runs, on one with a single
+timestep, as every sampling call has). Results are written after every run (``--out``).
 """
 
 from __future__ import annotations
@@ -146,9 +147,12 @@ def main() -> None:
     probe = (torch.randn(32, 4, 32, 32, device=device, dtype=torch.bfloat16), torch.randint(0, 1000, (32,), device=device),
              torch.arange(32, device=device) % 1000)
 
-    def forward(net) -> torch.Tensor:
+    # and one with every sample at one timestep, as every sampling call has
+    probe_one_t = (probe[0], torch.full((32,), 500, device=device), probe[2])
+
+    def forward(net, inputs=probe) -> torch.Tensor:
         with torch.no_grad():
-            return net(*probe).float()
+            return net(*inputs).float()
 
     def compiled(net):
         net.compile()  # in place: forward_with_cfg's self(...) then runs compiled, as in a job
@@ -160,7 +164,7 @@ def main() -> None:
 
     started = time.perf_counter()
     fp = model.to(device=device, dtype=torch.bfloat16).eval()
-    fp_out = forward(fp)
+    fp_out, fp_out_one_t = forward(fp), forward(fp, probe_one_t)
     fp_weight_bytes = weight_bytes(fp)
     timed("fp_eager", fp)
     compiled_fp = compiled(copy.deepcopy(fp))
@@ -189,7 +193,9 @@ def main() -> None:
     results["lowbit"] = {}
 
     def real_low_bit(net, label: str, fake: torch.Tensor) -> None:
-        """int8 and FP8 copies of a calibrated model: numerics against its fake quantization, then timed."""
+        """int8 and FP8 copies of a calibrated model: numerics against its fake quantization (``fake``:
+        on the mixed-timestep probe; the one-timestep probe is run here), then timed."""
+        fake_one_t = forward(net, probe_one_t)
         for backend in ("int8", "fp8"):
             name = f"{backend}{label}_compiled"
             if name in args.skip:
@@ -199,6 +205,8 @@ def main() -> None:
             results["weight_bytes"][name] = weight_bytes(real)
             results["numerics"][f"{name}_vs_fake_quant_over_its_error"] = round(
                 ((forward(real) - fake).norm() / (fake - fp_out).norm()).item(), 4)
+            results["numerics"][f"{name}_vs_fake_quant_over_its_error_one_timestep"] = round(
+                ((forward(real, probe_one_t) - fake_one_t).norm() / (fake_one_t - fp_out_one_t).norm()).item(), 4)
             timed(name, compiled(real))
             uncompile(real)
             del real

@@ -71,9 +71,12 @@ def test_samples_do_not_depend_on_batching(method):
     model = tiny_model()
     together = run(model, list(range(6)), method=method)
     apart = torch.cat([run(model, [0, 1], method=method), run(model, [2, 3, 4, 5], method=method)])
-    torch.testing.assert_close(together, apart, atol=1e-6, rtol=1e-6)
+    # equal up to float32 rounding: some CPUs' matmul kernels (AVX-512 oneDNN) block by batch size, which
+    # moves the sums' last bits; over the steps that reaches ~8e-6 on samples in [-1, 1]. A sample that
+    # took another's noise or label would differ by O(1).
+    torch.testing.assert_close(together, apart, atol=1e-4, rtol=0)
     reordered = run(model, [5, 4, 3, 2, 1, 0], method=method)
-    torch.testing.assert_close(reordered.flip(0), together, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(reordered.flip(0), together, atol=1e-4, rtol=0)
     assert torch.equal(run(model, list(range(6)), method=method), together)  # run to run: bit-identical
     assert not torch.allclose(run(model, list(range(6)), seed=1, method=method), together)
 
