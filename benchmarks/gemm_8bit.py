@@ -60,10 +60,10 @@ def main() -> None:
         one = torch.ones((), device="cuda")
         flops = 2 * m * n * k
 
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)  # for every form that takes one
+
         def rowwise():
             return torch._scaled_mm(a8, w8.t(), scale_a=row, scale_b=col, out_dtype=torch.bfloat16)
-
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
 
         def rowwise_bias():
             return torch._scaled_mm(a8, w8.t(), scale_a=row, scale_b=col, bias=bias, out_dtype=torch.bfloat16)
@@ -79,7 +79,7 @@ def main() -> None:
                          sample_offset=torch.randint(-127, 129, (samples,), device="cuda", dtype=torch.int32),
                          weight_scale=torch.rand(n, device="cuda") * 1e-3 + 1e-4, weight_offset=None,
                          weight_sum=w_int.to(torch.int32).sum(dim=1, dtype=torch.int32),
-                         bias=torch.randn(n, device="cuda", dtype=torch.bfloat16), rows_per_sample=256, out_dtype=torch.bfloat16)
+                         bias=bias, rows_per_sample=256, out_dtype=torch.bfloat16)
         asymmetric = dict(int8_args, weight_offset=torch.randint(-127, 129, (n,), device="cuda", dtype=torch.int32))
 
         runs = {"bf16": lambda: a @ w.t(), "bf16_bias": lambda: torch.nn.functional.linear(a, w, bias), "fp8_rowwise": rowwise,
