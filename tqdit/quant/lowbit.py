@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tqdit.quant import int8_gemm
+from tqdit.models.dit import Mlp, gelu_tanh
+from tqdit.quant import fp8_gemm, int8_gemm  # noqa: F401 (fp8_gemm registers torch.ops.tqdit.fp8_linear_gelu)
 from tqdit.quant.layers import QuantLinear
 from tqdit.quant.quantizers import UniformQuantizer, per_sample
 
@@ -94,25 +95,53 @@ class Fp8Linear(nn.Module):
         # decided once here, not per call: the probe is a matmul, which compiled graphs should not trace
         self.bias_in_matmul = self.bias is not None and fp8_bias_supported(weight.device)
 
-    def row_scales(self, x: torch.Tensor) -> torch.Tensor:
+    def row_scales(self, batch: int, rows: int) -> torch.Tensor:
         """(rows, 1) activation scales: the calibrated scale of each row's sample (its time group)."""
-        rows = x.numel() // self.in_features
-        return per_sample(self.context, self.act_scale, x.shape[0]).repeat_interleave(rows // x.shape[0]).reshape(rows, 1).contiguous()
+        return per_sample(self.context, self.act_scale, batch).repeat_interleave(rows // batch).reshape(rows, 1).contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in_features) e4m3 codes of x on its calibrated per-sample scale."""
         batch = x.shape[0]
-        scales = self.row_scales(x)
         # scaled per sample as Int8Linear rounds: a (batch, 1, 1) multiplier, which inductor fuses into
         # the producer's kernel, rather than a division by the (rows, 1) scales the GEMM takes
         inv_scale = per_sample(self.context, self.act_inv_scale, batch).reshape(batch, 1, 1)
         per_sample_rows = x.reshape(batch, -1, self.in_features).float()
-        x_fp8 = (per_sample_rows * inv_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(-1, self.in_features)
+        return (per_sample_rows * inv_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(-1, self.in_features)
+
+    def matmul(self, x_fp8: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
+        """(rows, in_features) input codes → (rows, out_features) bf16 output, bias added."""
         bias = self.bias if self.bias_in_matmul else None
-        out = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=scales, scale_b=self.weight_scale, bias=bias,
+        out = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=row_scales, scale_b=self.weight_scale, bias=bias,
                                out_dtype=torch.bfloat16)
         if self.bias is not None and not self.bias_in_matmul:  # where the GEMM cannot add it (fp8_bias_supported)
             out = out + self.bias
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.matmul(self.quantize_input(x), self.row_scales(x.shape[0], x.numel() // self.in_features))
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Fp8Mlp(nn.Module):
+    """A block's fc1 → GELU(tanh) → fc2 with both linears on FP8, fc1's GEMM applying GELU and writing
+    fc2's e4m3 input codes from its epilogue (:mod:`tqdit.quant.fp8_gemm`): the (tokens, 4·hidden)
+    activation, the model's largest, is never written in bf16 and read back. The same function as
+    ``fc2(gelu_tanh(fc1(x)))`` of the two :class:`Fp8Linear` up to the GEMM's summation order."""
+
+    def __init__(self, fc1: Fp8Linear, fc2: Fp8Linear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+        # fc1's bias goes into the fused kernel's epilogue, which always takes it
+        self.register_buffer("fc1_weight_scale", fc1.weight_scale.reshape(-1).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, rows = x.shape[0], x.numel() // self.fc1.in_features
+        codes = torch.ops.tqdit.fp8_linear_gelu(
+            self.fc1.quantize_input(x), self.fc1.weight_fp8, per_sample(self.fc1.context, self.fc1.act_scale, batch).contiguous(),
+            self.fc1_weight_scale, self.fc1.bias, per_sample(self.fc2.context, self.fc2.act_inv_scale, batch).contiguous(),
+            rows // batch, x.dtype)
+        out = self.fc2.matmul(codes, self.fc2.row_scales(batch, rows))
+        return out.reshape(*x.shape[:-1], self.fc2.out_features).to(x.dtype)
 
 
 def weight_codes(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,12 +221,13 @@ class Int8WeightLinear(nn.Module):
         return F.linear(self.act(x), self.weight(), self.bias)
 
 
-def to_low_bit(model: nn.Module, backend: str = "fp8") -> dict:
+def to_low_bit(model: nn.Module, backend: str = "fp8", fuse_mlp: bool = True) -> dict:
     """Swap calibrated QuantLinear layers in place for ``backend`` (``int8`` or ``fp8``, see module
     docstring); returns what was converted.
 
     Layers whose weight quantizer is off (no calibration) or not 8-bit, or whose input quantizer is
-    not 8-bit, are left as they are.
+    not 8-bit, are left as they are. With ``fuse_mlp`` (FP8 only), every MLP whose fc1 and fc2 both
+    became :class:`Fp8Linear` runs as one :class:`Fp8Mlp` (counted as ``fp8_mlp``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown low-bit backend '{backend}': use one of {', '.join(BACKENDS)}")
@@ -215,7 +245,23 @@ def to_low_bit(model: nn.Module, backend: str = "fp8") -> dict:
         counts[fast_name if uniform_input else "int8_weight_linear"] += 1
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if backend == "fp8" and fuse_mlp:
+        counts["fp8_mlp"] = fuse_fp8_mlps(model)
     return counts
+
+
+def fuse_fp8_mlps(model: nn.Module) -> int:
+    """Replace in place each GELU(tanh) MLP whose two linears are :class:`Fp8Linear` by an
+    :class:`Fp8Mlp`; returns how many. (An fc2 with a multi-region input quantizer, as TQ-DiT's
+    post-GELU one, is an :class:`Int8WeightLinear` and its MLP stays as it is.)"""
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, Mlp) and module.act is gelu_tanh
+             and isinstance(module.fc1, Fp8Linear) and isinstance(module.fc2, Fp8Linear)]
+    for name in names:
+        mlp = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, Fp8Mlp(mlp.fc1, mlp.fc2))
+    return len(names)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -1,0 +1,208 @@
+"""fc1 → GELU → fc2's FP8 input in one kernel: an FP8 GEMM whose epilogue writes the next layer's codes.
+
+In a DiT block's MLP under real FP8 (:class:`tqdit.quant.lowbit.Fp8Mlp`) both linears run on FP8
+tensor cores. Unfused, fc1's GEMM writes its (tokens, 4·hidden) output in bf16, and one more kernel
+reads it back to apply GELU and round it onto fc2's input scale: per DiT-XL/2 block at 65,536 tokens
+a 1.2 GB round trip, the largest activation of the model. Here fc1's GEMM does all of it from the
+accumulator:
+
+    h[r, o]    = bf16(Σ_k a[r, k]·w[o, k] · sa[s] · sw[o] + b[o])      (s: row r's sample)
+    g[r, o]    = model(h · σ(2u)),  u = √(2/π)·(h + 0.044715·h³)       (GELU(tanh), as gelu_tanh)
+    out[r, o]  = e4m3(clamp(g · (1/sb[s]), ±448))                       (fc2's per-sample input scale)
+
+with ``a``, ``w`` the e4m3 codes of fc1's input and weight, ``sa`` each sample's input scale (its time
+group's), ``sw`` the per-output-channel weight scale and ``sb`` fc2's input scale. The roundings are
+those of the unfused path: :class:`~tqdit.quant.lowbit.Fp8Linear`'s GEMM returns bf16, and GELU
+rounds to the model dtype (``model``: bf16 or fp16, none for float32), so the fused kernel computes
+the same function up to the GEMM's summation order and float32 rounding in GELU.
+
+On CUDA, :func:`fp8_linear_gelu` runs a Triton kernel (FP8 tensor-core MMA, autotuned over a few
+tilings); elsewhere the same arithmetic in PyTorch ops (:func:`reference`, also the tests' check of
+the kernel, which they run on the CPU under Triton's interpreter through :func:`launch`). Measured
+speed: docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton ships with CUDA builds of PyTorch
+    triton = None
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+SQRT_8_OVER_PI = math.sqrt(8 / math.pi)  # σ(2u) = 0.5·(1 + tanh u): 2·√(2/π)
+# The model dtype's rounding of GELU's output, as a kernel constant.
+ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Tilings tried on the GPU for each (N, K); FP8 MMA wants K tiles of ≥ 32 and K-major operands.
+GPU_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    # ≤ 114 KB of shared memory and ≤ 128 registers a thread: two blocks per SM, one's epilogue
+    # (GELU and the rounding, arithmetic-heavy) overlapping the other's matmul
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, maxnreg=128),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=5, maxnreg=128),
+]
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=1, num_stages=1)
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+    @triton.jit
+    def _round_to_bf16(x):
+        """float32 → nearest bf16 (ties to even), kept in float32. Written on the bits: the GPU's
+        conversion gives the same, but Triton's interpreter (the CPU tests) truncates instead."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_to_model_dtype(x, ROUND: tl.constexpr):
+        if ROUND == 1:
+            x = _round_to_bf16(x)
+        elif ROUND == 2:
+            x = x.to(tl.float16).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _fp8_linear_gelu_kernel(
+        A, W, Out, InputScale, WeightScale, Bias, OutInvScale,
+        M, N, K, rows_per_sample, stride_am, stride_wn, stride_om,
+        HAS_BIAS: tl.constexpr, ROUND: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        # grouped tile order: GROUP_M row tiles share each weight tile while it is in L2
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+        tile_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
+        tile_n = (pid % (GROUP_M * tiles_n)) // group_size
+
+        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        row_ok, col_ok = rows < M, cols < N
+        a_ptr = A + rows.to(tl.int64)[:, None] * stride_am + ks[None, :]  # 64-bit: rows × K can pass 2^31
+        w_ptr = W + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k_ok = (start + ks) < K
+            a = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc)
+            a_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+
+        sample = rows // rows_per_sample
+        input_scale = tl.load(InputScale + sample, mask=row_ok, other=0.0)
+        out_inv_scale = tl.load(OutInvScale + sample, mask=row_ok, other=0.0)
+        weight_scale = tl.load(WeightScale + cols, mask=col_ok, other=0.0)
+        h = acc * input_scale[:, None] * weight_scale[None, :]
+        if HAS_BIAS:
+            h += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        h = _round_to_bf16(h)  # Fp8Linear's GEMM returns bf16
+        # literals, not the module's SQRT_8_OVER_PI and FP8_MAX: compiled kernels may read only constexpr
+        # globals, which Triton's interpreter in turn cannot multiply with a tensor
+        gelu = _round_to_model_dtype(h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h)), ROUND)
+        scaled = tl.minimum(tl.maximum(gelu * out_inv_scale[:, None], -448.0), 448.0)
+        out_ptr = Out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        tl.store(out_ptr, scaled.to(Out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    _autotuned_kernel = triton.autotune(
+        configs=[triton.Config({k: v for k, v in c.items() if k.isupper()}, num_warps=c["num_warps"], num_stages=c["num_stages"],
+                               maxnreg=c.get("maxnreg")) for c in GPU_CONFIGS],
+        key=["N", "K", "HAS_BIAS", "ROUND"],
+    )(_fp8_linear_gelu_kernel)
+
+
+def check_operands(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample: int, model_dtype) -> None:
+    """Shapes and dtypes the kernel relies on (it reads memory by them), else a ValueError naming the mismatch."""
+    m, k = a.shape
+    n = weight.shape[0]
+    problems = []
+    if a.dtype != FP8 or weight.dtype != FP8:
+        problems.append(f"input and weight must be {FP8}, got {a.dtype} and {weight.dtype}")
+    if weight.shape[1] != k:
+        problems.append(f"input has K={k} but the weight {tuple(weight.shape)}")
+    samples = m // max(rows_per_sample, 1)
+    if rows_per_sample < 1 or m % rows_per_sample or input_scale.shape != (samples,) or out_inv_scale.shape != (samples,):
+        problems.append(f"per-sample scales {tuple(input_scale.shape)}/{tuple(out_inv_scale.shape)} do not give one value "
+                        f"per {rows_per_sample} of the {m} rows")
+    if weight_scale.shape != (n,) or (bias is not None and bias.shape != (n,)):
+        problems.append(f"per-channel weight scale and bias must each be ({n},)")
+    if model_dtype not in ROUNDING:
+        problems.append(f"model dtype {model_dtype} is not one of {', '.join(map(str, ROUNDING))}")
+    if problems:
+        raise ValueError("fp8_linear_gelu: " + "; ".join(problems))
+
+
+def launch(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample: int, model_dtype: torch.dtype,
+           out_dtype: torch.dtype = FP8, config: dict | None = None) -> torch.Tensor:
+    """Run the Triton kernel (``config``: one fixed tiling, e.g. :data:`INTERPRETER_CONFIG`; None: autotuned).
+
+    ``out_dtype`` other than FP8 (float32) stores the clamped, scaled values before the e4m3
+    rounding: the CPU tests use it, because Triton 3.8's interpreter rounds some values to the wrong
+    e4m3 code (7.96 → 4, where the GPU's conversion instruction gives 8).
+    """
+    check_operands(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample, model_dtype)
+    a, weight = a.contiguous(), weight.contiguous()  # the kernel steps along K with unit stride
+    m, k = a.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, device=a.device, dtype=out_dtype)
+    args = (a, weight, out, input_scale, weight_scale, weight_scale if bias is None else bias, out_inv_scale,
+            m, n, k, rows_per_sample, a.stride(0), weight.stride(0), out.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, ROUND=ROUNDING[model_dtype])
+    if config is None:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _autotuned_kernel[grid](*args, **flags)
+    else:
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+        _fp8_linear_gelu_kernel[grid](*args, **flags, **config)
+    return out
+
+
+def reference(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample: int, model_dtype: torch.dtype,
+              out_dtype: torch.dtype = FP8) -> torch.Tensor:
+    """The kernel's arithmetic in PyTorch ops (the CPU path; the tests' independent check of the kernel)."""
+    check_operands(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample, model_dtype)
+    acc = a.float() @ weight.float().t()  # e4m3 × e4m3 products are exact in float32
+    h = acc * input_scale.float().repeat_interleave(rows_per_sample)[:, None] * weight_scale.float()[None, :]
+    if bias is not None:
+        h = h + bias.float()[None, :]
+    h = h.to(torch.bfloat16).float()
+    gelu = torch.nn.functional.gelu(h, approximate="tanh").to(model_dtype).float()
+    scaled = (gelu * out_inv_scale.float().repeat_interleave(rows_per_sample)[:, None]).clamp(-FP8_MAX, FP8_MAX)
+    return scaled.to(out_dtype)
+
+
+@torch.library.custom_op("tqdit::fp8_linear_gelu", mutates_args=())
+def fp8_linear_gelu(a: torch.Tensor, weight: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_inv_scale: torch.Tensor, rows_per_sample: int,
+                    model_dtype: torch.dtype) -> torch.Tensor:
+    """(M, K) e4m3 input × (N, K) e4m3 weight → (M, N) e4m3 codes of GELU(linear) on the next scale.
+
+    ``input_scale`` and ``out_inv_scale`` (float32) hold one value per sample, row r belonging to
+    sample r // ``rows_per_sample``; ``weight_scale`` (float32) and ``bias`` (N,) one per output
+    channel; ``model_dtype`` is the dtype whose rounding the unfused layers would apply (module docstring).
+    """
+    if a.is_cuda and available():
+        return launch(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample, model_dtype)
+    return reference(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample, model_dtype)
+
+
+@fp8_linear_gelu.register_fake
+def _(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample, model_dtype):
+    return a.new_empty(a.shape[0], weight.shape[0], dtype=FP8)
