@@ -24,7 +24,10 @@ this order (``--skip`` drops any):
 - ``fake_quant_tgq_linears_compiled``, ``int8_tgq_linears_compiled``, ``fp8_tgq_linears_compiled``:
   TGQ W8A8 with ``scope="linears"`` (every Linear of the blocks quantized, the attention matmuls
   left in bf16, so attention keeps PyTorch's fused SDPA kernel) — what real 8-bit GEMMs buy when
-  the attention is not quantized.
+  the attention is not quantized;
+- each ``fp8_tgq*`` run also as ``fp8_tgq*_unfused``: the same with ``to_low_bit(fuse_mlp=False)``, fc1 and
+  fc2 as two :class:`~tqdit.quant.lowbit.Fp8Linear` instead of one
+  :class:`~tqdit.quant.lowbit.Fp8Mlp` (whose fc1 GEMM writes fc2's FP8 input).
 
 Each: one warm-up loop (compilation), then the median of ``--repeats`` timed loops; image-steps/s =
 batch × steps / s. Numerics are compared on one forward pass with mixed timesteps, relative to the
@@ -55,8 +58,9 @@ from tqdit.quant.lowbit import to_low_bit, weight_bytes
 from tqdit.utils import atomic_write_json
 
 RUNS = ["fp_eager", "fp_compiled", "fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager",
-        "fake_quant_fused_compiled", "int8_compiled", "fp8_compiled", "int8_tgq_compiled", "fp8_tgq_compiled",
-        "fake_quant_tgq_linears_compiled", "int8_tgq_linears_compiled", "fp8_tgq_linears_compiled"]
+        "fake_quant_fused_compiled", "int8_compiled", "fp8_compiled", "int8_tgq_compiled",
+        "fp8_tgq_compiled", "fp8_tgq_unfused_compiled", "fake_quant_tgq_linears_compiled", "int8_tgq_linears_compiled",
+        "fp8_tgq_linears_compiled", "fp8_tgq_linears_unfused_compiled"]
 
 
 def main() -> None:
@@ -196,12 +200,12 @@ def main() -> None:
         """int8 and FP8 copies of a calibrated model: numerics against its fake quantization (``fake``:
         on the mixed-timestep probe; the one-timestep probe is run here), then timed."""
         fake_one_t = forward(net, probe_one_t)
-        for backend in ("int8", "fp8"):
-            name = f"{backend}{label}_compiled"
-            if name in args.skip:
+        for backend, fuse_mlp, name in (("int8", True, f"int8{label}_compiled"), ("fp8", True, f"fp8{label}_compiled"),
+                                        ("fp8", False, f"fp8{label}_unfused_compiled")):
+            if name in args.skip or name not in RUNS:  # (no unfused run for TQ-DiT, whose fc2 input is MRQ: nothing fuses)
                 continue
             real = copy.deepcopy(net)
-            results["lowbit"][name] = to_low_bit(real, backend)
+            results["lowbit"][name] = to_low_bit(real, backend, fuse_mlp=fuse_mlp)
             results["weight_bytes"][name] = weight_bytes(real)
             results["numerics"][f"{name}_vs_fake_quant_over_its_error"] = round(
                 ((forward(real) - fake).norm() / (fake - fp_out).norm()).item(), 4)
@@ -244,8 +248,9 @@ def main() -> None:
     # (groups were assigned on the 250-step schedule; the --steps timesteps map to the nearest ones)
     if run_tq_dit:
         tq_dit_section()
-    for scope, label, names in (("blocks", "_tgq", ["int8_tgq_compiled", "fp8_tgq_compiled"]),
-                               ("linears", "_tgq_linears", ["fake_quant_tgq_linears_compiled", "int8_tgq_linears_compiled", "fp8_tgq_linears_compiled"])):
+    for scope, label, names in (("blocks", "_tgq", ["int8_tgq_compiled", "fp8_tgq_compiled", "fp8_tgq_unfused_compiled"]),
+                               ("linears", "_tgq_linears", ["fake_quant_tgq_linears_compiled", "int8_tgq_linears_compiled",
+                                                            "fp8_tgq_linears_compiled", "fp8_tgq_linears_unfused_compiled"])):
         if not asked(*names):
             continue
         tgq = prepare_for_compile(calibrate("tgq", scope))

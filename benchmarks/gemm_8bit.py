@@ -20,7 +20,12 @@ random data:
   calls it (per-sample input scale and offset, per-channel weight scale, bias, bf16 out, symmetric
   weights; autotuned tiling, reported) and ``int8_tqdit_asymmetric_weights`` (the Σa correction on).
 
-Each int8 result is checked against the same arithmetic in PyTorch ops. Median of
+At fc1's shape also fc1 → GELU → fc2's FP8 input (``fc1_gelu_to_fp8``): ``unfused`` is
+``fp8_rowwise_bias`` followed by the compiled GELU + per-sample quantization kernel (what two
+:class:`~tqdit.quant.lowbit.Fp8Linear` compile to), ``fused`` is
+:func:`tqdit.quant.fp8_gemm.fp8_linear_gelu` (one kernel, autotuned; every tiling is timed too).
+
+Each int8 and fused-FP8 result is checked against the same arithmetic in PyTorch ops. Median of
 ``triton.testing.do_bench``; TFLOP/s (TOP/s for int8) = 2·M·N·K / s. Results are written after
 every layer (``--out``).
 """
@@ -33,7 +38,8 @@ import sys
 
 import torch
 
-from tqdit.quant import int8_gemm
+from tqdit.models.dit import gelu_tanh
+from tqdit.quant import fp8_gemm, int8_gemm
 from tqdit.utils import atomic_write_json
 
 SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
@@ -42,6 +48,7 @@ SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2":
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--fc1-gelu-only", action="store_true", help="only the fc1 → GELU → FP8 comparison")
     parser.add_argument("--out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -51,7 +58,7 @@ def main() -> None:
     fp8 = torch.float8_e4m3fn
     m = args.tokens
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": m, "layers": {}}
-    for name, (k, n) in SHAPES.items():
+    for name, (k, n) in {} if args.fc1_gelu_only else SHAPES.items():
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         a8, w8 = a.to(fp8), w.to(fp8)
@@ -107,9 +114,55 @@ def main() -> None:
               layer["int8_vs_reference"], layer["int8_tqdit_config"], flush=True)
         if args.out:
             atomic_write_json(args.out, results)
+    results["fc1_gelu_to_fp8"] = fc1_gelu_to_fp8(m, do_bench)
     print(json.dumps(results, indent=2))
     if args.out:
         atomic_write_json(args.out, results)
+
+
+def fc1_gelu_to_fp8(m: int, do_bench) -> dict:
+    """fc1's GEMM, GELU and fc2's input quantization: cuBLAS + a compiled kernel against one fused kernel."""
+    k, n = SHAPES["fc1"]
+    samples = m // 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ops = dict(a=(torch.randn(m, k, device="cuda", generator=g) * 40).to(fp8_gemm.FP8),
+               weight=(torch.randn(n, k, device="cuda", generator=g) * 40).to(fp8_gemm.FP8),
+               input_scale=torch.rand(samples, device="cuda", generator=g) * 2e-3 + 1e-3,
+               weight_scale=torch.rand(n, device="cuda", generator=g) * 2e-3 + 1e-3,
+               bias=torch.randn(n, device="cuda", generator=g).to(torch.bfloat16),
+               out_inv_scale=torch.rand(samples, device="cuda", generator=g) * 100 + 50)
+    row_scale = ops["input_scale"].repeat_interleave(256)[:, None].contiguous()
+
+    @torch.compile
+    def gelu_to_fp8(h: torch.Tensor) -> torch.Tensor:
+        per_sample = gelu_tanh(h.reshape(samples, 256, n)).float() * ops["out_inv_scale"].reshape(samples, 1, 1)
+        return per_sample.clamp(-fp8_gemm.FP8_MAX, fp8_gemm.FP8_MAX).to(fp8_gemm.FP8).reshape(m, n)
+
+    def unfused():
+        h = torch._scaled_mm(ops["a"], ops["weight"].t(), scale_a=row_scale, scale_b=ops["weight_scale"][None, :],
+                             bias=ops["bias"], out_dtype=torch.bfloat16)
+        return gelu_to_fp8(h)
+
+    def fused(config=None):
+        if config is None:
+            return torch.ops.tqdit.fp8_linear_gelu(**ops, rows_per_sample=256, model_dtype=torch.bfloat16)
+        return fp8_gemm.launch(**ops, rows_per_sample=256, model_dtype=torch.bfloat16, config=config)
+
+    reference = fp8_gemm.reference(**ops, rows_per_sample=256, model_dtype=torch.bfloat16).float()
+    result = {}
+    for label, codes in (("fused", fused()), ("unfused", unfused())):
+        differ = codes.float() != reference
+        result[f"{label}_codes_differing_from_reference"] = differ.float().mean().item()
+        result[f"{label}_max_relative_difference"] = ((codes.float() - reference).abs() / reference.abs().clamp(min=2**-6)).max().item()
+    flops = 2 * m * n * k
+    for label, fn in (("unfused", unfused), ("fused", fused)):
+        ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+        result[label] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
+    result["fused_config"] = {str(key): str(config) for key, config in getattr(fp8_gemm._autotuned_kernel, "cache", {}).items()}
+    result["fused_per_config_ms"] = {str(c): round(do_bench(lambda c=c: fused(c), warmup=10, rep=100, return_mode="median"), 4)
+                                     for c in fp8_gemm.GPU_CONFIGS}
+    print("fc1_gelu_to_fp8", result, flush=True)
+    return result
 
 
 if __name__ == "__main__":
