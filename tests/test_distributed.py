@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from test_pipeline import FAST_QUANT, ROOT
 
@@ -38,6 +39,7 @@ def test_two_processes_give_the_single_process_npz(tmp_path):
     assert not (tmp_path / "two" / "shards").exists()  # merged into samples.npz, then removed
 
 
+@pytest.mark.slow  # 37 s on a 2-core CPU; the default suite keeps the plain two-process test
 def test_two_processes_resume_from_shards_drawn_by_one(tmp_path):
     """A job started on one process and killed is finished by two: finished shards are not redrawn."""
     reference = torchrun(tmp_path / "reference", tmp_path / "cache", 1)
@@ -61,6 +63,7 @@ def test_two_processes_resume_from_shards_drawn_by_one(tmp_path):
         np.testing.assert_array_equal(merged["arr_0"][12:], images[12:])
 
 
+@pytest.mark.slow  # 16 s on a 2-core CPU
 def test_processes_share_one_default_output_directory(tmp_path):
     """Without hydra.run.dir, Hydra names the directory by the clock: all ranks must use rank 0's stamp."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

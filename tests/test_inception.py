@@ -90,6 +90,7 @@ def test_sfid_and_is_equal_hand_computations(weights, extractor):
     assert metrics["is"] > 1.0
 
 
+@pytest.mark.slow  # 60 s on a 2-core CPU (a real Inception pass over the reference batch)
 def test_adm_reference_batch_through_the_job_evaluation(weights, tmp_path):
     """FID and sFID use the batch's stored statistics (as the ADM evaluator); precision/recall its images."""
     fake, real = image_sets()

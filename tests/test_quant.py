@@ -250,7 +250,9 @@ def test_scope_is_shared_and_resolvable():
         resolve_scope(model, ["nothing.*"])
 
 
-@pytest.mark.parametrize("method", ["uniform", "mrq_tgq", "ptq4dm", "qdiffusion", "ptq4dit"])
+# ~17 s each on a 2-core CPU: the default suite keeps TQ-DiT and PTQ4DiT (its folded weights), the rest run with -m slow
+@pytest.mark.parametrize("method", [pytest.param("uniform", marks=pytest.mark.slow), "mrq_tgq", pytest.param("ptq4dm", marks=pytest.mark.slow),
+                                    pytest.param("qdiffusion", marks=pytest.mark.slow), "ptq4dit"])
 def test_compile_ready_quantization_computes_the_same_outputs(method):
     """prepare_for_compile: per-sample device gathers instead of Python group lookups — same numbers,
     eagerly and under torch.compile (whole graph, every method); single-group batches (sampling) and

@@ -79,6 +79,7 @@ def test_failed_job_is_shown_as_failed_without_hiding_the_others(tmp_path):
     assert json.loads(failed.read_text())["status"] == "failed" and (failed.parent / "error.log").is_file()
 
 
+@pytest.mark.slow  # 27 s on a 2-core CPU; the sweeps through the basic launcher stay in the default suite
 def test_submitit_local_launcher_runs_the_sweep(tmp_path):
     sweep(tmp_path / "sweep", "launcher=submitit_local", "quant=fp", "seed=0,1")
     csv = pd.read_csv(tmp_path / "sweep" / "report.csv")
