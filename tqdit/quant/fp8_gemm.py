@@ -114,9 +114,12 @@ if triton is not None:
         if HAS_BIAS:
             h += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         h = _round_to_bf16(h)  # Fp8Linear's GEMM returns bf16
-        # literals, not the module's SQRT_8_OVER_PI and FP8_MAX: compiled kernels may read only constexpr
-        # globals, which Triton's interpreter in turn cannot multiply with a tensor
-        gelu = _round_to_model_dtype(h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h)), ROUND)
+        # GELU(tanh) = h·σ(2u) = h / (1 + e^(−2u)), the division approximate (2 ulp, as inductor's
+        # fast sigmoid): the epilogue's arithmetic is what it costs over a plain GEMM. Literals, not the
+        # module's SQRT_8_OVER_PI and FP8_MAX: compiled kernels may read only constexpr globals, which
+        # Triton's interpreter in turn cannot multiply with a tensor.
+        two_u = 1.5957691216057308 * (h + 0.044715 * h * h * h)
+        gelu = _round_to_model_dtype(tl.fdiv(h, 1.0 + tl.exp(-two_u), ieee_rounding=False), ROUND)
         scaled = tl.minimum(tl.maximum(gelu * out_inv_scale[:, None], -448.0), 448.0)
         out_ptr = Out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
         tl.store(out_ptr, scaled.to(Out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
