@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from tqdit.quant import triton_gemm
+
 try:
     import triton
     import triton.language as tl
@@ -65,17 +67,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        # grouped tile order: GROUP_M row tiles share each weight tile while it is in L2
-        pid = tl.program_id(0)
-        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * tiles_n)
-        first_m = group * GROUP_M
-        group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-        tile_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
-        tile_n = (pid % (GROUP_M * tiles_n)) // group_size
-
-        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows, cols = triton_gemm.tile_rows_and_columns(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         ks = tl.arange(0, BLOCK_K)
         row_ok, col_ok = rows < M, cols < N
         a_ptr = A + rows.to(tl.int64)[:, None] * stride_am + ks[None, :]  # 64-bit: rows × K can pass 2^31
@@ -107,11 +99,7 @@ if triton is not None:
         out_ptr = Out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
         tl.store(out_ptr, y.to(Out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    _autotuned_kernel = triton.autotune(
-        configs=[triton.Config({k: v for k, v in c.items() if k.isupper()}, num_warps=c["num_warps"], num_stages=c["num_stages"])
-                 for c in GPU_CONFIGS],
-        key=["N", "K", "WEIGHT_OFFSET"],
-    )(_int8_linear_kernel)
+    _autotuned_kernel = triton_gemm.autotuned(_int8_linear_kernel, GPU_CONFIGS, key=["N", "K", "WEIGHT_OFFSET"])
 
 
 def check_operands(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias,
@@ -150,12 +138,7 @@ def launch(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, 
     args = (a, weight, out, sample_scale, sample_offset, weight_scale, unused if weight_offset is None else weight_offset,
             weight_sum, unused if bias is None else bias, m, n, k, rows_per_sample, a.stride(0), weight.stride(0), out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, WEIGHT_OFFSET=weight_offset is not None)
-    if config is None:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _autotuned_kernel[grid](*args, **flags)
-    else:
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        _int8_linear_kernel[grid](*args, **flags, **config)
+    triton_gemm.run(_int8_linear_kernel, _autotuned_kernel, m, n, args, flags, config)
     return out
 
 
