@@ -19,6 +19,10 @@ weights and, where the activation quantizer is uniform, run the matmul in 8 bits
   mantissa bits, so values are rounded relative to their magnitude rather than on a uniform grid
   (tests/test_lowbit.py compares the FIDs of the two paths, GPU only). Needs CUDA with FP8 support
   (compute capability ≥ 8.9).
+- ``Fp8Mlp`` (``backend="fp8"``, on by default: ``to_low_bit(fuse_mlp=...)``) — a block's MLP whose
+  fc1 and fc2 are both ``Fp8Linear`` (every uniform-input method, e.g. TGQ): fc1's GEMM applies GELU
+  and writes fc2's e4m3 input codes from its epilogue (:mod:`tqdit.quant.fp8_gemm`, a Triton kernel),
+  so the largest activation never makes a bf16 round trip through memory.
 - ``Int8WeightLinear`` (both backends) — a ``QuantLinear`` whose input quantizer has no fast
   kernel (TQ-DiT's post-GELU multi-region quantizer on fc2: two step sizes would need two integer
   matmuls): the weight is stored as its calibrated int8 codes and scales and dequantized inside the
