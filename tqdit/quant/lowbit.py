@@ -130,13 +130,14 @@ class Fp8Mlp(nn.Module):
     """A block's fc1 → GELU(tanh) → fc2 with both linears on FP8, fc1's GEMM applying GELU and writing
     fc2's e4m3 input codes from its epilogue (:mod:`tqdit.quant.fp8_gemm`): the (tokens, 4·hidden)
     activation, the model's largest, is never written in bf16 and read back. The same function as
-    ``fc2(gelu_tanh(fc1(x)))`` of the two :class:`Fp8Linear` up to the GEMM's summation order."""
+    ``fc2(gelu_tanh(fc1(x)))`` of the two :class:`Fp8Linear` up to how the GEMMs accumulate (Hopper's
+    FP8 MMA keeps partial sums at reduced precision, cuBLAS's and Triton's alike). fc1's bias is
+    always added in the fused kernel's epilogue, fc2's as :class:`Fp8Linear` adds it."""
 
     def __init__(self, fc1: Fp8Linear, fc2: Fp8Linear):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
-        # fc1's bias goes into the fused kernel's epilogue, which always takes it
-        self.register_buffer("fc1_weight_scale", fc1.weight_scale.reshape(-1).contiguous())
+        self.register_buffer("fc1_weight_scale", fc1.weight_scale.reshape(-1).contiguous())  # (N,), as the kernel reads it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, rows = x.shape[0], x.numel() // self.fc1.in_features
