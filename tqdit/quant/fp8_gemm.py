@@ -14,7 +14,8 @@ with ``a``, ``w`` the e4m3 codes of fc1's input and weight, ``sa`` each sample's
 group's), ``sw`` the per-output-channel weight scale and ``sb`` fc2's input scale. The roundings are
 those of the unfused path: :class:`~tqdit.quant.lowbit.Fp8Linear`'s GEMM returns bf16, and GELU
 rounds to the model dtype (``model``: bf16 or fp16, none for float32), so the fused kernel computes
-the same function up to the GEMM's summation order and float32 rounding in GELU.
+the same function up to how the GEMM accumulates (Hopper's FP8 MMA keeps partial sums at reduced
+precision, cuBLAS's and this kernel's alike) and float32 rounding in GELU.
 
 On CUDA, :func:`fp8_linear_gelu` runs a Triton kernel (FP8 tensor-core MMA, autotuned over a few
 tilings); elsewhere the same arithmetic in PyTorch ops (:func:`reference`, also the tests' check of
@@ -23,8 +24,6 @@ speed: docs/performance.md.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -38,7 +37,6 @@ except ImportError:  # pragma: no cover - Triton ships with CUDA builds of PyTor
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-SQRT_8_OVER_PI = math.sqrt(8 / math.pi)  # σ(2u) = 0.5·(1 + tanh u): 2·√(2/π)
 # The model dtype's rounding of GELU's output, as a kernel constant.
 ROUNDING = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Tilings tried on the GPU for each (N, K); FP8 MMA wants K tiles of ≥ 32 and K-major operands. The
@@ -105,10 +103,10 @@ if triton is not None:
         if HAS_BIAS:
             h += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         h = _round_to_bf16(h)  # Fp8Linear's GEMM returns bf16
-        # GELU(tanh) = h·σ(2u) = h / (1 + e^(−2u)), the division approximate (2 ulp, as inductor's
-        # fast sigmoid): the epilogue's arithmetic is what it costs over a plain GEMM. Literals, not the
-        # module's SQRT_8_OVER_PI and FP8_MAX: compiled kernels may read only constexpr globals, which
-        # Triton's interpreter in turn cannot multiply with a tensor.
+        # GELU(tanh) = h·σ(2u) = h / (1 + e^(−2u)), the division approximate (2 ulp): the epilogue's
+        # arithmetic is what it costs over a plain GEMM. 2u = √(8/π)·(h + 0.044715·h³). Literals, not
+        # tqdit.models.dit.SQRT_8_OVER_PI and FP8_MAX: compiled kernels may read only constexpr
+        # globals, which Triton's interpreter in turn cannot multiply with a tensor.
         two_u = 1.5957691216057308 * (h + 0.044715 * h * h * h)
         gelu = _round_to_model_dtype(tl.fdiv(h, 1.0 + tl.exp(-two_u), ieee_rounding=False), ROUND)
         scaled = tl.minimum(tl.maximum(gelu * out_inv_scale[:, None], -448.0), 448.0)
