@@ -39,14 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tqdit.models.dit import Mlp, gelu_tanh
-from tqdit.quant import fp8_gemm, int8_gemm  # noqa: F401 (fp8_gemm registers torch.ops.tqdit.fp8_linear_gelu)
+from tqdit.quant import int8_gemm
+from tqdit.quant.fp8_gemm import FP8, FP8_MAX  # importing it registers torch.ops.tqdit.fp8_linear_gelu
 from tqdit.quant.layers import QuantLinear
 from tqdit.quant.quantizers import UniformQuantizer, per_sample
 
 BACKENDS = ("int8", "fp8")
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 
 
 @functools.cache  # per device: every Fp8Linear asks
@@ -137,13 +135,12 @@ class Fp8Mlp(nn.Module):
     def __init__(self, fc1: Fp8Linear, fc2: Fp8Linear):
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
-        self.register_buffer("fc1_weight_scale", fc1.weight_scale.reshape(-1).contiguous())  # (N,), as the kernel reads it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, rows = x.shape[0], x.numel() // self.fc1.in_features
         codes = torch.ops.tqdit.fp8_linear_gelu(
             self.fc1.quantize_input(x), self.fc1.weight_fp8, per_sample(self.fc1.context, self.fc1.act_scale, batch).contiguous(),
-            self.fc1_weight_scale, self.fc1.bias, per_sample(self.fc2.context, self.fc2.act_inv_scale, batch).contiguous(),
+            self.fc1.weight_scale.reshape(-1), self.fc1.bias, per_sample(self.fc2.context, self.fc2.act_inv_scale, batch).contiguous(),
             rows // batch, x.dtype)
         out = self.fc2.matmul(codes, self.fc2.row_scales(batch, rows))
         return out.reshape(*x.shape[:-1], self.fc2.out_features).to(x.dtype)
