@@ -268,8 +268,9 @@ def dequantized_mlp_input(a, weight, input_scale, weight_scale, bias, out_inv_sc
 
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
 def test_fp8_gelu_matmul_equals_the_dequantized_product(model_dtype):
-    # 5 samples × 7 rows, K = 100, 45 channels: no dimension a multiple of the tiles
-    ops = fp8_operands(35, 100, 45, rows_per_sample=7)
+    # 5 samples × 7 rows, K = 112, 48 channels: multiples of 16 (TMA's alignment), not of the tiles,
+    # and 6 output tiles for the kernel's 3 programs to walk
+    ops = fp8_operands(35, 112, 48, rows_per_sample=7)
     expected = dequantized_mlp_input(**ops, rows_per_sample=7, model_dtype=model_dtype)
     ours = fp8_gemm.reference(**ops, rows_per_sample=7, model_dtype=model_dtype, out_dtype=torch.float32)
     kernel = fp8_gemm.launch(**ops, rows_per_sample=7, model_dtype=model_dtype, out_dtype=torch.float32,
@@ -288,9 +289,10 @@ def test_fp8_gelu_matmul_equals_the_dequantized_product(model_dtype):
 
 
 def test_fp8_gelu_matmul_refuses_operands_it_would_misread():
-    ops = fp8_operands(35, 100, 45, rows_per_sample=7)
-    for bad, message in [(dict(weight=ops["weight"][:, :99]), "input has K=100 but the weight"),
-                         (dict(weight_scale=ops["weight_scale"][:1]), r"per-channel weight scale and bias must each be \(45,\)"),
+    ops = fp8_operands(35, 112, 48, rows_per_sample=7)
+    for bad, message in [(dict(weight=ops["weight"][:, :96]), "input has K=112 but the weight"),
+                         (dict(a=ops["a"][:, :100], weight=ops["weight"][:, :100]), "K=100 and N=48 must be multiples of 16"),
+                         (dict(weight_scale=ops["weight_scale"][:1]), r"per-channel weight scale and bias must each be \(48,\)"),
                          (dict(out_inv_scale=ops["out_inv_scale"][:3]), "do not give one value per 7 of the 35 rows"),
                          (dict(a=ops["a"].float()), "input and weight must be torch.float8_e4m3fn")]:
         with pytest.raises(ValueError, match=message):
