@@ -370,6 +370,15 @@ def test_fp8_mlp_on_the_gpu_computes_its_two_fp8_linears():
     assert (together - separate).norm() < 0.1 * quantization_error
 
 
+def test_fp8_linear_refuses_features_its_gemms_cannot_align():
+    linear = torch.nn.Linear(24, 32)  # 24 input features: not a multiple of 16
+    act, weight_quant = UniformQuantizer(8, symmetric=False), UniformQuantizer(8, symmetric=True)
+    act.set_range(torch.tensor(-2.0), torch.tensor(3.0))
+    weight_quant.set_range(-linear.weight.abs().max(), linear.weight.abs().max())
+    with pytest.raises(ValueError, match="multiples of 16, this linear has 24 → 32: use quant.backend=int8"):
+        Fp8Linear(QuantLinear(linear, act, weight_quant))
+
+
 def test_unknown_low_bit_backend_is_refused():
     _, quantized, _ = calibrated("tgq")
     with pytest.raises(ValueError, match="unknown low-bit backend 'int4': use one of int8, fp8"):

@@ -84,6 +84,10 @@ class Fp8Linear(nn.Module):
     def __init__(self, layer: QuantLinear):
         super().__init__()
         act = layer.act
+        out_features, in_features = layer.weight.shape
+        if in_features % 16 or out_features % 16:
+            raise ValueError(f"FP8 GEMMs need in and out features that are multiples of 16, this linear has "
+                             f"{in_features} → {out_features}: use quant.backend=int8 for this model")
         weight = layer.quantized_weight().detach().float()  # the calibrated 8-bit weight, dequantized
         weight_scale = weight.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
         self.register_buffer("weight_fp8", (weight / weight_scale[:, None]).to(FP8))
