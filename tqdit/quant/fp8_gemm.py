@@ -79,7 +79,7 @@ if triton is not None:
     def _gelu_tanh(h, HARDWARE_TANH: tl.constexpr):
         """GELU(tanh) of float32 ``h``, the epilogue's arithmetic and so what it costs over a plain GEMM.
         On the GPU ½h·(1 + tanh u) with the hardware's approximate tanh (PTX tanh.approx.f32, one
-        special-function instruction per value): 9 % faster than h·σ(2u) with an exponential and an
+        special-function instruction per value): 8–10 % faster than h·σ(2u) with an exponential and an
         approximate division (two), and 0.03 % of fc1's output codes differ between the two (H200,
         docs/performance.md). Triton's interpreter cannot run PTX, so the CPU tests take the σ form.
         Literals, not tqdit.models.dit.SQRT_8_OVER_PI: compiled kernels may read only constexpr
