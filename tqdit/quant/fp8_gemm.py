@@ -34,6 +34,7 @@ from tqdit.quant import triton_gemm
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - Triton ships with CUDA builds of PyTorch
     triton = None
 
@@ -174,8 +175,6 @@ def launch(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_s
     rounding: the CPU tests use it, because Triton 3.8's interpreter rounds some values to the wrong
     e4m3 code (7.96 → 4, where the GPU's conversion instruction gives 8).
     """
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     check_operands(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample, model_dtype)
     a, weight = (aligned(t) for t in (a, weight))  # TMA reads rows of unit stride from 16-byte boundaries
     m, k = a.shape

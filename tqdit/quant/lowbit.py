@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdit.models.dit import Mlp, gelu_tanh
 from tqdit.quant import int8_gemm
 from tqdit.quant.fp8_gemm import FP8, FP8_MAX  # importing it registers torch.ops.tqdit.fp8_linear_gelu
-from tqdit.quant.layers import QuantLinear
+from tqdit.quant.layers import QuantLinear, replace_module
 from tqdit.quant.quantizers import UniformQuantizer, per_sample
 
 BACKENDS = ("int8", "fp8")
@@ -249,8 +249,7 @@ def to_low_bit(model: nn.Module, backend: str = "fp8", fuse_mlp: bool = True) ->
         uniform_input = isinstance(layer.act, UniformQuantizer) and layer.act.enabled and layer.act.scale.shape[1] == 1
         new = fast(layer) if uniform_input else Int8WeightLinear(layer)
         counts[fast_name if uniform_input else "int8_weight_linear"] += 1
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replace_module(model, name, new)
     if backend == "fp8" and fuse_mlp:
         counts["fp8_mlp"] = fuse_fp8_mlps(model)
     return counts
@@ -265,8 +264,7 @@ def fuse_fp8_mlps(model: nn.Module) -> int:
              and isinstance(module.fc1, Fp8Linear) and isinstance(module.fc2, Fp8Linear)]
     for name in names:
         mlp = model.get_submodule(name)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, Fp8Mlp(mlp.fc1, mlp.fc2))
+        replace_module(model, name, Fp8Mlp(mlp.fc1, mlp.fc2))
     return len(names)
 
 
