@@ -16,21 +16,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from _common import figure_path, sweep_directories
 
-from tqdit.report import load_results, summarize
+from tqdit.report import bits_label, line_label, load_results, summarize, varying_columns
 
 table = summarize(load_results(sweep_directories()))
 grouped = table[(table["groups"] != "–") & (table["seeds"] > 0)].copy()
 grouped["G"] = grouped["groups"].astype(int)
-grouped[["method", "w_bits", "a_bits", "G", "fid", "fid_std", "dfid", "seeds"]]
+others = varying_columns(table, exclude=("method", "w_bits", "a_bits", "groups"))  # one line per other setting
+grouped["line"] = [f"{line_label(row, others)} {bits_label(row)}" for _, row in grouped.iterrows()]
+grouped[["line", "G", "fid", "fid_std", "dfid", "seeds"]]
 
 # %%
 figure, axis = plt.subplots(figsize=(6, 4))
-for (method, w, a), rows in grouped.groupby(["method", "w_bits", "a_bits"]):
+for line, rows in grouped.groupby("line", sort=False):
     rows = rows.sort_values("G")
-    axis.errorbar(rows["G"], rows["fid"], yerr=rows["fid_std"].fillna(0), marker="o", capsize=3, label=f"{method} W{w}A{a}")
-fp = table[table["method"] == "fp"]
-if len(fp):
-    axis.axhline(fp["fid"].mean(), color="black", linestyle="--", label="FP")
+    axis.errorbar(rows["G"], rows["fid"], yerr=rows["fid_std"].fillna(0), marker="o", capsize=3, label=line)
+for _, fp in table[table["method"] == "fp"].iterrows():  # each FP setting its own level, never averaged
+    axis.axhline(fp["fid"], color="black", linestyle="--", label=line_label(fp, others))
 axis.set_xscale("log")
 axis.set_xticks(sorted(grouped["G"].unique()), [str(g) for g in sorted(grouped["G"].unique())])
 axis.minorticks_off()

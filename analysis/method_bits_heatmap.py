@@ -6,8 +6,8 @@
 
 # %% [markdown]
 # # Method × bit width heatmap
-# FID (mean over seeds; for methods with time groups, the best G) for every method and bit width
-# of the sweep(s) in `TQDIT_SWEEP`.
+# FID (mean over seeds) for every setting and bit width of the sweep(s) in `TQDIT_SWEEP`: a heatmap row
+# is the method plus every other setting that varies (G included), so no cell picks a best G on FID.
 
 # %%
 import matplotlib
@@ -17,13 +17,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 from _common import figure_path, sweep_directories
 
-from tqdit.report import METHOD_ORDER, load_results, summarize
+from tqdit.report import bits_label, line_label, load_results, summarize, varying_columns
 
 table = summarize(load_results(sweep_directories()))
 quantized = table[(table["method"] != "fp") & (table["seeds"] > 0)].copy()
-quantized["bits"] = [f"W{int(w)}A{int(a)}" for w, a in zip(quantized["w_bits"], quantized["a_bits"])]
-best = quantized.groupby(["method", "bits"])["fid"].min().unstack("bits")
-best = best.reindex([m for m in METHOD_ORDER if m in best.index])
+others = varying_columns(table, exclude=("method", "w_bits", "a_bits", "groups")) + ["groups"]
+quantized["bits"] = [bits_label(row) for _, row in quantized.iterrows()]
+quantized["setting"] = [line_label(row, others) for _, row in quantized.iterrows()]
+# one setting per (row, column): pivot refuses duplicates instead of averaging or picking one
+best = quantized.pivot(index="setting", columns="bits", values="fid")
+best = best.reindex(list(dict.fromkeys(quantized["setting"])))
 best
 
 # %%

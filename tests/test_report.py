@@ -1,27 +1,49 @@
-"""Comparison tables: grouping over seeds, paired ΔFID, ordering, CSV/LaTeX output."""
+"""Comparison tables: one row per setting, seeds averaged, ΔFID paired by protocol and seed, CSV/LaTeX output.
+
+Jobs are written with the resolved configuration Hydra composes for their overrides (as ``run.py``
+would record it), so the report sees exactly the keys a real sweep gives it.
+"""
 
 import json
 import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from tqdit.report import load_results, summarize, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_job(root: Path, method: str, bits: int | None, seed: int, fid: float, groups: int | None = None) -> None:
-    job = root / f"{method}-{bits}-{seed}"
+@lru_cache(maxsize=None)
+def resolved_config(overrides: tuple[str, ...]) -> str:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True))
+
+
+def write_job(root: Path, overrides: list[str], fid: float, device: str = "cuda:0", failed: bool = False) -> Path:
+    config = json.loads(resolved_config(tuple(overrides)))
+    job = root / ",".join(overrides)
     job.mkdir(parents=True)
-    quant = {"method": method, "w_bits": bits, "a_bits": bits, "groups": groups}
-    if method != "fp":
-        quant.update(calibration_s=10.0 + seed, peak_memory_bytes=2e9)
-    result = {"config": {"model": {"arch": "DiT-MNIST"}, "sampler": {"steps": 50}}, "quant": quant, "num_samples": 100,
-              "seed": seed, "metrics": {"fid": fid, "sfid": 2 * fid, "is": 9.0, "precision": 0.8, "recall": 0.7}}
+    method = config["quant"]["name"]
+    if failed:
+        result = {"status": "failed", "error": "RuntimeError: boom", "config": config, "environment": {"device": device}}
+    else:
+        quant = {"method": method}
+        if method != "fp":
+            quant.update(calibration_s=10.0 + config["seed"], peak_memory_bytes=2e9, peak_memory_kind="cuda_max_allocated")
+        result = {"config": config, "quant": quant, "num_samples": config["num_samples"], "seed": config["seed"],
+                  "environment": {"device": device},
+                  "metrics": {"fid": fid, "sfid": 2 * fid, "is": 9.0, "precision": 0.8, "recall": 0.7}}
     (job / "results.json").write_text(json.dumps(result))
+    return job
 
 
 FP = [14.0, 12.0, 16.0]
@@ -31,10 +53,10 @@ MRQ_TGQ_6 = [13.0, 11.5, 15.0]
 
 def make_sweep(root: Path) -> None:
     for seed in range(3):
-        write_job(root / "a", "fp", None, seed, FP[seed])
-        write_job(root / "b", "uniform", 6, seed, UNIFORM_6[seed])
-        write_job(root / "b", "mrq_tgq", 6, seed, MRQ_TGQ_6[seed], groups=10)
-    write_job(root / "b", "mrq_tgq", 8, 0, 14.5, groups=10)  # one seed only: no spread
+        write_job(root / "a", ["quant=fp", f"seed={seed}"], FP[seed])
+        write_job(root / "b", ["quant=uniform", "bits=6", f"seed={seed}"], UNIFORM_6[seed])
+        write_job(root / "b", ["quant=mrq_tgq", "bits=6", "groups=10", f"seed={seed}"], MRQ_TGQ_6[seed])
+    write_job(root / "b", ["quant=mrq_tgq", "bits=8", "groups=10", "seed=0"], 14.5)  # one seed only: no spread
 
 
 def test_summary_means_spreads_and_paired_delta(tmp_path):
@@ -42,6 +64,7 @@ def test_summary_means_spreads_and_paired_delta(tmp_path):
     table = summarize(load_results([tmp_path / "a", tmp_path / "b"]))  # two directories merge into one table
     assert list(table["method"]) == ["fp", "mrq_tgq", "uniform", "mrq_tgq"]  # FP, then W8A8, then W6A6
     assert list(table["seeds"]) == [3, 1, 3, 3]
+    assert list(table["seed_list"]) == ["0 1 2", "0", "0 1 2", "0 1 2"]
     row = table[(table["method"] == "uniform")].iloc[0]
     assert np.isclose(row["fid"], np.mean(UNIFORM_6)) and np.isclose(row["fid_std"], np.std(UNIFORM_6, ddof=1))
     paired = np.subtract(UNIFORM_6, FP)
@@ -53,11 +76,72 @@ def test_summary_means_spreads_and_paired_delta(tmp_path):
     assert np.isclose(table.iloc[1:]["peak_gb"], 2.0).all()
 
 
-def test_markdown_marks_missing_fp_pair(tmp_path):
-    write_job(tmp_path, "uniform", 8, 5, 20.0)  # no FP job of seed 5
+def test_jobs_that_differ_in_any_setting_are_separate_rows_with_that_setting_as_a_column(tmp_path):
+    """The defect this guards: rows keyed by (model, method, bits, G, steps, N) only, so a sweep of
+    ``quant.search=hessian,mse`` (experiment=embedded_ablation) averaged both rules as "6 seeds".
+    Mutation caught: grouping by the NAMED columns only (the old KEYS) merges the rows below."""
+    for seed, (hessian, mse) in enumerate([(13.0, 15.0), (12.0, 14.5), (14.0, 16.0)]):
+        write_job(tmp_path, ["quant=mrq_tgq", "bits=6", "quant.search=hessian", f"seed={seed}"], hessian)
+        write_job(tmp_path, ["quant=mrq_tgq", "bits=6", "quant.search=mse", f"seed={seed}"], mse)
+        write_job(tmp_path, ["quant=mrq_tgq", "bits=6", "quant.search=mse", "sampler.cfg_scale=1.25", f"seed={seed}"], 30.0)
+    table = summarize(load_results([tmp_path]))
+    assert len(table) == 3 and list(table["seeds"]) == [3, 3, 3]
+    by_setting = {(r["quant.search"], r["sampler.cfg_scale"]): r["fid"] for _, r in table.iterrows()}
+    assert by_setting == pytest.approx({("hessian", 1.5): 13.0, ("mse", 1.5): np.mean([15.0, 14.5, 16.0]),
+                                        ("mse", 1.25): 30.0})
+    header = to_markdown(table).splitlines()[0]
+    assert "quant.search" in header and "sampler.cfg_scale" in header  # the varying keys are columns
+    assert "quant.scope" not in header  # a key every row shares is not
+
+
+def test_fp_pairing_uses_every_protocol_key(tmp_path):
+    """ΔFID compares with FP sampled the same way: an FP job at another guidance scale, or on
+    another device type, is not a pair. Mutation caught: pairing by (model, steps, N, seed) only
+    subtracts the cfg 1.25 FP job (FID 50) from the cfg 1.5 job."""
+    write_job(tmp_path, ["quant=fp", "sampler.cfg_scale=1.25", "seed=0"], 50.0)
+    write_job(tmp_path, ["quant=fp", "seed=0"], 14.0, device="cpu")
+    write_job(tmp_path, ["quant=mrq_tgq", "seed=0"], 13.0)
+    table = summarize(load_results([tmp_path]))
+    quantized = table[table["method"] == "mrq_tgq"].iloc[0]
+    assert np.isnan(quantized["dfid"])  # no FP job with cfg 1.5 on a GPU
+    write_job(tmp_path, ["quant=fp", "seed=0", "num_samples=501"], 99.0)  # another N: not a pair either
+    write_job(tmp_path / "gpu", ["quant=fp", "seed=0"], 14.5)
+    table = summarize(load_results([tmp_path]))
+    assert np.isclose(table[table["method"] == "mrq_tgq"].iloc[0]["dfid"], 13.0 - 14.5)
+
+
+def test_settings_a_method_ignores_do_not_split_its_rows(tmp_path):
+    """FP's rows do not split by bit width or quantizer settings, nor a method without time groups by G
+    (the job runs those once; an old sweep holding both must still give one row)."""
+    write_job(tmp_path, ["quant=fp", "bits=6", "seed=0"], 14.0)
+    write_job(tmp_path, ["quant=fp", "bits=8", "quant.search=mse", "seed=1"], 12.0)
+    write_job(tmp_path, ["quant=uniform", "groups=5", "seed=0"], 15.0)
+    write_job(tmp_path, ["quant=uniform", "groups=25", "seed=1"], 13.0)
+    table = summarize(load_results([tmp_path]))
+    assert list(table["method"]) == ["fp", "uniform"] and list(table["seeds"]) == [2, 2]
+    assert np.allclose(table["dfid"], [0.0, 1.0])
+
+
+def test_markdown_marks_missing_fp_pair_and_failed_settings(tmp_path):
+    write_job(tmp_path, ["quant=uniform", "seed=5"], 20.0)  # no FP job of seed 5
+    write_job(tmp_path, ["quant=ptq4dm", "seed=5"], 0.0, failed=True)
     text = to_markdown(summarize(load_results([tmp_path])))
-    row = text.splitlines()[2].split("|")
-    assert row[1].strip() == "uniform" and row[2].strip() == "W8A8" and row[6].strip() == "–"
+    rows = [line.split("|") for line in text.splitlines()[2:4]]
+    uniform = next(r for r in rows if r[1].strip() == "uniform")
+    assert uniform[2].strip() == "W8A8" and uniform[6].strip() == "–"
+    failed = next(r for r in rows if r[1].strip() == "ptq4dm")
+    assert "**failed**: RuntimeError: boom" in failed[5]
+    assert "never chosen on an evaluation metric" in text and "sampler.cfg_scale=1.5" in text
+
+
+def test_cpu_peak_is_marked_as_process_rss(tmp_path):
+    """The peak column mixed the CPU's process RSS with the CUDA allocator peak; a CPU row says RSS."""
+    job = write_job(tmp_path, ["quant=uniform", "seed=0"], 20.0, device="cpu")
+    result = json.loads((job / "results.json").read_text())
+    result["quant"]["peak_memory_kind"] = "process_max_rss"
+    (job / "results.json").write_text(json.dumps(result))
+    text = to_markdown(summarize(load_results([tmp_path])))
+    assert "2.00 RSS" in text
 
 
 def test_command_line_writes_csv_and_latex(tmp_path):

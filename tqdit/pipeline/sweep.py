@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from tqdit.utils import atomic_write_json
+from tqdit.utils import atomic_write_json, resolve_device
 
 
 def record_failure(cfg: DictConfig, job_dir: Path, error: BaseException) -> dict:
@@ -26,6 +26,10 @@ def record_failure(cfg: DictConfig, job_dir: Path, error: BaseException) -> dict
     (job_dir / "error.log").write_text("".join(traceback.format_exception(error)))
     message = f"{type(error).__name__}: {error}".splitlines()[0]
     result = {"status": "failed", "error": message, "config": OmegaConf.to_container(cfg, resolve=True)}
+    try:  # the device is part of a table row's setting (CPU and GPU round differently)
+        result["environment"] = {"device": str(resolve_device(cfg.device))}
+    except (ValueError, RuntimeError):  # an unparseable device: the job failed on it
+        pass
     atomic_write_json(job_dir / "results.json", result)
     return result
 
