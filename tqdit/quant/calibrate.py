@@ -111,7 +111,13 @@ def wrap(model: DiT, cfg: QuantConfig, timesteps: np.ndarray) -> list[str]:
     """Swap the scoped modules for quantized ones (in place); returns their names.
 
     With time groups, a forward pre-hook reads each call's timesteps into the shared context.
+    Idempotent: wrapping a model already wrapped with the same settings changes nothing (no second
+    hook, no quantizers inside quantizers); with other settings it is an error.
     """
+    if getattr(model, "quant_config", None) is not None:
+        if model.quant_config != cfg:
+            raise ValueError("the model is already quantized with other settings; quantize a fresh copy of the FP model")
+        return [name for name, module in model.named_modules() if isinstance(module, (QuantLinear, QuantMatMul))]
     if not isinstance(cfg.grouped, str):
         unknown = set(cfg.grouped) - set(POSITIONS)
         if unknown:

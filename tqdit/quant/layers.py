@@ -44,13 +44,18 @@ def resolve_scope(model: nn.Module, scope: str | list[str]) -> list[str]:
 
 
 class QuantLinear(nn.Module):
-    """Linear with a fake-quantized input (``act``) and weight (``weight_quant``, per output channel)."""
+    """Linear with a fake-quantized input (``act``) and weight (``weight_quant``, per output channel).
+
+    The frozen (quantized once) weight is derived state: after ``load_state_dict`` it is recomputed
+    from the loaded weight and grid, so it never holds the values of the model it was copied from.
+    """
 
     def __init__(self, linear: nn.Linear, act: nn.Module, weight_quant: nn.Module):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.act, self.weight_quant = act, weight_quant
         self._frozen_weight: torch.Tensor | None = None
+        self.register_load_state_dict_post_hook(_refreeze_after_load)
 
     def quantized_weight(self) -> torch.Tensor:
         if self._frozen_weight is not None:
@@ -63,6 +68,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act(x), self.quantized_weight(), self.bias)
+
+
+def _refreeze_after_load(module: QuantLinear, incompatible_keys) -> None:
+    with torch.no_grad():
+        module.freeze()  # runs after its quantizers' own hooks (children load first)
 
 
 class QuantMatMul(nn.Module):

@@ -16,7 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-GELU_MIN = 0.16997  # |min of GELU(tanh)|, the fixed range of MRQ's negative post-GELU region
+# The fixed range of MRQ's negative post-GELU region, as TQ-DiT's released code sets it. The tanh GELU
+# DiT uses has its minimum at −0.170041 (at x ≈ −0.7522), the erf GELU at −0.169971 (x ≈ −0.7518):
+# the code's constant is the erf one, so the tanh GELU's lowest values (below −0.16997, within
+# 7e-5) round onto the most negative code, clipped by less than 0.05 % of one step at 8 bits.
+GELU_MIN = 0.16997
 
 
 class TimeGroupContext:
@@ -48,6 +52,34 @@ class TimeGroupContext:
             raise RuntimeError("time-grouped quantizer called without the timesteps of this batch "
                                f"(groups for {None if self.groups is None else self.groups.shape[0]} samples, batch {batch})")
         return values[self.groups]
+
+
+class CalibratedState(nn.Module):
+    """What every quantizer shares: whether it is calibrated, as a ``state_dict`` buffer.
+
+    ``calibrated`` travels with ``state_dict`` / ``load_state_dict``; after a load, a hook refreshes
+    the quantizer (its Python-number caches and ``enabled``) from the loaded buffers, so a reloaded
+    model computes what the saved one did. ``enabled`` is the run-time switch (calibration turns it
+    off temporarily to capture full-precision data); it follows ``calibrated`` after every load.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        self.enabled = False  # off until calibrated
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def refresh(self) -> None:
+        """Mark calibrated, enable, and cache what forward reads (after setting or loading parameters)."""
+        self.calibrated.fill_(True)
+        self.enabled = True
+
+
+def _refresh_after_load(module: CalibratedState, incompatible_keys) -> None:
+    if bool(module.calibrated):
+        module.refresh()
+    else:
+        module.enabled = False
 
 
 def per_sample(context: TimeGroupContext | None, values: torch.Tensor, batch: int) -> torch.Tensor:
@@ -102,7 +134,7 @@ def fake_quant_scalar(x: torch.Tensor, scale: float, zero_point: int, qmin: int,
     return out.mul_(scale).to(x.dtype)
 
 
-class UniformQuantizer(nn.Module):
+class UniformQuantizer(CalibratedState):
     """Uniform quantizer: x̂ = (clamp(round(x/Δ) + z, qmin, qmax) − z)·Δ.
 
     symmetric: signed codes, z = 0. asymmetric: unsigned codes with a zero point.
@@ -123,7 +155,6 @@ class UniformQuantizer(nn.Module):
         self.qmin, self.qmax = qrange(bits, signed=symmetric)
         self.register_buffer("scale", torch.ones(groups, channels))
         self.register_buffer("zero_point", torch.zeros(groups, channels, dtype=torch.int32))
-        self.enabled = False  # off until calibrated
 
     def set_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
         """Parameters that map [low, high] onto the code range.
@@ -143,7 +174,7 @@ class UniformQuantizer(nn.Module):
 
     def refresh(self) -> None:
         """Enable the quantizer and cache per-tensor parameters as Python numbers (after setting or loading)."""
-        self.enabled = True
+        super().refresh()
         if self.scale.shape[1] == 1:
             self._scalars = [(float(s), int(z)) for s, z in zip(self.scale[:, 0].tolist(), self.zero_point[:, 0].tolist())]
 
@@ -203,7 +234,7 @@ def two_region_quant(x: torch.Tensor, threshold, step_below, step_above, qmin: i
     return out.to(x.dtype)
 
 
-class _MultiRegionQuantizer(nn.Module):
+class _MultiRegionQuantizer(CalibratedState):
     """What both MRQ quantizers share: the bit-width check and picking the searched parameter of the
     current time group (``searched()``: one value per group) before ``quantize``."""
 
@@ -213,14 +244,13 @@ class _MultiRegionQuantizer(nn.Module):
             raise ValueError(f"multi-region quantization needs 3..16 bits, got {bits}")
         self.bits, self.groups, self.context = bits, groups, context
         self.levels = 2 ** (bits - 1) - 1
-        self.enabled = False
 
     def searched(self) -> torch.Tensor:
         raise NotImplementedError
 
     def refresh(self) -> None:
         """Enable, and cache the per-group values as Python numbers (no device sync per call)."""
-        self.enabled = True
+        super().refresh()
         self._values = self.searched().tolist()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,7 +298,7 @@ class SoftmaxMRQ(_MultiRegionQuantizer):
 class GeluMRQ(_MultiRegionQuantizer):
     """Multi-region quantizer for post-GELU values (TQ-DiT MRQ).
 
-    Negative values (GELU ≥ −0.16997) use a fixed Δ₋ = 0.16997 / 2^(b-1) on [−0.16997, 0] with codes
+    Negative values (GELU ≥ −0.16997, see GELU_MIN) use a fixed Δ₋ = 0.16997 / 2^(b-1) on [−0.16997, 0] with codes
     −2^(b-1)..0; positive values use a searched Δ₊ on [0, (2^(b-1) − 1)·Δ₊]. Each value is quantized
     in its own region. ``positive_scale`` Δ₊ is the searched parameter, one per time group.
     """

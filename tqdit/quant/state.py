@@ -27,7 +27,7 @@ def save_quant_state(model, path: str | Path, method: str, timesteps: np.ndarray
     """
     cfg = model.quant_config
     tensors = {f"{name}.{buffer}": value.detach().cpu().contiguous()
-               for name, q in quantizers(model) if q.enabled for buffer, value in q.named_buffers()}
+               for name, q in quantizers(model) for buffer, value in q.named_buffers()}
     for name in getattr(model, "quant_modified_parameters", []):
         tensors[f"param.{name}"] = model.get_parameter(name).detach().cpu().contiguous()
     metadata = {"method": method, "config": json.dumps(asdict(cfg)), "timesteps": json.dumps([int(t) for t in timesteps])}
@@ -53,17 +53,26 @@ def load_quant_state(model, path: str | Path) -> tuple[str, QuantConfig, dict]:
         with torch.no_grad():
             model.get_parameter(name).copy_(tensors[f"param.{name}"].to(device))
     model.quant_modified_parameters = modified
+    missing = [f"{name}.{buffer}" for name, q in quantizers(model) for buffer, _ in q.named_buffers()
+               if f"{name}.{buffer}" not in tensors and not (buffer == "calibrated" and _written_before_flag(name, tensors))]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise TqditError(f"{path} lacks parameters of {len(missing)} quantizer buffers of this model ({shown}); "
+                         "it was saved from another model or scope: recalibrate, or load the file of this setting")
     loaded = 0
     for name, q in quantizers(model):
-        keys = [f"{name}.{buffer}" for buffer, _ in q.named_buffers()]
-        if all(key in tensors for key in keys):
-            for buffer, value in q.named_buffers():
-                value.copy_(tensors[f"{name}.{buffer}"].to(device))
+        for buffer, value in q.named_buffers():
+            key = f"{name}.{buffer}"
+            value.copy_(tensors[key].to(device) if key in tensors else torch.ones((), dtype=torch.bool))
+        if bool(q.calibrated):
             q.refresh()
             loaded += 1
-    if loaded == 0:
-        raise TqditError(f"{path} holds no quantizer parameters for this model; was it saved from another model?")
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.freeze()
     return metadata["method"], cfg, {"quantizers_loaded": loaded, "parameters_loaded": len(modified)}
+
+
+def _written_before_flag(name: str, tensors: dict) -> bool:
+    """Files saved before quantizers had a ``calibrated`` buffer held calibrated quantizers only."""
+    return any(key.startswith(f"{name}.") for key in tensors)
