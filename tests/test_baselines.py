@@ -238,3 +238,23 @@ def test_ptq4dit_state_reloads_folded_and_rounded_weights(setting, tmp_path):
     x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([999, 500, 0, 0]), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t, y), quantized(x, t, y), atol=0, rtol=0)
+
+
+def test_zero_activation_iterations_keep_the_initial_steps(setting):
+    """``quant.recon.act_iters=0`` passed validation and then divided by zero in the cosine schedule.
+    Zero iterations now mean the step phase is off: every activation step stays at its Lp initialisation
+    while the rounding is still learned (the weights move to their reconstructed grid points)."""
+    model, calib = setting
+    cfg = QuantConfig(w_bits=6, a_bits=6, weight_symmetric=False, num_inputs=24, capture_batch=8,
+                      search=SearchConfig(criterion="lp", candidates=20))
+    index = np.arange(len(calib))[::3]
+    quantized = copy.deepcopy(model)
+    calibrate(quantized, calib, cfg, progress=False, index=index)
+    initial = {n: q.scale.clone() for n, q in quantizers(quantized) if not n.endswith("weight_quant")}
+    weights = {n: m.weight.detach().clone() for n, m in quantized.named_modules() if isinstance(m, QuantLinear)}
+    recon = ReconConfig(iters=30, act_iters=0, batch=8)
+    reconstruct_blocks(quantized, calib.x[index], calib.t[index], calib.y[index], recon, joint=False, progress=False)
+    for name, q in quantizers(quantized):
+        if name in initial:
+            torch.testing.assert_close(q.scale, initial[name], atol=0, rtol=0)
+    assert any(not torch.equal(quantized.get_submodule(n).weight, w) for n, w in weights.items())

@@ -190,17 +190,17 @@ def capture_unit(model: DiT, unit: str, names: list[str], x, t, y, probes, need_
 
 
 def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: bool = True,
-              index: np.ndarray | None = None) -> tuple[DiT, dict]:
+              index: np.ndarray | None = None, started: float | None = None) -> tuple[DiT, dict]:
     """Quantize ``model`` in place with the configured quantizers and search; returns (model, cost).
 
     ``index``: which calibration inputs to use (a method's own selection); default: ⌈num_inputs / G⌉
-    random inputs from each time group.
+    random inputs from each time group. ``started``: when the method began, for methods with stages
+    before this one (PTQ4DiT's salience balancing): the cost then covers them, and the peak memory
+    is not reset here (the method reset it with ``start_cost``).
     """
     timesteps = calib.timesteps.numpy()
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start = start_cost(device) if started is None else started
     model.requires_grad_(False)
     names = wrap(model, cfg, timesteps)
     steps = len(timesteps)
@@ -255,6 +255,13 @@ def check_finite(name: str, operands: list[list[torch.Tensor]], groups: torch.Te
             first = int(bad.nonzero()[0, 0])
             raise FloatingPointError(f"calibration: {name} sees NaN/Inf values (time group {int(groups[first])}, calibration input "
                                      f"{first}); the FP model diverges on its calibration data")
+
+
+def start_cost(device: torch.device) -> float:
+    """Begin measuring a calibration: reset the CUDA allocator's peak; returns the start time."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return time.perf_counter()
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

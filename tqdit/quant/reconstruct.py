@@ -168,6 +168,8 @@ def reconstruct_block(model, block: nn.Module, x_q: torch.Tensor, cond: torch.Te
                              for i in range(0, n, 256)) / n)
 
     def run(phase: str, iterations: int, learn_rounding: bool, learn_steps: bool) -> None:
+        if iterations == 0:  # the phase is off (e.g. recon.act_iters=0: steps stay at their Lp initialisation)
+            return
         swaps = _swap_activations(block) if learn_steps else []
         groups = []
         if learn_rounding and linears:  # a block the scope leaves unquantized has nothing to round

@@ -29,13 +29,12 @@ multipliers initialises them, a superset of that choice; reconstruction then lea
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from tqdit.quant.calibrate import QuantConfig, method_settings
+from tqdit.quant.calibrate import QuantConfig, method_settings, start_cost
 from tqdit.quant.layers import resolve_scope
 from tqdit.quant.methods.qdiffusion import calibration_index, initialise_and_reconstruct
 
@@ -162,7 +161,7 @@ def salience_balance(model, x, t, y, step: np.ndarray, layers=BALANCED, ssc: boo
 
 
 def quantize(model, calib, cfg: QuantConfig):
-    start = time.perf_counter()
+    start = start_cost(next(model.parameters()).device)  # the salience stage's time and memory are part of the cost
     settings = method_settings(Settings, cfg.params, "ptq4dit")
     index = calibration_index(calib, cfg, settings.calib_steps)
     device = next(model.parameters()).device

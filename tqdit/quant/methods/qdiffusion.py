@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from tqdit.data.calibration import select_uniform_steps
-from tqdit.quant.calibrate import QuantConfig, calibrate, method_settings, peak_memory
+from tqdit.quant.calibrate import QuantConfig, calibrate, method_settings, peak_memory, start_cost
 from tqdit.quant.reconstruct import reconstruct_blocks
 
 
@@ -40,10 +40,10 @@ def calibration_index(calib, cfg: QuantConfig, steps: int) -> np.ndarray:
 def initialise_and_reconstruct(model, calib, cfg: QuantConfig, index: np.ndarray, p: float, joint: bool,
                                start: float | None = None):
     """Lp-initialised asymmetric quantizers, then block reconstruction; cost covers both (from ``start``)."""
-    start = time.perf_counter() if start is None else start
+    start = start_cost(next(model.parameters()).device) if start is None else start
     search = replace(cfg.search, criterion="lp", p=p)
     model, cost = calibrate(model, calib, replace(cfg, multi_region=False, time_groups=1, weight_symmetric=False, search=search),
-                            index=index)
+                            index=index, started=start)
     device = next(model.parameters()).device
     x, t, y = calib.x[index].to(device), calib.t[index].to(device), calib.y[index].to(device)
     recon_start = time.perf_counter()
