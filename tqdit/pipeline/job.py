@@ -104,6 +104,10 @@ def validate(cfg: DictConfig) -> None:
         check(fused_attention.available(), "quant.attention=fused needs Triton, which this PyTorch install lacks: install a CUDA build of PyTorch or use quant.attention=explicit")
     if quant.backend == "fp8" and quant.name != "fp":
         check(fp8_supported(device), f"quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device={cfg.device} does not: use quant.backend=simulated")
+    if quant.name == "noise":  # a control of simulated quantization: nothing to run on 8-bit kernels
+        check(quant.backend == "simulated", f"quant=noise adds noise instead of rounding; quant.backend={quant.backend} would "
+              "round: use quant.backend=simulated")
+        check(quant.attention != "fused", "quant=noise: the fused attention kernel rounds; use quant.attention=auto or explicit")
     if quant.backend in ("int8", "fp8") and quant.name != "fp":
         check(cfg.w_bits == 8 and cfg.a_bits == 8, f"quant.backend={quant.backend} runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated")
     check(quant.load is None or Path(str(quant.load)).expanduser().is_file(),
@@ -360,7 +364,7 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         record = {}
         if cfg.quant.backend != "simulated" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
             record.update(lowbit=to_low_bit(model, cfg.quant.backend), weight_bytes=weight_bytes(model))
-        if cfg.quant.name != "fp" and fused_attention_wanted(cfg.quant.attention, device, dtype, cfg.compile):
+        if cfg.quant.name not in ("fp", "noise") and fused_attention_wanted(cfg.quant.attention, device, dtype, cfg.compile):
             record["fused_attention_blocks"] = fused_attention.use_fused_attention(model)
         return record
 

@@ -33,7 +33,7 @@ from tqdit.data.calibration import CalibrationSet, select_per_group
 from tqdit.models.dit import DiT, MatMul
 from tqdit.quant.layers import QuantLinear, QuantMatMul, quantization_disabled, replace_module, resolve_scope, use_explicit_attention
 from tqdit.quant.reconstruct import ReconConfig
-from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, TimeGroupContext, UniformQuantizer
+from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, TimeGroupContext, UniformNoise, UniformQuantizer
 from tqdit.quant.search import SearchConfig, linear_problem, matmul_problem, search_layer
 
 POSITIONS = ("post_norm", "attn_out", "post_gelu", "post_silu", "timestep_freq", "q", "k", "post_softmax", "v")
@@ -56,6 +56,7 @@ class QuantConfig:
     seed: int = 0
     recon: ReconConfig = field(default_factory=ReconConfig)  # block reconstruction (Q-Diffusion, PTQ4DiT)
     params: dict = field(default_factory=dict)  # method-specific settings (each method validates its own)
+    error_model: str = "round"  # round: quantize; noise: add noise of the grid's step instead (the noise control)
 
 
 def activation_positions(name: str) -> tuple[str, ...]:
@@ -96,7 +97,8 @@ def _activation_quantizer(position: str, cfg: QuantConfig, context: TimeGroupCon
         return SoftmaxMRQ(cfg.a_bits, groups, ctx)
     if cfg.multi_region and position == "post_gelu":
         return GeluMRQ(cfg.a_bits, groups, ctx)
-    return UniformQuantizer(cfg.a_bits, symmetric=position in ("q", "k", "v"), groups=groups, context=ctx)
+    uniform = UniformNoise if cfg.error_model == "noise" else UniformQuantizer
+    return uniform(cfg.a_bits, symmetric=position in ("q", "k", "v"), groups=groups, context=ctx)
 
 
 def _read_time_groups(model, args) -> None:
@@ -135,7 +137,8 @@ def wrap(model: DiT, cfg: QuantConfig, timesteps: np.ndarray) -> list[str]:
         if isinstance(module, MatMul):
             new = QuantMatMul(*(_activation_quantizer(p, cfg, context) for p in positions))
         else:
-            weight_quant = UniformQuantizer(cfg.w_bits, symmetric=cfg.weight_symmetric, channels=module.out_features, axis=0)
+            uniform = UniformNoise if cfg.error_model == "noise" else UniformQuantizer
+            weight_quant = uniform(cfg.w_bits, symmetric=cfg.weight_symmetric, channels=module.out_features, axis=0)
             new = QuantLinear(module, _activation_quantizer(positions[0], cfg, context), weight_quant)
         replace_module(model, name, new.to(module.weight.device if isinstance(module, nn.Linear) else next(model.parameters()).device))
     use_explicit_attention(model)

@@ -197,6 +197,48 @@ class UniformQuantizer(CalibratedState):
         return f"bits={self.bits}, {kind}, channels={self.scale.shape[1]}, groups={self.groups}"
 
 
+def hash_uniform(codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A deterministic pseudo-random value in [−½, ½] per element, from a hash (MurmurHash3's 32-bit
+    finaliser, in int64 arithmetic masked to 32 bits) of its grid index and its position in its sample.
+
+    Keyed on the grid index, the draw changes only where rounding itself would (float round-off of
+    a batched matmul moves it no more often than it moves a rounded code); keyed on the position,
+    values that share a grid cell still get unrelated draws. The same on every device."""
+    mask = 0xFFFFFFFF
+    h = (codes.to(torch.int64) * 0x9E3779B1 + positions) & mask
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & mask
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & mask
+    h = h ^ (h >> 16)
+    return h.to(torch.float32) * 2.0**-32 - 0.5
+
+
+class UniformNoise(UniformQuantizer):
+    """The noise control's operand: x + Δ·u, u ∈ [−½, ½] from ``hash_uniform``, on the calibrated
+    grid's step Δ (per channel, per time group) — rounding's error size (variance Δ²/12) without its
+    structure: no clipping and no error that is a function of where x sits in its grid cell. Same
+    buffers as the uniform quantizer, so calibration, saving and loading are unchanged. Positions
+    count within one sample (a weight is one sample), so sample i never depends on its batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.scale.shape[1] > 1:  # a weight, per output channel
+            shape = [1] * x.dim()
+            shape[self.axis % x.dim()] = -1
+            step = self.scale[0].reshape(shape).to(x.device)
+            positions = torch.arange(x.numel(), device=x.device).reshape(x.shape)
+        else:
+            if self.groups > 1 and self.context.single is None:
+                step = self.context.per_sample(self.scale[:, 0], x.shape[0]).reshape((-1,) + (1,) * (x.dim() - 1))
+            else:
+                step = self._scalars[0 if self.groups == 1 else self.context.single][0]
+            positions = torch.arange(x[0].numel(), device=x.device).reshape(x.shape[1:])
+        xf = x.float()
+        return (xf + step * hash_uniform(torch.round(xf / step), positions)).to(x.dtype)
+
+
 def range_to_params(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) of a uniform grid covering [low, high]; symmetric grids cover ±max(|low|, |high|)."""
     low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)

@@ -1,9 +1,10 @@
 """Quantization methods, one file each, registered by name: ``METHODS[name](model, calib, cfg) -> (model, cost)``."""
 
-from tqdit.quant.methods import fp, mrq, mrq_tgq, ptq4dit, ptq4dm, qdiffusion, tgq, uniform
+from tqdit.quant.methods import fp, mrq, mrq_tgq, noise, ptq4dit, ptq4dm, qdiffusion, tgq, uniform
 
 METHODS = {
     "fp": fp.quantize,
+    "noise": noise.quantize,  # a control: uniform's grids, noise instead of rounding
     "uniform": uniform.quantize,
     "ptq4dm": ptq4dm.quantize,
     "qdiffusion": qdiffusion.quantize,

@@ -1,0 +1,96 @@
+"""The table's controls: the noise control (uniform's grids, noise instead of rounding) and W16."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tqdit.quant import METHODS, QuantConfig, SearchConfig, UniformQuantizer, quantizers
+from tqdit.quant.quantizers import hash_uniform
+
+from tqdit.data.calibration import CalibrationSpec, capture
+from tqdit.diffusion import create_diffusion
+
+from test_quant import calibrated, output_error, tiny_dit
+
+
+def test_hash_noise_is_uniform_deterministic_and_unrelated_to_code_and_position():
+    codes = torch.randint(-128, 128, (64, 3000), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(3000).expand(64, -1)
+    u = hash_uniform(codes, positions)
+    assert u.min() >= -0.5 and u.max() <= 0.5
+    assert abs(float(u.mean())) < 3e-3 and abs(float(u.var()) - 1 / 12) < 2e-3
+    assert abs(float(torch.corrcoef(torch.stack([u.flatten(), codes.flatten().float()]))[0, 1])) < 0.01
+    # the neighbouring code, and the neighbouring position, get unrelated draws
+    for other in (hash_uniform(codes + 1, positions), hash_uniform(codes, positions + 1)):
+        assert abs(float(torch.corrcoef(torch.stack([u.flatten(), other.flatten()]))[0, 1])) < 0.01
+    torch.testing.assert_close(hash_uniform(codes.clone(), positions), u, atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def noise_and_uniform():
+    fp, uniform, _, calib, _ = calibrated("uniform", bits=6, search="lp")
+    _, noise, _, _, _ = calibrated("noise", bits=6, search="lp")
+    return fp, uniform, noise, calib
+
+
+def test_noise_control_uses_uniforms_grids_and_adds_noise_of_the_step_size(noise_and_uniform):
+    """Mutation caught: noise scaled by Δ/2 (or Δ²) instead of Δ, or rounding left in place."""
+    fp, uniform, noise, calib = noise_and_uniform
+    pairs = list(zip(quantizers(uniform), quantizers(noise)))
+    assert pairs and all(type(n).__name__ == "UniformNoise" and type(u) is UniformQuantizer for (_, u), (_, n) in pairs)
+    for (name, u), (_, n) in pairs:
+        torch.testing.assert_close(n.scale, u.scale, atol=0, rtol=0)  # the Lp rule scores each tensor alone
+    weight = noise.blocks[0].mlp.fc1.weight
+    q = noise.blocks[0].mlp.fc1.weight_quant
+    error = (q(weight) - weight) / q.scale[0][:, None]  # in units of each channel's step
+    assert abs(float(error.mean())) < 0.02 and abs(float(error.var()) - 1 / 12) < 0.01
+    assert float(error.abs().max()) <= 0.5 + 1e-6
+    # not rounding: the noisy weights are (almost) never on the grid
+    codes = q(weight) / q.scale[0][:, None]
+    assert float(((codes - codes.round()).abs() < 1e-4).float().mean()) < 0.01
+
+
+def test_noise_control_perturbs_the_model_about_as_much_as_rounding(noise_and_uniform):
+    """The control is useful only at the quantization error's size: its output error is within a
+    factor of three of uniform W6A6's (same operands, same steps; rounding's error also clips)."""
+    fp, uniform, noise, calib = noise_and_uniform
+    rounded, noisy = output_error(fp, uniform, calib), output_error(fp, noise, calib)
+    assert 1e-4 < noisy and rounded / 3 < noisy < 3 * rounded
+    x, t, y = calib.x[:6], calib.t[:6], calib.y[:6]
+    with torch.no_grad():  # a pure function of the input: the same sample alone or in a batch
+        batched, alone = noise(x, t, y)[2:3], noise(x[2:3], t[2:3], y[2:3])
+        rounded_batched, rounded_alone = uniform(x, t, y)[2:3], uniform(x[2:3], t[2:3], y[2:3])
+    # as far from batch-invariant as rounding is (round-off can move a value across a cell edge in both)
+    assert (batched - alone).abs().max() <= 10 * max((rounded_batched - rounded_alone).abs().max(), 1e-5)
+
+
+def sixteen_and_eight_bits(setting_inputs: int):
+    torch.manual_seed(0)
+    fp = tiny_dit()
+    calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
+    models = []
+    for bits in (16, 8):
+        cfg = QuantConfig(w_bits=bits, a_bits=bits, num_inputs=setting_inputs, capture_batch=16,
+                          search=SearchConfig(criterion="lp", candidates=20))
+        models.append(METHODS["uniform"](copy.deepcopy(fp), calib, cfg))
+    return fp, calib, models
+
+
+def test_sixteen_bit_uniform_is_fp_up_to_its_sixteen_bit_grid():
+    """The W16 control row runs the whole quantization path; on the inputs it was calibrated on its
+    output is FP's up to the 16-bit grid's rounding (relative squared error 5e-9 here: 2^-16 of each
+    range over 28 operands; 8 bits give 2^16 times more). On other inputs a calibrated range can clip values calibration never saw: that, not
+    rounding, is what a W16 row's distance from FP measures. Mutation caught: 16 bits mapped to an
+    8-bit grid (or any rounding coarser than 2^-16 of the range)."""
+    fp, calib, ((w16, cost), (w8, _)) = sixteen_and_eight_bits(setting_inputs=len(sixteen_inputs()))
+    assert cost["quantized_layers"] == 14 and all(q.enabled for _, q in quantizers(w16))
+    assert {q.bits for _, q in quantizers(w16)} == {16}
+    error16, error8 = output_error(fp, w16, calib), output_error(fp, w8, calib)
+    assert error16 < 2e-8 and error16 < 1e-3 * error8
+
+
+def sixteen_inputs():
+    torch.manual_seed(0)
+    return capture(tiny_dit(), create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5)).t

@@ -1,0 +1,23 @@
+"""``noise``: a control, not a method — full precision plus noise of the quantization error's size.
+
+It calibrates as ``uniform`` does (same scope, grids and scale rule; with the default Lp rule,
+which scores each tensor on its own, exactly uniform's steps Δ; an output criterion would score
+candidates beside the other operand's noise instead of its rounding),
+then every operand that ``uniform`` would round gets x + Δ·u instead, u uniform in [−½, ½): the
+textbook model of rounding error (variance Δ²/12, per weight channel and per activation tensor),
+without its structure (no clipping; an error that does not depend on where x sits in its grid
+cell). ``quantizers.hash_uniform`` draws u from each value's grid index and position in its sample,
+so sample i stays a pure function of (seed, i), as a rounded model's is.
+
+What it is for: if quantized methods move a metric the way this control does, the metric is
+responding to perturbations of that size (e.g. extra sample diversity past the guidance optimum),
+not to what a method preserved or lost. Simulated backend only (the real 8-bit paths would round).
+"""
+
+from dataclasses import replace
+
+from tqdit.quant.calibrate import QuantConfig, calibrate
+
+
+def quantize(model, calib, cfg: QuantConfig):
+    return calibrate(model, calib, replace(cfg, multi_region=False, time_groups=1, error_model="noise"))
