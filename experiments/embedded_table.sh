@@ -8,6 +8,7 @@
 # quant_params.safetensors (quant.load=), so the three seeds differ only in sampling noise and labels.
 # Methods run in parallel (one background process each; meant for a GPU), their bit settings in turn.
 # Defaults: N = 2000 samples, every method; e.g. `-- quant/recon=quick` for the short reconstruction.
+# BITS="8/8 6/6 4/8 16/16" (W/A pairs) chooses the bit settings; 16/16 is the W16 control row.
 set -euo pipefail
 out=${1:?usage: embedded_table.sh OUT_DIR [METHOD ...] [-- overrides]}
 shift
@@ -25,7 +26,7 @@ run_method() {
     for seed in 0 1 2; do python run.py quant=fp seed=$seed hydra.run.dir="$out/fp-seed$seed" "${common[@]}"; done
     return
   fi
-  for bits in 8/8 6/6 4/8; do
+  for bits in ${BITS:-8/8 6/6 4/8}; do
     local w=${bits%/*} a=${bits#*/}
     local base="$out/$method-w${w}a${a}"
     python run.py quant=$method w_bits=$w a_bits=$a seed=0 hydra.run.dir="$base-seed0" "${common[@]}"

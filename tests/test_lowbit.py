@@ -428,6 +428,18 @@ def test_fp8_model_weights_shrink_and_outputs_follow():
     assert weight_bytes(quantized) < before
 
 
+# The comparisons below are *paired*: one calibration, one seed, so the same noise and labels. Their
+# spread is the paired one (ΔFID std over seeds 0.05–0.11 for the W8A8 rows of the README's embedded
+# table), not the seed-to-seed std of FID (0.99), which an earlier bound used and which no broken
+# backend would exceed. int8 computes the fake-quantized function (up to float rounding moving a few
+# boundary values a code): 3 paired stds. FP8 rounds to another grid (e4m3, about 1.4 simulated
+# quantization errors away on one forward pass, docs/performance.md), so its FID may differ as a
+# different W8A8 quantizer would; 0.5 is half the distance between W8A8 and FP on this model.
+# Measured on an H200 (2026-12-02): int8 +0.06, FP8 −0.12, fused FP8 MLP under TGQ +0.37.
+INT8_PAIRED_BOUND = 0.33
+FP8_PAIRED_BOUND = 0.5
+
+
 def same_calibration_fid(tmp_path, backend: str, method: str = "mrq_tgq") -> tuple[dict, dict]:
     """FIDs of the embedded model's fake-quantized and ``backend`` jobs from one calibration (quant.load), same seed."""
     common = ["num_samples=2000", "batch_size=1000", f"quant={method}", "bits=8", "device=cuda", "dtype=bf16", f"cache_dir={tmp_path / 'cache'}"]
@@ -444,10 +456,10 @@ def same_calibration_fid(tmp_path, backend: str, method: str = "mrq_tgq") -> tup
 
 @needs_fp8
 def test_fp8_samples_of_the_embedded_model_match_fake_quantization_in_fid(tmp_path):
-    """Same calibration (quant.load), same seed: FID of the real FP8 path within seed noise of the fake path."""
+    """Same calibration (quant.load), same seed: FID of the real FP8 path within FP8_PAIRED_BOUND of the fake path."""
     fid, record = same_calibration_fid(tmp_path, "fp8")
     assert record["lowbit"]["fp8_linear"] == 16
-    assert abs(fid["fp8"] - fid["fake"]) < 0.99  # the seed-to-seed std of FID at N = 2000 (README)
+    assert abs(fid["fp8"] - fid["fake"]) < FP8_PAIRED_BOUND
 
 
 @needs_fp8
@@ -455,7 +467,7 @@ def test_fused_fp8_mlp_samples_of_the_embedded_model_match_fake_quantization_in_
     """TGQ (uniform fc2 input): every MLP runs as an Fp8Mlp, fc1's GEMM writing fc2's FP8 codes."""
     fid, record = same_calibration_fid(tmp_path, "fp8", method="tgq")
     assert record["lowbit"]["fp8_linear"] == 20 and record["lowbit"]["fp8_mlp"] == 4
-    assert abs(fid["fp8"] - fid["fake"]) < 0.99  # the seed-to-seed std of FID at N = 2000 (README)
+    assert abs(fid["fp8"] - fid["fake"]) < FP8_PAIRED_BOUND
 
 
 @needs_cuda
@@ -464,4 +476,4 @@ def test_int8_samples_of_the_embedded_model_match_fake_quantization_in_fid(tmp_p
     to well within seed noise (not exactly: float rounding moves a few boundary values a code)."""
     fid, record = same_calibration_fid(tmp_path, "int8")
     assert record["lowbit"]["int8_linear"] == 16
-    assert abs(fid["int8"] - fid["fake"]) < 0.99  # the seed-to-seed std of FID at N = 2000 (README)
+    assert abs(fid["int8"] - fid["fake"]) < INT8_PAIRED_BOUND
