@@ -1,0 +1,176 @@
+"""Quantization numbers against independent computations, each test built so that a wrong number fails.
+
+Every test names, in its docstring, the deliberate source mutation it was checked against
+("Mutation caught: ..."): applied temporarily, the test fails; without it, it passes. Expectations
+are computed here from the definitions (a uniform grid's step and zero point, the min/max of a time
+group's own inputs, brute-force argmins over the same α grid), not by calling the code under test.
+"""
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from test_quant import tiny_dit
+from tqdit.data.calibration import CalibrationSpec, capture
+from tqdit.diffusion import create_diffusion
+from tqdit.quant import METHODS, QuantConfig, QuantLinear, QuantMatMul, SearchConfig, UniformQuantizer
+
+STEPS, GROUPS, BITS = 6, 3, 8
+
+
+def step_group(step, groups: int, steps: int):
+    """TGQ's rule, written out: sampling step i of S (0 = cleanest) lies in group ⌊i·G/S⌋."""
+    return step * groups // steps
+
+
+def grid_params(low: float, high: float, bits: int, symmetric: bool) -> tuple[float, int]:
+    """(step, zero point) of a b-bit grid covering [low, high], from the definitions: symmetric
+    Δ = max|x| / (2^(b-1) − 1), z = 0; asymmetric Δ = (max(high, 0) − min(low, 0)) / (2^b − 1),
+    z = round(−min(low, 0) / Δ)."""
+    if symmetric:
+        return max(abs(low), abs(high)) / (2 ** (bits - 1) - 1), 0
+    low, high = min(low, 0.0), max(high, 0.0)
+    step = (high - low) / (2**bits - 1)
+    return step, int(round(-low / step))
+
+
+def fake_quant_ref(x: torch.Tensor, step, zero, bits: int, symmetric: bool) -> torch.Tensor:
+    """x̂ = (clamp(round(x · (1/Δ)) + z, qmin, qmax) − z) · Δ in float32 (``step``, ``zero`` may be
+    per-sample tensors shaped to broadcast)."""
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    step = torch.as_tensor(step, dtype=torch.float32)
+    zero = torch.as_tensor(zero, dtype=torch.float32)
+    codes = torch.clamp(torch.round(x.float() * (1.0 / step)) + zero, qmin, qmax)
+    return (codes - zero) * step
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Time groups: calibration fits each group on its own steps' inputs; inference reads group ⌊i·G/S⌋
+# ---------------------------------------------------------------------------------------------
+
+
+def grouped_calibration():
+    """A tiny DiT calibrated by ``tgq`` with min-max ranges (G = 3 over 6 steps) on every input of
+    its calibration set (each group's pool is exactly ⌈num_inputs / G⌉: the default takes all)."""
+    torch.manual_seed(0)
+    fp = tiny_dit()
+    calib = capture(fp, create_diffusion(STEPS), CalibrationSpec(num_samples=4, cfg_scale=1.5))
+    cfg = QuantConfig(w_bits=BITS, a_bits=BITS, time_groups=GROUPS, num_inputs=len(calib), capture_batch=16,
+                      search=SearchConfig(criterion="minmax"))
+    quantized, cost = METHODS["tgq"](copy.deepcopy(fp), calib, cfg)
+    assert cost["calibration_inputs"] == len(calib)
+    return fp, quantized, calib
+
+
+def activation_operands(quantized) -> dict[str, tuple[str, int, UniformQuantizer]]:
+    """quantizer name -> (layer name, operand index of the layer's call, quantizer)."""
+    out = {}
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantLinear):
+            out[f"{name}.act"] = (name, 0, module.act)
+        elif isinstance(module, QuantMatMul):
+            out[f"{name}.a_quant"] = (name, 0, module.a_quant)
+            out[f"{name}.b_quant"] = (name, 1, module.b_quant)
+    return out
+
+
+def fp_operands(fp, layers: set[str], x, t, y) -> dict[tuple[str, int], torch.Tensor]:
+    """Every operand of the named layers in the floating-point model (explicit attention path)."""
+    fp = copy.deepcopy(fp)
+    for block in fp.blocks:
+        block.attn.fused = False  # the FP model's matmuls are called only on the explicit path
+    seen, handles = {}, []
+    for name in layers:
+        def hook(module, args, output, name=name):
+            for i, a in enumerate(args):
+                seen[(name, i)] = a.detach().clone()
+        handles.append(fp.get_submodule(name).register_forward_hook(hook))
+    with torch.no_grad():
+        fp(x, t, y)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_each_time_group_is_fitted_on_the_inputs_of_its_own_steps():
+    """With min-max ranges, group g's step and zero point are exactly those of the min/max of the FP
+    operands of the calibration inputs whose step i has ⌊i·G/S⌋ = g — recomputed here from a separate
+    FP forward pass, for every activation quantizer of the model.
+
+    Mutation caught: calibrate.py ``groups_of_step = ((np.arange(steps) * cfg.time_groups) // steps)[::-1]``
+    (a calibration input of step i fitted into the mirrored group).
+    """
+    fp, quantized, calib = grouped_calibration()
+    operands = activation_operands(quantized)
+    assert len(operands) == 18 and all(q.groups == GROUPS for _, _, q in operands.values())
+    data = fp_operands(fp, {layer for layer, _, _ in operands.values()}, calib.x, calib.t, calib.y)
+    group_of_input = step_group(calib.step, GROUPS, STEPS)
+    assert torch.bincount(group_of_input).tolist() == [len(calib) // GROUPS] * GROUPS
+    differ = 0
+    for name, (layer, slot, q) in operands.items():
+        values = data[(layer, slot)]
+        own = [values[group_of_input == g] for g in range(GROUPS)]
+        expected = [grid_params(float(v.min()), float(v.max()), BITS, q.symmetric) for v in own]
+        steps = torch.tensor([s for s, _ in expected], dtype=torch.float32)
+        torch.testing.assert_close(q.scale[:, 0], steps, rtol=1e-5, atol=0, msg=name)
+        assert q.zero_point[:, 0].tolist() == [z for _, z in expected], name
+        differ += abs(steps[0] / steps[-1] - 1) > 0.05
+    # the clean and the noisy group differ in most layers, so a mirrored assignment is visible
+    assert differ >= len(operands) // 2, differ
+
+
+def record_calls(quantizer_modules: dict) -> tuple[list, list]:
+    """Forward hooks recording (name, input, output) of every call of the given quantizers."""
+    calls, handles = [], []
+    for name, q in quantizer_modules.items():
+        def hook(module, args, output, name=name):
+            calls.append((name, args[0].detach(), output.detach()))
+        handles.append(q.register_forward_hook(hook))
+    return calls, handles
+
+
+def test_inference_reads_the_parameters_of_the_group_of_its_step():
+    """At inference an input of sampling step i is quantized, in every activation quantizer, with the
+    step and zero point of group ⌊i·G/S⌋ (0 = cleanest): once per step (one group per batch, the
+    sampling path) and all steps in one batch (per-sample gather). The output is recomputed here from
+    the stored parameters of the expected group; the other groups' parameters give other outputs.
+
+    Mutation caught: calibrate.group_table returning ``step_groups[::-1][nearest]`` (a timestep reads
+    the mirrored group's parameters); also UniformQuantizer.forward reading ``self._scalars[-1 - group]``.
+    """
+    _, quantized, calib = grouped_calibration()
+    operands = {name: q for name, (_, _, q) in activation_operands(quantized).items()}
+    calls, handles = record_calls(operands)
+    expected_group = step_group(calib.step, GROUPS, STEPS)
+    wrong_group_differs = []
+    try:
+        with torch.no_grad():
+            for i in range(STEPS):
+                pick = calib.step == i
+                calls.clear()
+                quantized(calib.x[pick], calib.t[pick], calib.y[pick])
+                assert len(calls) == len(operands)
+                g = i * GROUPS // STEPS
+                for name, x, out in calls:
+                    q = operands[name]
+                    ref = fake_quant_ref(x, q.scale[g, 0], q.zero_point[g, 0], BITS, q.symmetric)
+                    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6, msg=f"{name}, step {i}")
+                    for other in set(range(GROUPS)) - {g}:
+                        wrong = fake_quant_ref(x, q.scale[other, 0], q.zero_point[other, 0], BITS,
+                                               q.symmetric)
+                        wrong_group_differs.append(not torch.allclose(out, wrong, rtol=0, atol=1e-6))
+            calls.clear()
+            quantized(calib.x, calib.t, calib.y)  # every step in one batch: parameters gathered per sample
+            for name, x, out in calls:
+                q = operands[name]
+                shape = (-1,) + (1,) * (x.dim() - 1)
+                step = q.scale[expected_group, 0].reshape(shape)
+                zero = q.zero_point[expected_group, 0].reshape(shape)
+                ref = fake_quant_ref(x, step, zero, BITS, q.symmetric)
+                torch.testing.assert_close(out, ref, rtol=0, atol=1e-6, msg=name)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert np.mean(wrong_group_differs) > 0.9  # a wrong group would be seen in almost every quantizer
