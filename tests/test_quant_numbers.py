@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from test_quant import tiny_dit
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
-from tqdit.quant import METHODS, QuantConfig, QuantLinear, QuantMatMul, SearchConfig, UniformQuantizer
+from tqdit.quant import METHODS, QuantConfig, QuantLinear, QuantMatMul, SearchConfig, UniformQuantizer, wrap
+from tqdit.quant.calibrate import capture_unit, unit_of
+from tqdit.quant.search import linear_problem, search_layer
 
 STEPS, GROUPS, BITS = 6, 3, 8
 
@@ -174,3 +176,51 @@ def test_inference_reads_the_parameters_of_the_group_of_its_step():
         for handle in handles:
             handle.remove()
     assert np.mean(wrong_group_differs) > 0.9  # a wrong group would be seen in almost every quantizer
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The Hessian search: each captured gradient belongs to its own input, and is used with it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_captured_gradients_belong_to_their_own_inputs():
+    """capture_unit's ∂L/∂O of input n (L = ⟨r_n, f(x_n)⟩, captured in batches of 3 over 7 inputs)
+    equals that of a separate backward pass through the FP model on input n alone, at every scoped
+    layer of both blocks; neighbouring inputs' gradients differ, so a shifted pairing is visible.
+
+    Mutation caught: calibrate.capture_unit returning each layer's ``grads`` rolled by one
+    (``grads[1:] + grads[:1]``); also the gradients of one batch reversed (``unbind(0)[::-1]``).
+    """
+    torch.manual_seed(0)
+    fp = tiny_dit()
+    quantized = copy.deepcopy(fp).requires_grad_(False)
+    names = wrap(quantized, QuantConfig(), create_diffusion(STEPS).timesteps)
+    n = 7
+    x, t, y = torch.randn(n, 1, 8, 8), torch.randint(0, 1000, (n,)), torch.randint(0, 4, (n,))
+    probes = torch.randn(n, fp.out_channels, 8, 8)
+    for block in fp.blocks:
+        block.attn.fused = False
+    for unit in ("blocks.0", "blocks.1"):
+        members = [name for name in names if unit_of(name) == unit]
+        records = capture_unit(quantized, unit, members, x, t, y, probes, need_grads=True, batch=3)
+        for i in range(n):  # independent: one input, one backward, the layer outputs' own .grad
+            outputs, handles = {}, []
+            for name in members:
+                def hook(module, args, output, name=name):
+                    output.retain_grad()
+                    outputs[name] = (args[0].detach(), output)
+                handles.append(fp.get_submodule(name).register_forward_hook(hook))
+            (fp(x[i:i + 1], t[i:i + 1], y[i:i + 1]) * probes[i:i + 1]).sum().backward()
+            for handle in handles:
+                handle.remove()
+            for name in members:
+                record, (inp, out) = records[name], outputs[name]
+                assert len(record["grads"]) == n
+                atol = 1e-4 * inp.abs().max()
+                torch.testing.assert_close(record["inputs"][0][i], inp[0], rtol=0, atol=atol, msg=name)
+                scale = out.grad.abs().max()  # batched vs single float32 rounding: up to 7e-4 of it
+                torch.testing.assert_close(record["grads"][i], out.grad[0], rtol=0, atol=2e-3 * scale,
+                                           msg=name)
+                if i + 1 < n:
+                    gap = (record["grads"][i + 1] - out.grad[0]).abs().max()
+                    assert gap > 0.1 * scale, (name, i)
