@@ -224,3 +224,112 @@ def test_captured_gradients_belong_to_their_own_inputs():
                 if i + 1 < n:
                     gap = (record["grads"][i + 1] - out.grad[0]).abs().max()
                     assert gap > 0.1 * scale, (name, i)
+
+
+ALPHAS = torch.linspace(0.01, 1.2, 100)  # PTQ4ViT's range multipliers (SearchConfig's defaults)
+
+
+@torch.no_grad()
+def input_grid_scores(inputs, w_hat, linear, grads, bits: int) -> torch.Tensor:
+    """Σ (g ⊙ (Ô − O))² in float64 for each α of ALPHAS: the layer's input on an asymmetric b-bit
+    grid over α · [min, max] of all calibration inputs, its weight fixed at ``w_hat``; ``grads`` None:
+    plain MSE."""
+    x = torch.stack(inputs)
+    reference = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+    low, high = float(x.min()), float(x.max())
+    scores = []
+    for alpha in ALPHAS.tolist():
+        step, zero = grid_params(alpha * low, alpha * high, bits, symmetric=False)
+        x_hat = fake_quant_ref(x, step, zero, bits, False)
+        scores.append(output_score(x_hat, w_hat, linear, reference, grads))
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+@torch.no_grad()
+def output_score(x_hat, w_hat, linear, reference, grads) -> float:
+    error = F.linear(x_hat.double(), w_hat.double(), linear.bias.double()) - reference
+    if grads is not None:
+        error = error * torch.stack(grads).double()
+    return float(error.square().sum())
+
+
+@torch.no_grad()
+def committed_input_score(q: QuantLinear, inputs, linear, grads, bits: int) -> float:
+    """The same score for the input grid the search committed (its stored step and zero point)."""
+    x = torch.stack(inputs)
+    reference = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+    x_hat = fake_quant_ref(x, q.act.scale[0, 0], q.act.zero_point[0, 0], bits, False)
+    return output_score(x_hat, q.weight_quant(linear.weight).detach(), linear, reference, grads)
+
+
+def searched_linear(linear, inputs, grads, criterion: str, a_bits: int = 4, rounds: int = 1) -> QuantLinear:
+    q = QuantLinear(linear, UniformQuantizer(a_bits, symmetric=False),
+                    UniformQuantizer(8, True, channels=linear.out_features, axis=0))
+    groups = torch.zeros(len(inputs), dtype=torch.long)
+    search_layer(linear_problem(q, inputs, grads, groups), SearchConfig(criterion=criterion, rounds=rounds))
+    return q
+
+
+def test_hessian_search_weights_each_input_by_its_own_gradient():
+    """Even inputs are 8× wider than odd ones, but the loss barely sees them (∂L/∂O = 1e-3 against
+    0.5..1.5): the Hessian-weighted optimum clips them. The committed input grid scores exactly the
+    brute-force minimum of Σ (g ⊙ (O − Ô))² over the 100 α (the search's last round, with the weight
+    it committed), and so do the weight's per-channel grids (first round, input in FP). Pairing each
+    input with its neighbour's gradient would choose an α that scores > 2× the minimum.
+
+    Mutation caught: search.search_layer using ``_stack(problem.grads[::-1], part)`` (gradients of
+    the mirrored inputs); also ``torch.roll`` of the stacked chunk by one input.
+    """
+    torch.manual_seed(0)
+    n, tokens = 16, 8
+    loud = [i % 2 == 0 for i in range(n)]
+    inputs = [torch.randn(tokens, 12) * (8.0 if loud[i] else 1.0) for i in range(n)]
+    grads = [torch.full((tokens, 6), 1e-3) if loud[i] else 0.5 + torch.rand(tokens, 6) for i in range(n)]
+    linear = torch.nn.Linear(12, 6)
+    q = searched_linear(linear, inputs, grads, "hessian")
+    w_hat = q.weight_quant(linear.weight).detach()
+    scores = input_grid_scores(inputs, w_hat, linear, grads, bits=4)
+    assert committed_input_score(q, inputs, linear, grads, bits=4) <= scores.min() * (1 + 1e-6)
+    shifted = input_grid_scores(inputs, w_hat, linear, grads[1:] + grads[:1], bits=4)
+    assert scores[shifted.argmin()] > 2 * scores.min(), (ALPHAS[scores.argmin()], ALPHAS[shifted.argmin()])
+    # weight grids, per output channel: symmetric 8 bits over α · max|W_c|, input unquantized (round 1)
+    x, g = torch.stack(inputs).double(), torch.stack(grads).double()
+    w = linear.weight.detach()
+    maxabs = w.abs().amax(dim=1)
+    per_channel = []
+    for alpha in ALPHAS.tolist():
+        w_k = fake_quant_ref(w, (alpha * maxabs / 127)[:, None], 0, 8, True)
+        per_channel.append(((x @ (w_k - w).double().T) * g).square().sum(dim=(0, 1)))
+    per_channel = torch.stack(per_channel)  # (alphas, channels)
+    committed = ((x @ (w_hat - w).double().T) * g).square().sum(dim=(0, 1))
+    assert (committed <= per_channel.min(dim=0).values * (1 + 1e-6)).all()
+
+
+def test_hessian_criterion_beats_mse_where_output_sensitivity_is_unequal():
+    """Outputs 0–3 matter (∂L/∂O = 1) and read input channels 0–11 (unit range); outputs 4–7 do
+    not (1e-3) and read channels 12–15, 12× wider. Plain output MSE keeps the wide channels and spends
+    the 4-bit input range on them; the Hessian criterion clips them. Each search commits the
+    brute-force argmin of its own criterion over the α grid; the Hessian's input step is 7× finer
+    (≈ 50× in squared error; 28× measured with the clipping), and its gradient-weighted error is
+    below a tenth of the MSE-chosen layer's.
+
+    Mutation caught: search.search_layer ignoring the gradient (``if grad is not None:
+    error.mul_(grad)`` removed).
+    """
+    torch.manual_seed(0)
+    n, tokens = 16, 8
+    inputs = [torch.cat([torch.randn(tokens, 12), 12 * torch.randn(tokens, 4)], dim=1) for _ in range(n)]
+    linear = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        linear.weight[:4, 12:] = 0.0  # important outputs do not read the wide channels
+        linear.weight[4:, 12:] *= 4.0
+    importance = torch.tensor([1.0] * 4 + [1e-3] * 4)
+    grads = [importance.expand(tokens, 8).clone() for _ in range(n)]
+    hessian = searched_linear(linear, inputs, grads, "hessian", rounds=2)
+    mse = searched_linear(linear, inputs, grads, "mse", rounds=2)
+    for q, weighting in ((hessian, grads), (mse, None)):
+        scores = input_grid_scores(inputs, q.weight_quant(linear.weight).detach(), linear, weighting, bits=4)
+        assert committed_input_score(q, inputs, linear, weighting, bits=4) <= scores.min() * (1 + 1e-6)
+    weighted_hessian = committed_input_score(hessian, inputs, linear, grads, bits=4)
+    weighted_mse = committed_input_score(mse, inputs, linear, grads, bits=4)
+    assert weighted_mse > 10 * weighted_hessian, (weighted_mse, weighted_hessian)
