@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import PerSampleNoise, create_diffusion, guided_model, sample_loop
 from tqdit.models import DiT
-from tqdit.quant import (METHODS, GeluMRQ, QuantConfig, QuantLinear, SearchConfig, SoftmaxMRQ, UniformQuantizer,
-                         group_table, load_quant_state, quantizers, resolve_scope, save_quant_state, wrap)
+from tqdit.quant import (METHODS, GeluMRQ, QuantConfig, QuantLinear, QuantMatMul, SearchConfig, SoftmaxMRQ,
+                         UniformQuantizer, group_table, load_quant_state, quantizers, resolve_scope, save_quant_state,
+                         wrap)
+from tqdit.quant.layers import quantization_disabled
 from tqdit.quant.search import linear_problem, search_layer
 
 
@@ -205,13 +207,83 @@ def test_sixteen_bits_is_a_near_no_op():
     assert output_error(fp, quantized, calib) < 1e-4
 
 
+def distinct_values(quantized, calib) -> list[int]:
+    """How many distinct values each activation quantizer outputs per call (one sampling step per
+    call, so one time group) and each quantized weight row holds."""
+    counts, handles = [], []
+    for name, q in quantizers(quantized):
+        if not name.endswith("weight_quant"):
+            handles.append(q.register_forward_hook(lambda m, args, out: counts.append(out.unique().numel())))
+    try:
+        with torch.no_grad():
+            for step in calib.step.unique():
+                pick = calib.step == step
+                quantized(calib.x[pick], calib.t[pick], calib.y[pick])
+    finally:
+        for handle in handles:
+            handle.remove()
+    linears = [m for m in quantized.modules() if isinstance(m, QuantLinear)]
+    rows = [row.unique().numel() for m in linears for row in m.quantized_weight()]
+    return counts + rows
+
+
+def check_layers_use_their_quantizers(quantized, calib) -> None:
+    """Each quantized layer's output is its FP function of its quantized operands, which differ
+    from the FP operands (one call per sampling step, so per time group)."""
+    calls, handles = [], []
+    for module in quantized.modules():
+        if isinstance(module, (QuantLinear, QuantMatMul)):
+            handles.append(module.register_forward_hook(lambda m, args, out: calls.append((m, args, out))))
+    try:
+        with torch.no_grad():
+            for step in calib.step.unique():
+                pick = calib.step == step
+                quantized(calib.x[pick], calib.t[pick], calib.y[pick])
+                for m, args, out in calls:
+                    if isinstance(m, QuantLinear):
+                        operands = [m.act(args[0]), m.weight_quant(m.weight)]
+                        fp_operands = [args[0], m.weight]
+                        expected = F.linear(*operands, m.bias)
+                    else:
+                        operands, fp_operands = [m.a_quant(args[0]), m.b_quant(args[1])], list(args)
+                        expected = operands[0] @ operands[1]
+                    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+                    assert all(not torch.equal(q, x) for q, x in zip(operands, fp_operands))
+                assert len(calls) == 14
+                calls.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @pytest.mark.parametrize("method", ["uniform", "mrq", "tgq", "mrq_tgq"])
 def test_methods_quantize_every_scoped_layer(method):
+    """Every scoped layer quantized, at the bit width asked for, activations included.
+
+    W6A6 against W8A8 of the same method: two bits fewer make every step 4× coarser, so the error
+    16× larger without clipping (7–11× measured with the searched clipping): the ratio lies in
+    [4, 32]. The activation quantizers carry most of the W6A6 error (3.4–5× the weights-only error,
+    measured): at least 2×. A 6-bit grid has 2^6 codes: every quantizer's output (per call, one
+    time group) and every quantized weight row takes at most 64 values, and some take more than 32.
+
+    Mutation caught: a method calibrating at 8 bits when asked for 6 (mrq.py ``replace(cfg,
+    multi_region=True, time_groups=1, w_bits=8, a_bits=8)``); activations at 8 bits
+    (``_activation_quantizer`` building every quantizer with 8 bits); activation quantizers skipped
+    (``QuantLinear.forward`` computing ``F.linear(x, ...)``, or ``QuantMatMul.forward`` not quantizing
+    ``b``: the layer check); SoftmaxMRQ alone at 8 bits; weights alone at 8 bits (the value counts).
+    """
     fp, quantized, cost, calib, _ = calibrated(method, bits=6)
     assert all(q.enabled for _, q in quantizers(quantized))
     assert len(quantizers(quantized)) == 2 * 14
     error6 = output_error(fp, quantized, calib)
-    assert 0 < error6 < 0.1
+    error8 = output_error(fp, calibrated(method, bits=8)[1], calib)
+    assert 4 < error6 / error8 < 32, (error6, error8)
+    with quantization_disabled(quantized, activations_only=True):
+        weights_only = output_error(fp, quantized, calib)
+    assert error6 > 2 * weights_only, (error6, weights_only)
+    counts = distinct_values(quantized, calib)
+    assert max(counts) <= 2**6 and max(counts) > 2**5, max(counts)
+    check_layers_use_their_quantizers(quantized, calib)
     kinds = {type(q).__name__ for _, q in quantizers(quantized)}
     assert ("SoftmaxMRQ" in kinds and "GeluMRQ" in kinds) == method.startswith("mrq")
     grouped = {q.groups for _, q in quantizers(quantized) if not (isinstance(q, UniformQuantizer) and q.scale.shape[1] > 1)}
