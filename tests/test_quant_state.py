@@ -102,4 +102,4 @@ def test_a_saved_file_lacking_a_quantizer_names_it_and_fails(tgq_model, tmp_path
     x, t, y = inputs()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t, y), quantized(x, t, y), atol=0, rtol=0)
-    assert np.isfinite(float(fresh(x, t, y).sum()))
+        assert np.isfinite(float(fresh(x, t, y).sum()))
