@@ -153,7 +153,7 @@ def method_specific(table: pd.DataFrame) -> list[str]:
     """Quantization keys constant within each method but not across methods (the method label's settings)."""
     shown = set(varying_columns(table, exclude=()))
     return [c for c in setting_columns(table) if c not in shown and c != "method" and not is_protocol(c)
-            and table[c].astype(str).nunique() > 1]
+            and table.loc[table[c] != BLANK, c].astype(str).nunique() > 1]  # FP's blanks are no difference
 
 
 def shared_settings(table: pd.DataFrame) -> dict:
