@@ -87,7 +87,7 @@ def test_jobs_that_differ_in_any_setting_are_separate_rows_with_that_setting_as_
     table = summarize(load_results([tmp_path]))
     assert len(table) == 3 and list(table["seeds"]) == [3, 3, 3]
     by_setting = {(r["quant.search"], r["sampler.cfg_scale"]): r["fid"] for _, r in table.iterrows()}
-    assert by_setting == pytest.approx({("hessian", 1.5): 13.0, ("mse", 1.5): np.mean([15.0, 14.5, 16.0]),
+    assert by_setting == pytest.approx({("hessian", 1.1): 13.0, ("mse", 1.1): np.mean([15.0, 14.5, 16.0]),
                                         ("mse", 1.25): 30.0})
     header = to_markdown(table).splitlines()[0]
     assert "quant.search" in header and "sampler.cfg_scale" in header  # the varying keys are columns
@@ -103,7 +103,7 @@ def test_fp_pairing_uses_every_protocol_key(tmp_path):
     write_job(tmp_path, ["quant=mrq_tgq", "seed=0"], 13.0)
     table = summarize(load_results([tmp_path]))
     quantized = table[table["method"] == "mrq_tgq"].iloc[0]
-    assert np.isnan(quantized["dfid"])  # no FP job with cfg 1.5 on a GPU
+    assert np.isnan(quantized["dfid"])  # no FP job with the default cfg (1.1) on a GPU
     write_job(tmp_path, ["quant=fp", "seed=0", "num_samples=501"], 99.0)  # another N: not a pair either
     write_job(tmp_path / "gpu", ["quant=fp", "seed=0"], 14.5)
     table = summarize(load_results([tmp_path]))
@@ -131,7 +131,7 @@ def test_markdown_marks_missing_fp_pair_and_failed_settings(tmp_path):
     assert uniform[2].strip() == "W8A8" and uniform[6].strip() == "–"
     failed = next(r for r in rows if r[1].strip() == "ptq4dm")
     assert "**failed**: RuntimeError: boom" in failed[5]
-    assert "never chosen on an evaluation metric" in text and "sampler.cfg_scale=1.5" in text
+    assert "never chosen on an evaluation metric" in text and "sampler.cfg_scale=1.1" in text
 
 
 def test_cpu_peak_is_marked_as_process_rss(tmp_path):
