@@ -10,6 +10,8 @@ from tqdit.data import load_digits
 from tqdit.metrics import build_extractor, extract_features, frechet_distance, gaussian_statistics, inception_score, precision_recall
 from tqdit.metrics.reference import reference_features, reference_key
 
+from test_adm_formulas import reference_fid, reference_inception_score
+
 
 def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
     mu1, mu2 = a.mean(0), b.mean(0)
@@ -95,8 +97,16 @@ class UInt8Images(torch.utils.data.Dataset):
 
 
 def test_registered_with_torch_fidelity(extractor, tmp_path):
+    """torch-fidelity, given our registered extractor, and tqdit agree with the NumPy ADM formulas.
+
+    The expected numbers come from tests/test_adm_formulas.py's reference (no torch-fidelity code):
+    tqdit's frechet_distance calls torch-fidelity's fid_statistics_to_metric, so comparing it with
+    calculate_metrics alone would check that function against itself.
+    Mutation caught: torch_fidelity.metric_fid.fid_statistics_to_metric patched to drop the trace term's
+    factor 2 (both tqdit and calculate_metrics then agree with each other, not with the formula)."""
     images = load_digits()[0][..., None]
-    fake = np.clip(images[:500].astype(int) + np.random.default_rng(0).integers(-60, 60, images[:500].shape), 0, 255).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(-60, 60, images[:500].shape)
+    fake = np.clip(images[:500].astype(int) + noise, 0, 255).astype(np.uint8)
     real = images[1000:2000]
     theirs = torch_fidelity.calculate_metrics(
         input1=UInt8Images(fake), input2=UInt8Images(real), feature_extractor="tqdit-mnist", fid=True, isc=True,
@@ -104,9 +114,14 @@ def test_registered_with_torch_fidelity(extractor, tmp_path):
     )
     ours_fake = extract_features(fake, extractor, progress=False)
     ours_real = extract_features(real, extractor, progress=False)
+    expected_fid = reference_fid(ours_fake["pool"], ours_real["pool"])
+    expected_is = reference_inception_score(ours_fake["logits"], 50)  # torch-fidelity: 10 parts of N // 10
     fid = frechet_distance(gaussian_statistics(ours_fake["pool"]), gaussian_statistics(ours_real["pool"]))
-    assert fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
-    assert inception_score(ours_fake["logits"], 50) == pytest.approx(theirs["inception_score_mean"], rel=1e-4)
+    assert fid == pytest.approx(expected_fid, rel=1e-8)
+    # torch-fidelity takes the mean of float32 features in float32: 7e-8 apart here
+    assert theirs["frechet_inception_distance"] == pytest.approx(expected_fid, rel=1e-6)
+    assert inception_score(ours_fake["logits"], 50) == pytest.approx(expected_is, rel=1e-10)
+    assert theirs["inception_score_mean"] == pytest.approx(expected_is, rel=1e-10)
     assert fid > 1.0  # noise moved the features: the comparison is not trivially zero
 
 
