@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from tqdit.errors import TqditError
 from tqdit.pipeline import distributed, run_job, summary_line
-from tqdit.pipeline.sweep import claimed_gpu, record_failure
+from tqdit.pipeline.sweep import claimed_gpu, record_failure, takes_gpu_slot
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -23,7 +23,7 @@ def main(cfg: DictConfig):
     sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     cfg.device = distributed.device_name(cfg.device)  # under torchrun: this process's GPU
     try:
-        if cfg.gpu_slots:  # local multi-GPU launcher: this job takes a free GPU of the machine
+        if cfg.gpu_slots and takes_gpu_slot(cfg.device):  # local multi-GPU launcher: a free GPU of the machine
             with claimed_gpu(cfg.gpu_slots, (sweep_dir or job_dir) / ".gpu_locks") as gpu:
                 cfg.device = f"cuda:{gpu}"
                 results = run_job(cfg, job_dir, sweep_dir)

@@ -12,6 +12,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tqdit.utils import atomic_write_json, resolve_device
@@ -32,6 +33,16 @@ def record_failure(cfg: DictConfig, job_dir: Path, error: BaseException) -> dict
         pass
     atomic_write_json(job_dir / "results.json", result)
     return result
+
+
+def takes_gpu_slot(device: str) -> bool:
+    """Whether a job of the local multi-GPU launcher holds one of the ``gpu_slots`` GPUs.
+
+    Not a job on the CPU (``device=cpu``, or ``auto`` where CUDA is missing): such a sweep runs
+    ``gpu_slots`` jobs at a time (joblib's ``n_jobs``), each on the CPU, with no GPU lock.
+    """
+    device = str(device)
+    return not device.startswith("cpu") and (device != "auto" or torch.cuda.is_available())
 
 
 @contextmanager
