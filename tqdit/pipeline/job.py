@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -401,7 +402,8 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
             "image_steps_per_s": round(cfg.num_samples * diffusion.num_steps / timings["sampling_s"], 1),
             "environment": {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                             "processes": distributed.world_size(), "torch": torch.__version__,
-                            "python": platform.python_version(), "threads": torch.get_num_threads()},
+                            "python": platform.python_version(), "threads": torch.get_num_threads(),
+                            "pid": os.getpid()},  # which process ran it (a launcher's worker, a torchrun rank 0)
             "config": config,
         }
         atomic_write_json(job_dir / "results.json", results)
