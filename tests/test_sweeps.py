@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tqdit.pipeline.sweep import claimed_gpu
+from tqdit.pipeline.sweep import claimed_gpu, takes_gpu_slot
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["num_samples=20", "batch_size=20", "sampler.steps=25", "quant.candidates=10", "quant.rounds=1",
@@ -93,6 +93,35 @@ def test_local_gpus_launcher_runs_one_job_per_gpu():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["launcher=local_gpus", "gpu_slots=4"], return_hydra_config=True)
     assert cfg.gpu_slots == 4 and cfg.hydra.launcher.n_jobs == 4 and "Joblib" in cfg.hydra.launcher._target_
+
+
+def test_local_gpus_launcher_runs_cpu_jobs_in_separate_joblib_workers(tmp_path):
+    """launcher=local_gpus run for real on the CPU: two jobs, each in its own joblib (loky) worker process.
+
+    device=cpu takes no GPU slot (run.py, takes_gpu_slot): gpu_slots=2 only makes joblib run two jobs at a
+    time. Mutations caught: the GPU slot taken whatever the device (both jobs fail: cuda:0 without CUDA);
+    n_jobs: 1 in conf/launcher/local_gpus.yaml (joblib then runs the jobs in the parent process); the
+    launcher override removed from it (the basic launcher, in-process)."""
+    directory = tmp_path / "sweep"
+    command = [sys.executable, "run.py", "-m", "launcher=local_gpus", "gpu_slots=2", "device=cpu",
+               "quant=uniform,fp", f"hydra.sweep.dir={directory}", f"cache_dir={tmp_path / 'cache'}", *TINY]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    results = [json.loads(path.read_text()) for path in directory.rglob("results.json")]
+    jobs = {r["quant"]["method"]: r for r in results}
+    assert len(results) == 2 and set(jobs) == {"uniform", "fp"} and all("metrics" in r for r in results)
+    assert all(r["environment"]["device"] == "cpu" for r in jobs.values())
+    pids = {r["environment"]["pid"] for r in jobs.values()}
+    assert len(pids) == 2 and process.pid not in pids  # two worker processes, neither the sweep's own
+    assert "Joblib.Parallel(n_jobs=2," in stdout + stderr  # Hydra's joblib launcher, two at a time
+    assert not (directory / ".gpu_locks").exists()  # no GPU was claimed
+    table = (directory / "report.md").read_text().strip().splitlines()
+    assert len(table) == 2 + 2 and "failed" not in "\n".join(table)
+    assert any(row.startswith("| fp | FP | – | 25 |") for row in table)
+    assert any(row.startswith("| uniform | W8A8 | – | 25 |") for row in table)
+    assert "\n".join(table) in stdout  # printed at the end of the sweep
+    assert not takes_gpu_slot("cpu") and takes_gpu_slot("cuda:1")
 
 
 def test_gpu_slots_are_exclusive(tmp_path):
