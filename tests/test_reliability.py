@@ -63,6 +63,53 @@ def test_job_killed_mid_sampling_resumes_to_identical_samples_and_metrics(tmp_pa
     assert "already complete, not run again" in again.stdout
 
 
+QUANTIZED = ["quant=mrq_tgq", "groups=2", "quant.candidates=10", "quant.rounds=1", "quant.num_inputs=25",
+             "quant.calib.num_samples=4"]
+
+
+def quantized_job_command(job_dir: Path, cache: Path) -> list[str]:
+    return [c for c in job_command(job_dir, cache) if c != "quant=fp"] + QUANTIZED
+
+
+def test_quantized_job_killed_after_calibration_resumes_from_its_saved_calibration(tmp_path):
+    """TQ-DiT (mrq_tgq) killed once quant_params.safetensors is written and the first shard sampled:
+    the rerun loads the calibration instead of redoing it, and ends with the samples and metrics of an
+    uninterrupted run.
+
+    Mutations caught: quantize_model ignoring the saved file and calibrating again with another
+    calibration seed (the file is rewritten, the remaining shards differ); ignoring it and calibrating
+    again with the same seed (same samples, but the file is rewritten and no resumed_calibration);
+    load_quant_state skipped on resume (the remaining shards are sampled by the FP model)."""
+    cache = tmp_path / "cache"
+    reference = tmp_path / "reference"
+    command = quantized_job_command(reference, cache)
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+    job = tmp_path / "job"
+    saved = job / "quant_params.safetensors"
+    process = subprocess.Popen(quantized_job_command(job, cache), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    kill_when(process, lambda: len(list((job / "shards").glob("samples_*.npz"))) >= 1)
+    assert saved.is_file() and not (job / "results.json").exists()
+    assert 1 <= len(list((job / "shards").glob("samples_*.npz"))) < 4
+    stamp, content = saved.stat().st_mtime_ns, saved.read_bytes()
+    calibration = json.loads((job / "quant_record.json").read_text())
+
+    command = quantized_job_command(job, cache)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    quant = json.loads((job / "results.json").read_text())["quant"]
+    assert quant["resumed_calibration"] is True and quant["quantizers_loaded"] > 0
+    assert quant["calibration_s"] == calibration["calibration_s"]  # the first run's cost, not a new one
+    assert saved.stat().st_mtime_ns == stamp and saved.read_bytes() == content  # not calibrated again
+    assert "calibrate" not in result.stderr  # no calibration progress bar either
+    with np.load(reference / "samples.npz") as a, np.load(job / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+    metrics = [json.loads((d / "results.json").read_text())["metrics"] for d in (reference, job)]
+    assert metrics[0] == metrics[1]
+
+
 def test_killed_sweep_rerun_skips_finished_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     command = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", *SMALL, "seed=0,1,2"]
