@@ -94,3 +94,46 @@ def test_sixteen_bit_uniform_is_fp_up_to_its_sixteen_bit_grid():
 def sixteen_inputs():
     torch.manual_seed(0)
     return capture(tiny_dit(), create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5)).t
+
+
+def test_noise_control_keeps_uniforms_grids_under_an_output_criterion_and_reloads(tmp_path):
+    """The search runs with rounding, then the quantizers add noise: under the Hessian criterion too
+    the steps are uniform's. Mutation caught: building the noise quantizers before the search (it then
+    scores candidates beside the other operand's noise: 19 of 28 steps differed at W6)."""
+    from tqdit.quant import load_quant_state, save_quant_state
+
+    fp, uniform, _, _, diffusion = calibrated("uniform", bits=6, search="hessian")
+    _, noise, _, calib, _ = calibrated("noise", bits=6, search="hessian")
+    for (_, u), (_, n) in zip(quantizers(uniform), quantizers(noise)):
+        torch.testing.assert_close(n.scale, u.scale, atol=0, rtol=0)
+    path = tmp_path / "noise.safetensors"
+    save_quant_state(noise, path, "noise", diffusion.timesteps)
+    fresh = copy.deepcopy(fp)
+    load_quant_state(fresh, path)
+    assert {type(q).__name__ for _, q in quantizers(fresh)} == {"UniformNoise"}
+    x, t, y = calib.x[:4], calib.t[:4], calib.y[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, y), noise(x, t, y), atol=0, rtol=0)
+
+
+def test_each_quantizer_draws_its_own_noise(noise_and_uniform):
+    """Two operands whose values share grid cells must not share their draws (a salt per quantizer).
+    Mutation caught: a salt of 0 for every quantizer (the draws then correlate exactly)."""
+    _, _, noise, _ = noise_and_uniform
+    first, second = noise.blocks[0].attn.qkv.act, noise.blocks[1].attn.qkv.act
+    assert first.salt != second.salt
+    x = torch.full((1, 4096), 1e-4)  # every value in the cell around zero, at every position
+    with torch.no_grad():
+        a = (first(x) - x) / first.scale[0, 0]
+        b = (second(x) - x) / second.scale[0, 0]
+    assert abs(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])) < 0.1
+
+
+def test_noise_control_refuses_low_bit_kernels(noise_and_uniform):
+    from tqdit.quant import fused_attention
+    from tqdit.quant.lowbit import to_low_bit
+
+    _, _, noise, _ = noise_and_uniform
+    with pytest.raises(ValueError, match="no low-bit form"):
+        to_low_bit(copy.deepcopy(noise), "int8")
+    assert not any(fused_attention.supports(block.attn) for block in noise.blocks)

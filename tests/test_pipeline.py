@@ -136,6 +136,14 @@ def test_quantized_job_records_method_and_reloads_its_calibration(tmp_path):
     assert reloaded["quant"]["loaded_from"].endswith("quant_params.safetensors") and "calibration_s" not in reloaded["quant"]
     with np.load(job / "samples.npz") as a, np.load(again / "samples.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])  # same parameters, same samples
+    # a file calibrated under another setting would be filed under this job's row: refused, one line.
+    # Mutation caught: quant.load checking the method only (this W4A8 file then samples as "W6A6").
+    command = [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'other'}", f"cache_dir={tmp_path / 'cache'}",
+               "num_samples=20", "batch_size=8", "sampler.steps=4", *FAST_QUANT, "quant=mrq_tgq", "bits=6",
+               f"quant.load={job / 'quant_params.safetensors'}"]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "was calibrated under another setting (a_bits=8 there, 6 here, w_bits=4 there, 6 here)" in refused.stderr
     cached = run_job(tmp_path, "uniform", "quant=uniform", "bits=6")
     record = json.loads((cached / "results.json").read_text())["quant"]
     assert record["calibration_set_cached"] is True  # the sweep's second job reuses the captured set

@@ -152,3 +152,27 @@ def test_command_line_writes_csv_and_latex(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| uniform | W6A6 | – | 50 | 20.17 ± 3.25 | +6.17 ± 1.26 |" in result.stdout
     assert len(pd.read_csv(csv)) == 4 and "\\begin{tabular}" in latex.read_text()
+
+
+def test_delta_fid_says_when_only_some_seeds_have_an_fp_partner(tmp_path):
+    """ΔFID averaged over the paired seeds alone must not pass for the row's: FP has seed 0 only."""
+    write_job(tmp_path, ["quant=fp", "seed=0"], 10.0)
+    for seed, fid in enumerate([11.0, 30.0, 30.0]):
+        write_job(tmp_path, ["quant=uniform", f"seed={seed}"], fid)
+    table = summarize(load_results([tmp_path]))
+    row = table[table["method"] == "uniform"].iloc[0]
+    assert row["seeds"] == 3 and row["dfid_pairs"] == 1 and np.isclose(row["dfid"], 1.0)
+    assert "+1.00 (1 of 3 seeds paired)" in to_markdown(table)
+
+
+def test_defaults_that_only_feed_other_keys_do_not_split_rows_and_numbers_sort_by_value(tmp_path):
+    """``model.cfg_scale`` only supplies ``sampler.cfg_scale``'s default: the same guidance reached
+    either way is one setting. Steps sort 50, 100, 250 (not as text)."""
+    write_job(tmp_path, ["quant=fp", "sampler.cfg_scale=1.5", "seed=0"], 14.0)
+    write_job(tmp_path, ["quant=fp", "model.cfg_scale=1.5", "seed=1"], 12.0)
+    for steps in (250, 50, 100):
+        write_job(tmp_path, ["quant=fp", f"sampler.steps={steps}", "seed=0"], float(steps))
+    table = summarize(load_results([tmp_path]))
+    guided = table[table["sampler.cfg_scale"] == 1.5]
+    assert len(guided) == 1 and guided.iloc[0]["seeds"] == 2
+    assert list(table.loc[table["sampler.cfg_scale"] == 1.1, "steps"]) == [50, 100, 250]

@@ -32,10 +32,13 @@ NAMED = {"method": "quant.name", "w_bits": "w_bits", "a_bits": "a_bits", "groups
          "steps": "sampler.steps", "num_samples": "num_samples", "model": "model.arch"}
 # Keys that change neither what is computed nor its value beyond float round-off of batching:
 # where results go, how work is batched, which GPU of a machine, how it is logged. ``bits`` is
-# only the default of w_bits/a_bits, which are settings. ``quant.load`` reuses a calibration of the
-# same settings (the job checks the method); its path is provenance, not a setting.
+# only the default of w_bits/a_bits, and the model's cfg_scale, cfg_channels, clip_denoised and
+# search_inputs only the defaults of sampler.* and quant.num_inputs, which are the settings.
+# ``quant.load`` reuses a calibration of the same setting (the job refuses a file calibrated under
+# another one); its path is provenance, not a setting.
 NOT_SETTINGS = ("seed", "bits", "batch_size", "device", "cache_dir", "gpu_slots", "eval.cache_dir", "eval.batch_size",
-                "quant.load", "quant.search_batch", "quant.capture_batch", "model.vae.decode_batch")
+                "quant.load", "quant.search_batch", "quant.capture_batch", "model.vae.decode_batch",
+                "model.cfg_scale", "model.cfg_channels", "model.clip_denoised", "model.search_inputs")
 NOT_SETTING_PREFIXES = ("logger.", "hydra.")
 QUANT_KEYS = ("w_bits", "a_bits", "groups")  # with every quant.* key: the quantization side of a setting
 METHOD_ORDER = ["fp", "noise", "uniform", "ptq4dm", "qdiffusion", "ptq4dit", "mrq", "tgq", "mrq_tgq"]  # controls, baselines, TQ-DiT
@@ -60,10 +63,17 @@ def is_setting(key: str) -> bool:
     return key not in NOT_SETTINGS and not key.startswith(NOT_SETTING_PREFIXES)
 
 
+def canonical(value):
+    """One form per value, so grouping and pairing agree: 8.0 and 8 are the same setting."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def setting_of(config: dict, device_type: str | None) -> dict:
     """The job's setting: its flattened resolved config minus the seed and NOT_SETTINGS, with the
     keys its method ignores blanked, plus the device type it ran on (CPU and GPU round differently)."""
-    flat = {key: value for key, value in flatten(config).items() if is_setting(key)}
+    flat = {key: canonical(value) for key, value in flatten(config).items() if is_setting(key)}
     method = flat.get("quant.name")
     for key in flat:
         quant_side = key in QUANT_KEYS or key.startswith("quant.")
@@ -95,10 +105,11 @@ def _row(result: dict, path: Path) -> dict:
     quant = {} if failed else result.get("quant", {})
     metrics = {m: float("nan") for m in METRICS} if failed else result["metrics"]
     peak = quant.get("peak_memory_bytes")
+    device = setting.get("device")
     return {
         **row, **setting, "seed": config.get("seed", result.get("seed")), **metrics,
         "calibration_s": quant.get("calibration_s"), "peak_gb": peak / 1e9 if peak else None,
-        "peak_kind": quant.get("peak_memory_kind") or (("cuda_max_allocated" if row.get("device") == "cuda" else "process_max_rss")
+        "peak_kind": quant.get("peak_memory_kind") or (("cuda_max_allocated" if device == "cuda" else "process_max_rss")
                                                       if peak else None),
         "status": result.get("status", "ok"), "error": result.get("error"), "job_dir": str(path.parent),
     }
@@ -126,7 +137,7 @@ def load_results(directories: list[str | Path]) -> pd.DataFrame:
 
 
 RESULT_COLUMNS = ("seed", *METRICS, "calibration_s", "peak_gb", "peak_kind", "status", "error", "job_dir", "dfid",
-                  "seeds", "seed_list", "failed", "label")
+                  "dfid_pairs", "seeds", "seed_list", "failed", "label")
 SHOWN = ("method", "w_bits", "a_bits", "groups", "steps")  # columns of every markdown table
 
 
@@ -184,7 +195,8 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per setting: mean and std over its seeds, and ΔFID vs FP paired by protocol and seed.
 
     Failed jobs do not enter the means; ``failed`` counts them per setting, and a setting whose
-    jobs all failed is a row of its own with NaN metrics. ``seed_list`` names the seeds averaged.
+    jobs all failed is a row of its own with NaN metrics. ``seed_list`` names the seeds averaged;
+    ``dfid_pairs`` counts the seeds that have an FP partner (ΔFID averages over those only).
     """
     keys = setting_columns(frame)
     filled = frame.copy()
@@ -195,10 +207,11 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     table = grouped[METRICS + ["dfid", "calibration_s", "peak_gb"]].mean()
     spread = grouped[METRICS + ["dfid"]].std(ddof=1).add_suffix("_std")
     seeds = grouped["status"].apply(lambda s: int((s == "ok").sum())).rename("seeds")
+    pairs = grouped["dfid"].count().rename("dfid_pairs")
     seed_list = grouped["seed_list"].apply(lambda s: " ".join(str(int(v)) for v in sorted(s.dropna())))
     errors = grouped["error"].apply(lambda e: next((x for x in e if isinstance(x, str)), None)).rename("error")
     kind = grouped["peak_kind"].first().rename("peak_kind")
-    table = table.join(spread).join(seeds).join(seed_list).join(grouped["failed"].sum()).join(errors).join(kind).reset_index()
+    table = table.join(spread).join(seeds).join(pairs).join(seed_list).join(grouped["failed"].sum()).join(errors).join(kind).reset_index()
     order = ["model", "steps", "num_samples", "w_bits", "a_bits", "method", "groups"]
     order += [c for c in varying_columns(table, exclude=tuple(order))]
     return table.sort_values(by=order, key=_sort_key, ascending=[c not in ("w_bits", "a_bits") for c in order],
@@ -206,11 +219,13 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sort_key(column: pd.Series) -> pd.Series:
-    """FP first, then widest bits first; methods in METHOD_ORDER; "–" (not applicable) sorts as +inf."""
+    """FP first, then widest bits first; methods in METHOD_ORDER; numbers by value (50 before 100);
+    "–" (not applicable) last."""
     if column.name == "method":
         return column.map(lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
-    if column.name in ("w_bits", "a_bits", "groups"):
-        return column.map(lambda v: float("inf") if v == BLANK else float(v))
+    numbers = pd.to_numeric(column.where(column != BLANK), errors="coerce")
+    if numbers[column != BLANK].notna().all():
+        return numbers.fillna(float("inf"))
     return column.astype(str)
 
 
@@ -228,7 +243,10 @@ def to_markdown(table: pd.DataFrame) -> str:
         if pd.isna(row[metric]):
             return BLANK
         std = row.get(f"{metric}_std")
-        return f"{row[metric]:{sign}.{digits}f}" + (f" ± {std:.{digits}f}" if pd.notna(std) and row["seeds"] > 1 else "")
+        text = f"{row[metric]:{sign}.{digits}f}" + (f" ± {std:.{digits}f}" if pd.notna(std) and row["seeds"] > 1 else "")
+        if metric == "dfid" and row["dfid_pairs"] < row["seeds"]:  # never let a partial pairing pass as the row's
+            text += f" ({int(row['dfid_pairs'])} of {row['seeds']} seeds paired)"
+        return text
 
     extra = varying_columns(table)
     header = ["method", "bits", "G", "steps", *extra, "FID", "ΔFID", "sFID", "IS", "precision", "recall", "calib s",

@@ -42,6 +42,8 @@ from tqdit.quant import fused_attention
 from tqdit.quant.lowbit import fp8_supported, to_low_bit, weight_bytes
 from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
 from tqdit.quant.reconstruct import ReconConfig
+from tqdit.quant.state import saved_metadata
+from tqdit.report import setting_of
 from tqdit.utils import atomic_write_bytes, atomic_write_json, resolve_device, resolve_dtype
 
 
@@ -168,9 +170,11 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
         record.update(previous, resumed_calibration=True, **info)
         return record
     if cfg.quant.load:
-        saved_method, _, info = load_quant_state(model, cfg.quant.load)
+        saved_method = saved_metadata(cfg.quant.load).get("method")
         if saved_method != method:
             raise TqditError(f"quant.load={cfg.quant.load} was calibrated by {saved_method}, not quant={method}; use quant={saved_method}")
+        check_loaded_setting(cfg, Path(str(cfg.quant.load)).expanduser())
+        _, _, info = load_quant_state(model, cfg.quant.load)
         record.update(loaded_from=str(cfg.quant.load), **info)
         return record
     calib_cfg = cfg.quant.calib
@@ -188,7 +192,37 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
     record.update(cost)
     save_activation_ranges(model, job_dir / "activation_ranges.csv")
     atomic_write_json(job_dir / "quant_record.json", record)  # the cost, for a resumed job's results
-    save_quant_state(model, job_dir / "quant_params.safetensors", method, diffusion.timesteps)  # last: marks calibration done
+    setting = json.dumps(calibrated_setting(OmegaConf.to_container(cfg, resolve=True)))
+    save_quant_state(model, job_dir / "quant_params.safetensors", method, diffusion.timesteps,  # last: marks calibration done
+                     extra={"setting": setting})
+
+
+def calibrated_setting(config: dict) -> dict:
+    """What a calibration depends on: the job's table setting (tqdit.report), less the device it ran on
+    (a calibration made on a GPU may sample on the CPU: the rows then differ in their device anyway)."""
+    setting = setting_of(config, None)
+    setting.pop("device")
+    return setting
+
+
+def check_loaded_setting(cfg: DictConfig, path: Path) -> None:
+    """quant.load reuses a calibration only for its own setting: the table files the job under this
+    job's setting, so a file calibrated under another one (other bits, G, search, guidance, model …)
+    is refused instead of silently sampling a different quantized model under this row's name."""
+    metadata = saved_metadata(path)
+    if "setting" in metadata:
+        saved = json.loads(metadata["setting"])
+    elif (path.parent / "config.json").is_file():  # saved before settings were recorded: the job beside it
+        saved = calibrated_setting(json.loads((path.parent / "config.json").read_text()))
+    else:
+        raise TqditError(f"quant.load={path}: the file does not record the setting it was calibrated under (an older "
+                         "file away from its job directory); recalibrate, or load it from its job directory")
+    mine = calibrated_setting(OmegaConf.to_container(cfg, resolve=True))
+    differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    if differ:
+        shown = ", ".join(f"{k}={saved.get(k)} there, {mine.get(k)} here" for k in differ[:3])
+        raise TqditError(f"quant.load={path} was calibrated under another setting ({shown}"
+                         f"{' …' if len(differ) > 3 else ''}); load the file of this setting or drop quant.load")
     return record
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from tqdit.data.calibration import CalibrationSet, select_per_group
 from tqdit.models.dit import DiT, MatMul
-from tqdit.quant.layers import QuantLinear, QuantMatMul, quantization_disabled, replace_module, resolve_scope, use_explicit_attention
+from tqdit.quant.layers import (QuantLinear, QuantMatMul, quantization_disabled, quantizers, replace_module, resolve_scope,
+                                use_explicit_attention)
 from tqdit.quant.reconstruct import ReconConfig
 from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, TimeGroupContext, UniformNoise, UniformQuantizer
 from tqdit.quant.search import SearchConfig, linear_problem, matmul_problem, search_layer
@@ -97,8 +98,7 @@ def _activation_quantizer(position: str, cfg: QuantConfig, context: TimeGroupCon
         return SoftmaxMRQ(cfg.a_bits, groups, ctx)
     if cfg.multi_region and position == "post_gelu":
         return GeluMRQ(cfg.a_bits, groups, ctx)
-    uniform = UniformNoise if cfg.error_model == "noise" else UniformQuantizer
-    return uniform(cfg.a_bits, symmetric=position in ("q", "k", "v"), groups=groups, context=ctx)
+    return UniformQuantizer(cfg.a_bits, symmetric=position in ("q", "k", "v"), groups=groups, context=ctx)
 
 
 def _read_time_groups(model, args) -> None:
@@ -137,12 +137,25 @@ def wrap(model: DiT, cfg: QuantConfig, timesteps: np.ndarray) -> list[str]:
         if isinstance(module, MatMul):
             new = QuantMatMul(*(_activation_quantizer(p, cfg, context) for p in positions))
         else:
-            uniform = UniformNoise if cfg.error_model == "noise" else UniformQuantizer
-            weight_quant = uniform(cfg.w_bits, symmetric=cfg.weight_symmetric, channels=module.out_features, axis=0)
+            weight_quant = UniformQuantizer(cfg.w_bits, symmetric=cfg.weight_symmetric, channels=module.out_features, axis=0)
             new = QuantLinear(module, _activation_quantizer(positions[0], cfg, context), weight_quant)
         replace_module(model, name, new.to(module.weight.device if isinstance(module, nn.Linear) else next(model.parameters()).device))
     use_explicit_attention(model)
+    if cfg.error_model == "noise":  # a saved noise control being loaded (it calibrates with rounding)
+        add_noise_instead_of_rounding(model)
     return names
+
+
+def add_noise_instead_of_rounding(model: nn.Module) -> None:
+    """The noise control: every uniform quantizer keeps its grid and adds noise of its step instead of
+    rounding (``UniformNoise``); ``model.quant_config`` says so, so a saved model reloads the same way."""
+    for name, quantizer in quantizers(model):
+        if type(quantizer) is UniformQuantizer:
+            UniformNoise.from_uniform(quantizer, name)
+    model.quant_config = replace(model.quant_config, error_model="noise")
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module._frozen_weight is not None:
+            module.freeze()
 
 
 def unit_of(name: str) -> str:

@@ -224,6 +224,8 @@ def supports(attn) -> bool:
     if not (isinstance(attn.qk_matmul, QuantMatMul) and isinstance(attn.av_matmul, QuantMatMul)):
         return False
     *qkv, post_softmax = _quantizers(attn)
+    if any(type(q).__name__ == "UniformNoise" for q in (*qkv, post_softmax)):  # the noise control: it would round
+        return False
     if not all(isinstance(q, UniformQuantizer) and q.scale.shape[1] == 1 for q in qkv):
         return False
     if len({(q.qmin, q.qmax) for q in qkv}) != 1:

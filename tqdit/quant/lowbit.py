@@ -237,6 +237,8 @@ def to_low_bit(model: nn.Module, backend: str = "fp8", fuse_mlp: bool = True) ->
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown low-bit backend '{backend}': use one of {', '.join(BACKENDS)}")
+    if getattr(getattr(model, "quant_config", None), "error_model", "round") == "noise":
+        raise ValueError("the noise control adds noise instead of rounding: it has no low-bit form; keep it simulated")
     fast, fast_name = (Int8Linear, "int8_linear") if backend == "int8" else (Fp8Linear, "fp8_linear")
     counts = {fast_name: 0, "int8_weight_linear": 0, "simulated": 0}
     names = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]

@@ -13,6 +13,8 @@ model call from the timesteps. Selection is a tensor gather, never a Python bran
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn as nn
 
@@ -197,15 +199,16 @@ class UniformQuantizer(CalibratedState):
         return f"bits={self.bits}, {kind}, channels={self.scale.shape[1]}, groups={self.groups}"
 
 
-def hash_uniform(codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def hash_uniform(codes: torch.Tensor, positions: torch.Tensor, salt: int = 0) -> torch.Tensor:
     """A deterministic pseudo-random value in [−½, ½] per element, from a hash (MurmurHash3's 32-bit
-    finaliser, in int64 arithmetic masked to 32 bits) of its grid index and its position in its sample.
+    finaliser, in int64 arithmetic masked to 32 bits) of its grid index, its position in its sample
+    and ``salt`` (one per quantizer, so two operands never share their draws).
 
     Keyed on the grid index, the draw changes only where rounding itself would (float round-off of
     a batched matmul moves it no more often than it moves a rounded code); keyed on the position,
     values that share a grid cell still get unrelated draws. The same on every device."""
     mask = 0xFFFFFFFF
-    h = (codes.to(torch.int64) * 0x9E3779B1 + positions) & mask
+    h = ((codes.to(torch.int64) * 0x9E3779B1) ^ (positions * 0x27D4EB2F) ^ salt) & mask
     h = h ^ (h >> 16)
     h = (h * 0x85EBCA6B) & mask
     h = h ^ (h >> 13)
@@ -219,7 +222,17 @@ class UniformNoise(UniformQuantizer):
     grid's step Δ (per channel, per time group) — rounding's error size (variance Δ²/12) without its
     structure: no clipping and no error that is a function of where x sits in its grid cell. Same
     buffers as the uniform quantizer, so calibration, saving and loading are unchanged. Positions
-    count within one sample (a weight is one sample), so sample i never depends on its batch."""
+    count within one sample (a weight is one sample), so sample i never depends on its batch;
+    ``salt`` is a hash of the quantizer's name in the model (``name_noise``)."""
+
+    salt = 0
+
+    @classmethod
+    def from_uniform(cls, quantizer: UniformQuantizer, name: str) -> "UniformNoise":
+        """The same quantizer, adding noise instead of rounding (its grid and buffers unchanged)."""
+        quantizer.__class__ = cls
+        quantizer.salt = zlib.crc32(name.encode())
+        return quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -236,7 +249,7 @@ class UniformNoise(UniformQuantizer):
                 step = self._scalars[0 if self.groups == 1 else self.context.single][0]
             positions = torch.arange(x[0].numel(), device=x.device).reshape(x.shape[1:])
         xf = x.float()
-        return (xf + step * hash_uniform(torch.round(xf / step), positions)).to(x.dtype)
+        return (xf + step * hash_uniform(torch.round(xf / step), positions, self.salt)).to(x.dtype)
 
 
 def range_to_params(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,18 +19,20 @@ from tqdit.quant.search import SearchConfig
 from tqdit.utils import atomic_write_bytes
 
 
-def save_quant_state(model, path: str | Path, method: str, timesteps: np.ndarray) -> None:
+def save_quant_state(model, path: str | Path, method: str, timesteps: np.ndarray, extra: dict | None = None) -> None:
     """Every quantizer's buffers, with the method, its effective config and the schedule in the metadata.
 
     Methods that change weights (AdaRound's rounding, PTQ4DiT's folded balancing) list them in
-    ``model.quant_modified_parameters``; those are saved too, under ``param.<name>``.
+    ``model.quant_modified_parameters``; those are saved too, under ``param.<name>``. ``extra``:
+    more metadata (text values), e.g. the pipeline's record of the setting it calibrated.
     """
     cfg = model.quant_config
     tensors = {f"{name}.{buffer}": value.detach().cpu().contiguous()
                for name, q in quantizers(model) for buffer, value in q.named_buffers()}
     for name in getattr(model, "quant_modified_parameters", []):
         tensors[f"param.{name}"] = model.get_parameter(name).detach().cpu().contiguous()
-    metadata = {"method": method, "config": json.dumps(asdict(cfg)), "timesteps": json.dumps([int(t) for t in timesteps])}
+    metadata = {**(extra or {}), "method": method, "config": json.dumps(asdict(cfg)),
+                "timesteps": json.dumps([int(t) for t in timesteps])}
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
@@ -59,6 +61,11 @@ def load_quant_state(model, path: str | Path) -> tuple[str, QuantConfig, dict]:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise TqditError(f"{path} lacks parameters of {len(missing)} quantizer buffers of this model ({shown}); "
                          "it was saved from another model or scope: recalibrate, or load the file of this setting")
+    known = {f"{name}.{buffer}" for name, q in quantizers(model) for buffer, _ in q.named_buffers()}
+    foreign = sorted(key for key in tensors if not key.startswith("param.") and key not in known)
+    if foreign:
+        raise TqditError(f"{path} holds {len(foreign)} quantizer buffers this model lacks (e.g. {foreign[0]}); "
+                         "it was saved from another model or scope: recalibrate, or load the file of this setting")
     loaded = 0
     for name, q in quantizers(model):
         for buffer, value in q.named_buffers():
@@ -71,6 +78,12 @@ def load_quant_state(model, path: str | Path) -> tuple[str, QuantConfig, dict]:
         if isinstance(module, QuantLinear):
             module.freeze()
     return metadata["method"], cfg, {"quantizers_loaded": loaded, "parameters_loaded": len(modified)}
+
+
+def saved_metadata(path: str | Path) -> dict:
+    """The text metadata of a saved calibration (method, config, schedule and any ``extra``)."""
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata()
 
 
 def _written_before_flag(name: str, tensors: dict) -> bool:

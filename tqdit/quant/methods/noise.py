@@ -1,9 +1,8 @@
 """``noise``: a control, not a method — full precision plus noise of the quantization error's size.
 
-It calibrates as ``uniform`` does (same scope, grids and scale rule; with the default Lp rule,
-which scores each tensor on its own, exactly uniform's steps Δ; an output criterion would score
-candidates beside the other operand's noise instead of its rounding),
-then every operand that ``uniform`` would round gets x + Δ·u instead, u uniform in [−½, ½): the
+It calibrates exactly as ``uniform`` does (same scope, grids, scale rule, hence the same steps Δ
+under any ``quant.search``: the search runs with rounding), then every operand that ``uniform``
+would round gets x + Δ·u instead, u uniform in [−½, ½]: the
 textbook model of rounding error (variance Δ²/12, per weight channel and per activation tensor),
 without its structure (no clipping; an error that does not depend on where x sits in its grid
 cell). ``quantizers.hash_uniform`` draws u from each value's grid index and position in its sample,
@@ -16,8 +15,10 @@ not to what a method preserved or lost. Simulated backend only (the real 8-bit p
 
 from dataclasses import replace
 
-from tqdit.quant.calibrate import QuantConfig, calibrate
+from tqdit.quant.calibrate import QuantConfig, add_noise_instead_of_rounding, calibrate
 
 
 def quantize(model, calib, cfg: QuantConfig):
-    return calibrate(model, calib, replace(cfg, multi_region=False, time_groups=1, error_model="noise"))
+    model, cost = calibrate(model, calib, replace(cfg, multi_region=False, time_groups=1))
+    add_noise_instead_of_rounding(model)
+    return model, cost
