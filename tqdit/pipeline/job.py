@@ -195,6 +195,7 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
     setting = json.dumps(calibrated_setting(OmegaConf.to_container(cfg, resolve=True)))
     save_quant_state(model, job_dir / "quant_params.safetensors", method, diffusion.timesteps,  # last: marks calibration done
                      extra={"setting": setting})
+    return record
 
 
 def calibrated_setting(config: dict) -> dict:
@@ -223,7 +224,6 @@ def check_loaded_setting(cfg: DictConfig, path: Path) -> None:
         shown = ", ".join(f"{k}={saved.get(k)} there, {mine.get(k)} here" for k in differ[:3])
         raise TqditError(f"quant.load={path} was calibrated under another setting ({shown}"
                          f"{' …' if len(differ) > 3 else ''}); load the file of this setting or drop quant.load")
-    return record
 
 
 def save_activation_ranges(model, path: Path) -> None:
