@@ -66,13 +66,14 @@ def test_noise_control_perturbs_the_model_about_as_much_as_rounding(noise_and_un
     assert (batched - alone).abs().max() <= 10 * max((rounded_batched - rounded_alone).abs().max(), 1e-5)
 
 
-def sixteen_and_eight_bits(setting_inputs: int):
+def sixteen_and_eight_bits():
+    """uniform at W16 and W8, each calibrated on every input of the calibration set."""
     torch.manual_seed(0)
     fp = tiny_dit()
     calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
     models = []
     for bits in (16, 8):
-        cfg = QuantConfig(w_bits=bits, a_bits=bits, num_inputs=setting_inputs, capture_batch=16,
+        cfg = QuantConfig(w_bits=bits, a_bits=bits, num_inputs=len(calib.t), capture_batch=16,
                           search=SearchConfig(criterion="lp", candidates=20))
         models.append(METHODS["uniform"](copy.deepcopy(fp), calib, cfg))
     return fp, calib, models
@@ -84,16 +85,11 @@ def test_sixteen_bit_uniform_is_fp_up_to_its_sixteen_bit_grid():
     range over 28 operands; 8 bits give 2^16 times more). On other inputs a calibrated range can clip values calibration never saw: that, not
     rounding, is what a W16 row's distance from FP measures. Mutation caught: 16 bits mapped to an
     8-bit grid (or any rounding coarser than 2^-16 of the range)."""
-    fp, calib, ((w16, cost), (w8, _)) = sixteen_and_eight_bits(setting_inputs=len(sixteen_inputs()))
+    fp, calib, ((w16, cost), (w8, _)) = sixteen_and_eight_bits()
     assert cost["quantized_layers"] == 14 and all(q.enabled for _, q in quantizers(w16))
     assert {q.bits for _, q in quantizers(w16)} == {16}
     error16, error8 = output_error(fp, w16, calib), output_error(fp, w8, calib)
     assert error16 < 2e-8 and error16 < 1e-3 * error8
-
-
-def sixteen_inputs():
-    torch.manual_seed(0)
-    return capture(tiny_dit(), create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5)).t
 
 
 def test_noise_control_keeps_uniforms_grids_under_an_output_criterion_and_reloads(tmp_path):

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from tqdit.quant.layers import QuantMatMul
-from tqdit.quant.quantizers import SoftmaxMRQ, UniformQuantizer, per_sample
+from tqdit.quant.quantizers import SoftmaxMRQ, UniformNoise, UniformQuantizer, per_sample
 
 try:
     import triton
@@ -224,7 +224,7 @@ def supports(attn) -> bool:
     if not (isinstance(attn.qk_matmul, QuantMatMul) and isinstance(attn.av_matmul, QuantMatMul)):
         return False
     *qkv, post_softmax = _quantizers(attn)
-    if any(type(q).__name__ == "UniformNoise" for q in (*qkv, post_softmax)):  # the noise control: it would round
+    if any(isinstance(q, UniformNoise) for q in (*qkv, post_softmax)):  # the noise control: the kernel would round
         return False
     if not all(isinstance(q, UniformQuantizer) and q.scale.shape[1] == 1 for q in qkv):
         return False
