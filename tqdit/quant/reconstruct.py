@@ -22,15 +22,23 @@ their steps; other quantizers keep their initial parameters.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from tqdit.quant.layers import QuantLinear, QuantMatMul, quantization_disabled
 from tqdit.quant.quantizers import UniformQuantizer
+from tqdit.utils import atomic_write_bytes
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
 
@@ -50,6 +58,26 @@ class ReconConfig:
     round_weight: float = 0.01  # λ of the rounding loss
     p: float = 2.4             # exponent of the reconstruction loss
     seed: int = 0
+    # How the iterations run (not part of a setting: the result is the same within float rounding, tests
+    # check it). "fast": batch indices, β, λ and learning rates as device tables read by a device counter,
+    # no host sync per iteration, and on CUDA the whole iteration (forward, loss, backward, Adam) captured
+    # once as a CUDA graph and replayed; "eager": the reference loop (Python schedules, one launch per op).
+    engine: str = "fast"
+    log_every: int = 100       # iterations between progress updates (the fast loop's only host syncs)
+    # Folder for per-block state (set by the job, not a setting): a killed calibration resumes after
+    # its last finished block. None: nothing is written.
+    checkpoint_dir: str | None = None
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"quant.recon.engine={self.engine!r} is unknown: use one of {', '.join(ENGINES)}")
+        if self.log_every < 1:
+            raise ValueError("quant.recon.log_every must be a positive number of iterations")
+
+
+ENGINES = ("fast", "eager")
+# ReconConfig fields that change how, not what, is computed: left out of checkpoints' fingerprints
+RUN_ONLY = ("engine", "log_every", "checkpoint_dir")
 
 
 class AdaRoundWeight(nn.Module):
@@ -80,6 +108,25 @@ class AdaRoundWeight(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
+def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                   grad_factor: float) -> torch.Tensor:
+    """(clamp(round(x/Δ) + z, qmin, qmax) − z)·Δ with LSQ's gradients, in tensor ops only.
+
+    The same values and gradients as ``torch._fake_quantize_learnable_per_tensor_affine`` (x: 1 inside
+    the code range, 0 outside; Δ: round(x/Δ) − x/Δ inside, qmin − z or qmax − z outside, times
+    ``grad_factor``), which reads Δ back to the host on every call and so cannot run in a CUDA graph.
+    Rounding is half to even, like that op's; tests compare the two.
+    """
+    step = step * grad_factor + (step - step * grad_factor).detach()  # value Δ, gradient scaled by grad_factor
+    scaled = x / step
+    rounded = torch.round(scaled)
+    codes = torch.clamp(rounded + zero_point, qmin, qmax)
+    inside = codes == rounded + zero_point  # decided on the exact codes, as the op does
+    # inside: the value round(x/Δ) exactly (adding an exact zero) with the gradient of x/Δ (straight through)
+    straight = torch.where(inside, rounded + (scaled - scaled.detach()), codes - zero_point)
+    return straight * step
+
+
 class LearnedStep(nn.Module):
     """An ungrouped per-tensor UniformQuantizer with a learnable step (LSQ); zero point fixed."""
 
@@ -93,9 +140,7 @@ class LearnedStep(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
         grad_factor = 1.0 / math.sqrt(x[0].numel() * max(q.qmax, 1))
-        out = torch._fake_quantize_learnable_per_tensor_affine(x.float(), self.step.to(x.device), self.zero_point.to(x.device),
-                                                               q.qmin, q.qmax, grad_factor)
-        return out.to(x.dtype)
+        return lsq_fake_quant(x.float(), self.step, self.zero_point, q.qmin, q.qmax, grad_factor).to(x.dtype)
 
     def commit(self) -> None:
         self.quantizer.scale.fill_(float(self.step.detach().clamp(min=1e-8)))
@@ -148,6 +193,112 @@ def block_inputs(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, batch
     return tokens, cond
 
 
+@dataclass
+class Phase:
+    """One optimisation phase of a block: what it learns, for how many iterations, on which batches."""
+
+    name: str
+    iterations: int
+    learn_rounding: bool
+    groups: list[dict]            # Adam parameter groups: {"params", "lr", "cosine": bool}
+    index: torch.Tensor           # (iterations, batch) calibration-input indices, drawn up front
+
+
+def _learning_rate(group: dict, iteration: int, iterations: int) -> float:
+    """The step learning rate is cosine-annealed to 0; the rounding lr stays constant, as in BRECQ."""
+    if not group["cosine"]:
+        return group["lr"]
+    return group["lr"] * 0.5 * (1 + math.cos(math.pi * iteration / iterations))
+
+
+def _rounding_term(linears, beta, weight):
+    return weight * sum(layer.weight_quant.rounding_loss(beta) for layer in linears)
+
+
+def _eager_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfig, bar) -> None:
+    """The reference: one iteration at a time, schedules as Python numbers."""
+    optimizer = torch.optim.Adam([{"params": g["params"], "lr": g["lr"]} for g in phase.groups])
+    total = torch.zeros((), device=x_q.device)
+    for iteration in range(phase.iterations):
+        for group, spec in zip(optimizer.param_groups, phase.groups):
+            group["lr"] = _learning_rate(spec, iteration, phase.iterations)
+        rows = phase.index[iteration].to(x_q.device)
+        loss = lp_loss(block(x_q[rows], cond[rows]), target[rows], cfg.p)
+        beta = _beta(iteration, cfg) if phase.learn_rounding else None
+        if beta is not None:  # β as a tensor like the fast loop's (pow by a Python 2.0 squares: other last bits)
+            loss = loss + _rounding_term(linears, torch.tensor(beta, device=x_q.device), cfg.round_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        if (iteration + 1) % cfg.log_every == 0 or iteration + 1 == phase.iterations:
+            bar.update((iteration % cfg.log_every) + 1)
+            bar.set_postfix(loss=f"{float(total) / ((iteration % cfg.log_every) + 1):.4g}")
+            total.zero_()
+
+
+def _fast_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfig, bar) -> None:
+    """The same iterations with every schedule in device tables indexed by a device counter: no host
+    sync per iteration. On CUDA the iteration is captured once as a CUDA graph and replayed."""
+    device = x_q.device
+    graphed = device.type == "cuda"
+    table = lambda values: torch.tensor(values, dtype=torch.float32, device=device)  # noqa: E731
+    index = phase.index.to(device)
+    betas = [_beta(i, cfg) if phase.learn_rounding else None for i in range(phase.iterations)]
+    beta_table = table([cfg.b_start if b is None else b for b in betas])
+    weight_table = table([0.0 if b is None else cfg.round_weight for b in betas])  # λ = 0 in the warm-up
+    lr_tables = [table([_learning_rate(g, i, phase.iterations) for i in range(phase.iterations)]) for g in phase.groups]
+    # capturable Adam keeps its step count and reads its learning rate on the device (a tensor it may own)
+    optimizer = torch.optim.Adam([{"params": g["params"], "lr": torch.tensor(g["lr"], device=device) if graphed else g["lr"]}
+                                  for g in phase.groups], capturable=graphed)
+    counter = torch.zeros(1, dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), device=device)
+
+    def iteration(host_iteration: int) -> None:
+        rows = index.index_select(0, counter).squeeze(0)
+        loss = lp_loss(block(x_q.index_select(0, rows), cond.index_select(0, rows)), target.index_select(0, rows), cfg.p)
+        if phase.learn_rounding:  # in the warm-up the term is multiplied by 0 (adds exact zeros)
+            loss = loss + _rounding_term(linears, beta_table.index_select(0, counter).squeeze(0),
+                                         weight_table.index_select(0, counter).squeeze(0))
+        loss.backward()
+        for group, lrs, spec in zip(optimizer.param_groups, lr_tables, phase.groups):
+            if graphed:
+                group["lr"].copy_(lrs.index_select(0, counter).squeeze(0))
+            else:  # CPU: no graph, the host knows the iteration
+                group["lr"] = _learning_rate(spec, host_iteration, phase.iterations)
+        optimizer.step()
+        loss_sum.add_(loss.detach())
+        counter.add_(1)
+
+    def report(since: int) -> None:
+        bar.update(since)
+        bar.set_postfix(loss=f"{float(loss_sum) / since:.4g}")  # the one host sync per log_every iterations
+        loss_sum.zero_()
+
+    warmup = min(3, phase.iterations) if graphed else phase.iterations
+    stream = torch.cuda.Stream() if graphed else None
+    if graphed:  # warm-up iterations (real ones) on a side stream, as CUDA graph capture requires
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream) if graphed else nullcontext():
+        for i in range(warmup):
+            optimizer.zero_grad(set_to_none=True)
+            iteration(i)
+            if (i + 1) % cfg.log_every == 0 or i + 1 == phase.iterations:
+                report((i % cfg.log_every) + 1)
+    if not graphed or warmup == phase.iterations:
+        return
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool
+    with torch.cuda.graph(graph):
+        iteration(-1)
+    for i in range(warmup, phase.iterations):
+        graph.replay()
+        if (i + 1) % cfg.log_every == 0 or i + 1 == phase.iterations:
+            report((i % cfg.log_every) + 1)
+    torch.cuda.synchronize(device)
+
+
 def reconstruct_block(model, block: nn.Module, x_q: torch.Tensor, cond: torch.Tensor, target: torch.Tensor,
                       cfg: ReconConfig, joint: bool, generator: torch.Generator, progress: bool, label: str) -> dict:
     """Fit one block's rounding (and activation steps) so that block(x_q) ≈ target; returns loss numbers."""
@@ -158,44 +309,28 @@ def reconstruct_block(model, block: nn.Module, x_q: torch.Tensor, cond: torch.Te
         layer.weight_quant = AdaRoundWeight(layer.weight, layer.weight_quant)
         layer._frozen_weight = None
     n = len(x_q)
-
-    def sample_batch():
-        return torch.randint(0, n, (min(cfg.batch, n),), generator=generator).to(x_q.device)
+    loop = _fast_loop if cfg.engine == "fast" else _eager_loop
 
     def block_error() -> float:
         with torch.no_grad():
             return float(sum(lp_loss(block(x_q[i:i + 256], cond[i:i + 256]), target[i:i + 256], 2.0) * len(x_q[i:i + 256])
                              for i in range(0, n, 256)) / n)
 
-    def run(phase: str, iterations: int, learn_rounding: bool, learn_steps: bool) -> None:
+    def run(name: str, iterations: int, learn_rounding: bool, learn_steps: bool) -> None:
         if iterations == 0:  # the phase is off (e.g. recon.act_iters=0: steps stay at their Lp initialisation)
             return
         swaps = _swap_activations(block) if learn_steps else []
         groups = []
         if learn_rounding and linears:  # a block the scope leaves unquantized has nothing to round
-            groups.append({"params": [layer.weight_quant.v for layer in linears], "lr": cfg.lr})
+            groups.append({"params": [layer.weight_quant.v for layer in linears], "lr": cfg.lr, "cosine": False})
         if learn_steps and swaps:
-            groups.append({"params": [s.step for _, _, s in swaps], "lr": cfg.act_lr})
-        if not groups:
-            return
-        optimizer = torch.optim.Adam(groups)
-        scheduler = None
-        if learn_steps and swaps:
-            # cosine annealing of the step learning rate only (the rounding lr stays constant, as in BRECQ)
-            lambdas = [(lambda i: 1.0)] * (1 if learn_rounding else 0) + [lambda i: 0.5 * (1 + math.cos(math.pi * i / iterations))]
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-        bar = tqdm(range(iterations), desc=f"{label} {phase}", leave=False, disable=not progress)
-        for iteration in bar:
-            index = sample_batch()
-            loss = lp_loss(block(x_q[index], cond[index]), target[index], cfg.p)
-            beta = _beta(iteration, cfg) if learn_rounding else None
-            if beta is not None:
-                loss = loss + cfg.round_weight * sum(layer.weight_quant.rounding_loss(beta) for layer in linears)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+            groups.append({"params": [s.step for _, _, s in swaps], "lr": cfg.act_lr, "cosine": True})
+        if groups:
+            # drawn from the block generator in one call: the same numbers as one draw per iteration
+            index = torch.randint(0, n, (iterations, min(cfg.batch, n)), generator=generator)
+            phase = Phase(name, iterations, learn_rounding, groups, index)
+            with tqdm(total=iterations, desc=f"{label} {name}", leave=False, disable=not progress, unit="it") as bar:
+                loop(block, x_q, cond, target, linears, phase, cfg, bar)
         _restore_activations(swaps)
 
     with torch.no_grad():
@@ -229,21 +364,94 @@ def _nearest_error(block, linears, roundings, block_error) -> float:
     return error
 
 
+class BlockCheckpoints:
+    """Per-block reconstruction state in a folder, so that a killed calibration resumes after its last
+    finished block: ``block_NNN.safetensors`` holds block NNN's parameters and quantizer buffers once it is
+    reconstructed, the batch generator's state after it and its report, written atomically.
+
+    Files are used only under the same ``fingerprint`` (the reconstruction settings, the calibration
+    inputs and the model's state before reconstruction, hashed): a folder left by another setting, or
+    by a run on another kind of device whose float sums differ, is ignored and overwritten.
+    """
+
+    def __init__(self, folder: str | Path, fingerprint: str):
+        self.folder, self.fingerprint = Path(folder), fingerprint
+
+    def path(self, number: int) -> Path:
+        return self.folder / f"block_{number:03d}.safetensors"
+
+    def finished(self, blocks: int) -> int:
+        """How many blocks from block 0 on have a saved state under this fingerprint."""
+        done = 0
+        while done < blocks and self.path(done).is_file():
+            with safe_open(self.path(done), "pt") as handle:
+                if (handle.metadata() or {}).get("fingerprint") != self.fingerprint:
+                    break
+            done += 1
+        return done
+
+    def save(self, number: int, block: nn.Module, report: dict, generator: torch.Generator) -> None:
+        tensors = {f"block.{k}": v.detach().cpu().contiguous().clone() for k, v in block.state_dict().items()}
+        tensors["generator"] = generator.get_state()
+        metadata = {"fingerprint": self.fingerprint, "report": json.dumps(report)}
+        atomic_write_bytes(self.path(number), save_safetensors(tensors, metadata=metadata))
+
+    def load(self, number: int, block: nn.Module, generator: torch.Generator) -> dict:
+        """Restore block ``number`` (strictly: every key) and the generator; returns its report."""
+        tensors = load_safetensors(self.path(number).read_bytes())
+        generator.set_state(tensors.pop("generator"))
+        device = next(block.parameters()).device
+        state = {k.removeprefix("block."): v.to(device) for k, v in tensors.items()}
+        for layer in block.modules():  # reconstruction stored the rounded weights as new parameters
+            if isinstance(layer, QuantLinear):
+                layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        block.load_state_dict(state, strict=True)
+        with safe_open(self.path(number), "pt") as handle:
+            return json.loads(handle.metadata()["report"])
+
+
+def fingerprint(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg: ReconConfig,
+                joint: bool) -> str:
+    """A hash of what a reconstruction's result depends on (see BlockCheckpoints)."""
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
+    digest.update(json.dumps({"recon": settings, "joint": joint}, sort_keys=True).encode())
+    for tensor in (x, t, y):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    with torch.no_grad():
+        sums = [v.double().sum() for v in model.state_dict().values() if v.is_floating_point()]
+    digest.update(torch.stack(sums).cpu().numpy().tobytes() if sums else b"")
+    return digest.hexdigest()
+
+
 def reconstruct_blocks(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg: ReconConfig,
                        joint: bool, progress: bool = True) -> list[dict]:
-    """Reconstruct every DiT block in order (inputs from the quantized prefix, targets from FP)."""
+    """Reconstruct every DiT block in order (inputs from the quantized prefix, targets from FP).
+
+    With ``cfg.checkpoint_dir``, each finished block is saved there, and blocks already saved under
+    the same fingerprint are loaded instead of fitted (their reports say ``resumed``): the result is
+    the one an uninterrupted run gives, since the batch generator's state is saved with each block.
+    """
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(cfg.seed)
     batch = 256
+    checkpoints = None
+    if cfg.checkpoint_dir is not None:
+        checkpoints = BlockCheckpoints(cfg.checkpoint_dir, fingerprint(model, x, t, y, cfg, joint))
+    done = checkpoints.finished(len(model.blocks)) if checkpoints else 0
     with quantization_disabled(model):
         x_fp, cond_fp = block_inputs(model, x, t, y, batch)
     _, cond = block_inputs(model, x, t, y, batch)  # the timestep MLP may be quantized (scope "all")
     x_q = x_fp.clone()
     reports = []
     for number, block in enumerate(tqdm(model.blocks, desc="reconstruct", unit="block", disable=not progress)):
-        with torch.no_grad(), quantization_disabled(model):
+        with torch.no_grad(), quantization_disabled(model):  # the FP target, from the block before it is fitted
             target = _batched(block, x_fp, cond_fp, batch=batch)
-        if any(isinstance(m, (QuantLinear, QuantMatMul)) for m in block.modules()):
+        if number < done:
+            reports.append({**checkpoints.load(number, block, generator), "resumed": True})
+            with torch.no_grad():
+                x_q = _batched(block, x_q, cond, batch=batch)
+        elif any(isinstance(m, (QuantLinear, QuantMatMul)) for m in block.modules()):
             reports.append(reconstruct_block(model, block, x_q, cond, target, cfg, joint, generator, progress, f"block {number}"))
             with torch.no_grad():
                 x_q = _batched(block, x_q, cond, batch=batch)
@@ -252,5 +460,7 @@ def reconstruct_blocks(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 x_q = _batched(block, x_q, cond, batch=batch)
                 error = float(lp_loss(x_q, target, 2.0))
             reports.append({"error_nearest": error, "error_after": error, "undecided_rounding": 0.0})
+        if checkpoints and number >= done:
+            checkpoints.save(number, block, reports[-1], generator)
         x_fp = target
     return reports

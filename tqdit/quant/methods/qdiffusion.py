@@ -53,7 +53,8 @@ def initialise_and_reconstruct(model, calib, cfg: QuantConfig, index: np.ndarray
                 reconstruction={"blocks": len(reports), "seconds": round(time.perf_counter() - recon_start, 2), "joint": joint,
                                 "error_nearest": [round(r["error_nearest"], 6) for r in reports],
                                 "error_after": [round(r["error_after"], 6) for r in reports],
-                                "undecided_rounding": max((r["undecided_rounding"] for r in reports), default=0.0)})
+                                "undecided_rounding": max((r["undecided_rounding"] for r in reports), default=0.0),
+                                "resumed_blocks": sum(bool(r.get("resumed")) for r in reports), "engine": cfg.recon.engine})
     names = [f"{name}.weight" for name, module in model.named_modules() if name.startswith("blocks.") and hasattr(module, "weight_quant")]
     model.quant_modified_parameters = sorted(set(getattr(model, "quant_modified_parameters", [])) | set(names))
     return model, cost
