@@ -59,9 +59,8 @@ def test_fast_engine_matches_eager_on_the_cpu(setting, joint):
     """On the CPU the fast engine runs its device tables without a graph; its rounding decisions and
     learned steps equal the eager loop's bit for bit (same arithmetic, only the schedules' bookkeeping
     differs).
-    Mutations caught: the β or λ table one iteration late (``beta_table[counter + 1]``), the warm-up's
-    λ left at its full value, the cosine step schedule dropped, or a new batch draw per phase that
-    differs from the eager one."""
+    Mutations caught: the β table one iteration early, the warm-up's λ left at its full value, or the
+    cosine step schedule dropped from the fast loop."""
     results = []
     for engine in ("eager", "fast"):
         quantized, (x, t, y) = initialised(setting)

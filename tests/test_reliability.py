@@ -110,6 +110,44 @@ def test_quantized_job_killed_after_calibration_resumes_from_its_saved_calibrati
     assert metrics[0] == metrics[1]
 
 
+RECONSTRUCTING = ["quant=qdiffusion", "quant/recon=quick", "quant.recon.iters=200", "quant.recon.act_iters=60",
+                  "quant.num_inputs=32", "quant.calib.num_samples=4"]
+
+
+@pytest.mark.slow  # three calibrations with reconstruction: 2.5 min on 2 cores
+def test_calibration_killed_mid_reconstruction_resumes_after_its_last_finished_block(tmp_path):
+    """Q-Diffusion killed (SIGKILL) once two of the four blocks are reconstructed: the rerun loads
+    those two, fits the other two, and saves the calibration of an uninterrupted run, tensor for
+    tensor; the per-block folder is removed once the calibration is saved.
+
+    Mutations caught: the job not passing its checkpoint folder (nothing resumed); a resumed block's
+    batch generator state not restored (blocks 2–3 differ from the uninterrupted run)."""
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    command = lambda job: [c for c in job_command(job, cache) if c != "quant=fp"] + RECONSTRUCTING  # noqa: E731
+    reference = tmp_path / "reference"
+    subprocess.run(command(reference), cwd=ROOT, check=True, capture_output=True, timeout=600)
+
+    job = tmp_path / "job"
+    blocks = job / "reconstruction"
+    process = subprocess.Popen(command(job), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(process, lambda: (blocks / "block_001.safetensors").is_file())
+    finished = sorted(p.name for p in blocks.glob("block_*.safetensors"))
+    assert finished[:2] == ["block_000.safetensors", "block_001.safetensors"] and len(finished) < 4
+    assert not (job / "quant_params.safetensors").exists()
+
+    result = subprocess.run(command(job), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    quant = json.loads((job / "results.json").read_text())["quant"]
+    assert quant["reconstruction"]["resumed_blocks"] == len(finished)
+    assert not blocks.exists()
+    saved, expected = load_file(job / "quant_params.safetensors"), load_file(reference / "quant_params.safetensors")
+    assert saved.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(saved[key], expected[key]), key
+
+
 def test_killed_sweep_rerun_skips_finished_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     command = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", *SMALL, "seed=0,1,2"]

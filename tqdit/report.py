@@ -38,7 +38,8 @@ NAMED = {"method": "quant.name", "w_bits": "w_bits", "a_bits": "a_bits", "groups
 # another one); its path is provenance, not a setting.
 NOT_SETTINGS = ("seed", "bits", "batch_size", "device", "cache_dir", "gpu_slots", "eval.cache_dir", "eval.batch_size",
                 "quant.load", "quant.search_batch", "quant.capture_batch", "model.vae.decode_batch",
-                "model.cfg_scale", "model.cfg_channels", "model.clip_denoised", "model.search_inputs")
+                "model.cfg_scale", "model.cfg_channels", "model.clip_denoised", "model.search_inputs",
+                "quant.recon.engine", "quant.recon.log_every")
 NOT_SETTING_PREFIXES = ("logger.", "hydra.")
 QUANT_KEYS = ("w_bits", "a_bits", "groups")  # with every quant.* key: the quantization side of a setting
 METHOD_ORDER = ["fp", "noise", "uniform", "ptq4dm", "qdiffusion", "ptq4dit", "mrq", "tgq", "mrq_tgq"]  # controls, baselines, TQ-DiT

@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +41,12 @@ from tqdit.quant.layers import activation_ranges, prepare_for_compile
 from tqdit.quant import fused_attention
 from tqdit.quant.lowbit import fp8_supported, to_low_bit, weight_bytes
 from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
-from tqdit.quant.reconstruct import ReconConfig
+from tqdit.quant.reconstruct import ENGINES, ReconConfig
 from tqdit.quant.state import saved_metadata
 from tqdit.report import setting_of
 from tqdit.utils import atomic_write_bytes, atomic_write_json, resolve_device, resolve_dtype
+
+RECON_CHECKPOINTS = "reconstruction"  # the job-dir folder of per-block reconstruction state (deleted when done)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -100,6 +102,8 @@ def validate(cfg: DictConfig) -> None:
     recon = quant.recon
     check(all(isinstance(recon[k], int) and recon[k] >= 0 for k in ("iters", "act_iters")) and recon.batch >= 1,
           "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
+    check(recon.engine in ENGINES, f"quant.recon.engine={recon.engine} is unknown: use one of {', '.join(ENGINES)}")
+    check(isinstance(recon.log_every, int) and recon.log_every >= 1, "quant.recon.log_every must be a positive integer")
     check(quant.backend in ("simulated", "int8", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated, int8 or fp8")
     check(quant.attention in ("auto", "fused", "explicit"), f"quant.attention={quant.attention} is unknown: use auto, fused or explicit")
     if quant.attention == "fused" and quant.name != "fp":
@@ -162,7 +166,9 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
     if method in SETTINGS:
         record["params"] = qcfg.params
     if method in RECONSTRUCTS:
-        record["recon"] = asdict(qcfg.recon)
+        record["recon"] = {k: v for k, v in asdict(qcfg.recon).items() if k != "checkpoint_dir"}
+        # per-block state, so that a killed calibration resumes after its last finished block
+        qcfg = replace(qcfg, recon=replace(qcfg.recon, checkpoint_dir=str(job_dir / RECON_CHECKPOINTS)))
     saved = job_dir / "quant_params.safetensors"
     if not cfg.quant.load and saved.is_file():  # resuming this job: its calibration is finished
         _, _, info = load_quant_state(model, saved)
@@ -195,6 +201,7 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
     setting = json.dumps(calibrated_setting(OmegaConf.to_container(cfg, resolve=True)))
     save_quant_state(model, job_dir / "quant_params.safetensors", method, diffusion.timesteps,  # last: marks calibration done
                      extra={"setting": setting})
+    shutil.rmtree(job_dir / RECON_CHECKPOINTS, ignore_errors=True)  # superseded by the saved calibration
     return record
 
 
