@@ -133,9 +133,11 @@ def test_unknown_engine_is_refused():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_engine_matches_eager_on_the_gpu(setting):
-    """On CUDA the fast engine replays a captured graph (with capturable Adam, whose arithmetic differs
-    from the eager Adam's in float rounding): ≥ 99 % of the rounding decisions equal and the learned
-    steps within 1e-3 relative."""
+    """On CUDA the fast engine replays a captured graph; the eager loop runs the same kernels (both with
+    capturable Adam) one launch at a time: ≥ 99.9 % of the rounding decisions equal and the learned
+    steps within 1e-4 relative. (With the default Adam in the eager loop only 96.5 % of block 1's qkv
+    decisions agreed on an H200: its float rounding differs, and this small random block has many
+    weights near a decision.)"""
     results = []
     for engine in ("eager", "fast"):
         quantized, (x, t, y) = initialised(setting)
@@ -148,7 +150,7 @@ def test_cuda_graph_engine_matches_eager_on_the_gpu(setting):
         if isinstance(module, QuantLinear):
             key = f"{name}.weight"
             agree = (eager[key] == fast[key]).float().mean()
-            assert agree >= 0.99, (key, float(agree))
+            assert agree >= 0.999, (key, float(agree))
     for key in eager:
         if key.endswith("act.scale") or key.endswith("a_quant.scale") or key.endswith("b_quant.scale"):
-            torch.testing.assert_close(fast[key], eager[key], rtol=1e-3, atol=0, msg=key)
+            torch.testing.assert_close(fast[key], eager[key], rtol=1e-4, atol=0, msg=key)

@@ -216,12 +216,20 @@ def _rounding_term(linears, beta, weight):
 
 
 def _eager_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfig, bar) -> None:
-    """The reference: one iteration at a time, schedules as Python numbers."""
-    optimizer = torch.optim.Adam([{"params": g["params"], "lr": g["lr"]} for g in phase.groups])
+    """The reference: one iteration at a time, schedules as Python numbers. On CUDA, Adam is the
+    capturable one the fast loop needs (its float arithmetic differs from the default Adam's), with its
+    learning rate a device tensor filled from the same float32 values: the engines then differ only in
+    how the work is launched."""
+    cuda = x_q.device.type == "cuda"
+    optimizer = torch.optim.Adam([{"params": g["params"], "lr": torch.tensor(g["lr"], device=x_q.device) if cuda else g["lr"]}
+                                  for g in phase.groups], capturable=cuda)
     total = torch.zeros((), device=x_q.device)
     for iteration in range(phase.iterations):
         for group, spec in zip(optimizer.param_groups, phase.groups):
-            group["lr"] = _learning_rate(spec, iteration, phase.iterations)
+            if cuda:
+                group["lr"].fill_(float(torch.tensor(_learning_rate(spec, iteration, phase.iterations), dtype=torch.float32)))
+            else:
+                group["lr"] = _learning_rate(spec, iteration, phase.iterations)
         rows = phase.index[iteration].to(x_q.device)
         loss = lp_loss(block(x_q[rows], cond[rows]), target[rows], cfg.p)
         beta = _beta(iteration, cfg) if phase.learn_rounding else None
