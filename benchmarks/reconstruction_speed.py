@@ -36,8 +36,15 @@ def iterations_per_block(recon: ReconConfig, joint: bool) -> int:
 
 
 def measure(model, calib, method: str, recon: ReconConfig, scope, device) -> dict:
-    cfg = QuantConfig(w_bits=8, a_bits=8, scope=scope, num_inputs=800, capture_batch=32,
-                      search=SearchConfig(criterion="lp", batch=32), recon=recon)
+    cfg = QuantConfig(
+        w_bits=8,
+        a_bits=8,
+        scope=scope,
+        num_inputs=800,
+        capture_batch=32,
+        search=SearchConfig(criterion="lp", batch=32),
+        recon=recon,
+    )
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -45,44 +52,69 @@ def measure(model, calib, method: str, recon: ReconConfig, scope, device) -> dic
     rec = cost["reconstruction"]
     fitted = sum(1 for e, a in zip(rec["error_nearest"], rec["error_after"]) if e != a) or 1
     iterations = iterations_per_block(recon, rec["joint"]) * fitted
-    row = {"method": method, "engine": recon.engine, "blocks_fitted": fitted, "iterations": iterations,
-           "reconstruction_s": rec["seconds"], "iterations_per_s": round(iterations / rec["seconds"], 1),
-           "calibration_s": cost["calibration_s"], "error_nearest": rec["error_nearest"][:fitted],
-           "error_after": rec["error_after"][:fitted], "undecided_rounding": rec["undecided_rounding"],
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+    row = {
+        "method": method,
+        "engine": recon.engine,
+        "blocks_fitted": fitted,
+        "iterations": iterations,
+        "reconstruction_s": rec["seconds"],
+        "iterations_per_s": round(iterations / rec["seconds"], 1),
+        "calibration_s": cost["calibration_s"],
+        "error_nearest": rec["error_nearest"][:fitted],
+        "error_after": rec["error_after"][:fitted],
+        "undecided_rounding": rec["undecided_rounding"],
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+    }
     del quantized
     print(row, flush=True)
     return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--methods", nargs="+", default=["qdiffusion", "ptq4dit"])
-    parser.add_argument("--eager-iters", type=int, default=300, help="rounding iterations per block, eager engine")
-    parser.add_argument("--fast-iters", type=int, default=2000, help="rounding iterations per block, fast engine (XL/2)")
+    parser.add_argument(
+        "--eager-iters", type=int, default=300, help="rounding iterations per block, eager engine"
+    )
+    parser.add_argument(
+        "--fast-iters", type=int, default=2000, help="rounding iterations per block, fast engine (XL/2)"
+    )
     parser.add_argument("--xl-blocks", type=int, default=2)
-    parser.add_argument("--embedded-iters", type=int, help="fast engine on the embedded model: this many rounding "
-                        "iterations per block instead of the papers' (a smoke test)")
+    parser.add_argument(
+        "--embedded-iters",
+        type=int,
+        help="fast engine on the embedded model: this many rounding "
+        "iterations per block instead of the papers' (a smoke test)",
+    )
     parser.add_argument("--skip-xl", action="store_true")
     parser.add_argument("--skip-embedded", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device(args.device)
-    result = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "torch": torch.__version__,
-              "embedded": [], "xl": []}
+    result = {
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "embedded": [],
+        "xl": [],
+    }
 
     def save():
         if args.out:
             atomic_write_json(args.out, result)
 
-    short = lambda iters, engine: ReconConfig(iters=iters, act_iters=iters // 4, engine=engine, lr=1e-2)  # noqa: E731
+    def short(iters: int, engine: str) -> ReconConfig:
+        return ReconConfig(iters=iters, act_iters=iters // 4, engine=engine, lr=1e-2)
     if not args.skip_embedded:
         model = load_model("DiT-MNIST", 32).to(device).eval()
         calib = capture(model, create_diffusion(50), CalibrationSpec(num_samples=32, cfg_scale=1.1))
         for method in args.methods:
-            result["embedded"].append(measure(model, calib, method, short(args.eager_iters, "eager"), "blocks", device))
+            result["embedded"].append(
+                measure(model, calib, method, short(args.eager_iters, "eager"), "blocks", device)
+            )
             save()
             fast = short(args.embedded_iters, "fast") if args.embedded_iters else ReconConfig(engine="fast")
             result["embedded"].append(measure(model, calib, method, fast, "blocks", device))
@@ -94,7 +126,9 @@ def main() -> None:
             for param in model.parameters():
                 param.normal_(0, 0.02)
         model = model.to(device).eval()
-        calib = capture(model, create_diffusion(250), CalibrationSpec(num_samples=32, cfg_scale=1.5, cfg_channels=3))
+        calib = capture(
+            model, create_diffusion(250), CalibrationSpec(num_samples=32, cfg_scale=1.5, cfg_channels=3)
+        )
         scope = [f"blocks.{i}.*" for i in range(args.xl_blocks)]
         blocks = len(model.blocks)
         for method in args.methods:
@@ -103,8 +137,11 @@ def main() -> None:
                 per_block = iterations_per_block(PAPER, method == "ptq4dit")
                 row["projected_whole_model_paper_s"] = round(per_block * blocks / row["iterations_per_s"], 0)
                 result["xl"].append(row)
-                print(f"  {method} {engine}: whole model at the papers' iterations ≈ "
-                      f"{row['projected_whole_model_paper_s'] / 60:.1f} min", flush=True)
+                print(
+                    f"  {method} {engine}: whole model at the papers' iterations ≈ "
+                    f"{row['projected_whole_model_paper_s'] / 60:.1f} min",
+                    flush=True,
+                )
                 save()
     save()
 

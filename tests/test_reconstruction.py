@@ -21,8 +21,13 @@ SHORT = dict(iters=40, act_iters=30, batch=8, lr=2e-2, warmup=0.25)
 def initialised(setting, bits=4):
     model, calib = setting
     quantized = copy.deepcopy(model)
-    cfg = QuantConfig(w_bits=bits, a_bits=8, weight_symmetric=False, num_inputs=24,
-                      search=SearchConfig(criterion="lp", candidates=20))
+    cfg = QuantConfig(
+        w_bits=bits,
+        a_bits=8,
+        weight_symmetric=False,
+        num_inputs=24,
+        search=SearchConfig(criterion="lp", candidates=20),
+    )
     index = np.arange(len(calib))[::2][:24]
     calibrate(quantized, calib, cfg, progress=False, index=index)
     return quantized, (calib.x[index], calib.t[index], calib.y[index])
@@ -64,7 +69,9 @@ def test_fast_engine_matches_eager_on_the_cpu(setting, joint):
     results = []
     for engine in ("eager", "fast"):
         quantized, (x, t, y) = initialised(setting)
-        reconstruct_blocks(quantized, x, t, y, ReconConfig(**SHORT, engine=engine), joint=joint, progress=False)
+        reconstruct_blocks(
+            quantized, x, t, y, ReconConfig(**SHORT, engine=engine), joint=joint, progress=False
+        )
         results.append(quant_state(quantized))
     eager, fast = results
     assert eager.keys() == fast.keys()
@@ -100,12 +107,16 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, m
 
     monkeypatch.setattr(recon_module, "reconstruct_block", dies_in_block_1)
     with pytest.raises(KeyboardInterrupt):
-        reconstruct_blocks(killed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), joint=False, progress=False)
+        reconstruct_blocks(
+            killed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), joint=False, progress=False
+        )
     monkeypatch.undo()
     assert sorted(p.name for p in folder.iterdir()) == ["block_000.safetensors"]
 
     resumed, _ = initialised(setting)
-    reports = reconstruct_blocks(resumed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), joint=False, progress=False)
+    reports = reconstruct_blocks(
+        resumed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), joint=False, progress=False
+    )
     assert [r.get("resumed", False) for r in reports] == [True, False]
     for key, value in quant_state(reference).items():
         assert torch.equal(resumed.state_dict()[key], value), key
@@ -116,10 +127,13 @@ def test_checkpoints_of_another_setting_are_not_used(setting, tmp_path):
     """Saved blocks from a run with other settings (here: another seed) are ignored, not loaded."""
     folder = tmp_path / "recon"
     model, (x, t, y) = initialised(setting)
-    reconstruct_blocks(model, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), joint=True, progress=False)
+    reconstruct_blocks(
+        model, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), joint=True, progress=False
+    )
     other, _ = initialised(setting)
-    reports = reconstruct_blocks(other, x, t, y, ReconConfig(**SHORT, seed=1, checkpoint_dir=str(folder)), joint=True,
-                                 progress=False)
+    reports = reconstruct_blocks(
+        other, x, t, y, ReconConfig(**SHORT, seed=1, checkpoint_dir=str(folder)), joint=True, progress=False
+    )
     assert not any(r.get("resumed") for r in reports)
     fresh, _ = initialised(setting)
     checkpoints = BlockCheckpoints(folder, "not this one")
@@ -142,8 +156,15 @@ def test_cuda_graph_engine_matches_eager_on_the_gpu(setting):
     for engine in ("eager", "fast"):
         quantized, (x, t, y) = initialised(setting)
         quantized = quantized.cuda()
-        reconstruct_blocks(quantized, x.cuda(), t.cuda(), y.cuda(), ReconConfig(**{**SHORT, "iters": 200}, engine=engine),
-                           joint=True, progress=False)
+        reconstruct_blocks(
+            quantized,
+            x.cuda(),
+            t.cuda(),
+            y.cuda(),
+            ReconConfig(**{**SHORT, "iters": 200}, engine=engine),
+            joint=True,
+            progress=False,
+        )
         results.append({k: v.cpu() for k, v in quant_state(quantized).items()})
     eager, fast = results
     for name, module in copy.deepcopy(quantized).cpu().named_modules():

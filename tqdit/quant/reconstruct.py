@@ -47,30 +47,32 @@ ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exact
 class ReconConfig:
     """Reconstruction settings; defaults are the papers' (Q-Diffusion / BRECQ)."""
 
-    iters: int = 20000         # rounding iterations per block
-    act_iters: int = 5000      # activation-step iterations per block (sequential mode)
-    batch: int = 32            # calibration inputs per iteration
-    lr: float = 1e-3           # Adam on the rounding variables (BRECQ/AdaRound default)
-    act_lr: float = 4e-4       # Adam on activation steps, cosine-annealed to 0
-    warmup: float = 0.2        # fraction of iters without the rounding loss
+    iters: int = 20000  # rounding iterations per block
+    act_iters: int = 5000  # activation-step iterations per block (sequential mode)
+    batch: int = 32  # calibration inputs per iteration
+    lr: float = 1e-3  # Adam on the rounding variables (BRECQ/AdaRound default)
+    act_lr: float = 4e-4  # Adam on activation steps, cosine-annealed to 0
+    warmup: float = 0.2  # fraction of iters without the rounding loss
     b_start: float = 20.0
     b_end: float = 2.0
     round_weight: float = 0.01  # λ of the rounding loss
-    p: float = 2.4             # exponent of the reconstruction loss
+    p: float = 2.4  # exponent of the reconstruction loss
     seed: int = 0
     # How the iterations run (not part of a setting: the result is the same within float rounding, tests
     # check it). "fast": batch indices, β, λ and learning rates as device tables read by a device counter,
     # no host sync per iteration, and on CUDA the whole iteration (forward, loss, backward, Adam) captured
     # once as a CUDA graph and replayed; "eager": the reference loop (Python schedules, one launch per op).
     engine: str = "fast"
-    log_every: int = 100       # iterations between progress updates (the fast loop's only host syncs)
+    log_every: int = 100  # iterations between progress updates (the fast loop's only host syncs)
     # Folder for per-block state (set by the job, not a setting): a killed calibration resumes after
     # its last finished block. None: nothing is written.
     checkpoint_dir: str | None = None
 
     def __post_init__(self):
         if self.engine not in ENGINES:
-            raise ValueError(f"quant.recon.engine={self.engine!r} is unknown: use one of {', '.join(ENGINES)}")
+            raise ValueError(
+                f"quant.recon.engine={self.engine!r} is unknown: use one of {', '.join(ENGINES)}"
+            )
         if self.log_every < 1:
             raise ValueError("quant.recon.log_every must be a positive number of iterations")
 
@@ -108,8 +110,9 @@ class AdaRoundWeight(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
-def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                   grad_factor: float) -> torch.Tensor:
+def lsq_fake_quant(
+    x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, grad_factor: float
+) -> torch.Tensor:
     """(clamp(round(x/Δ) + z, qmin, qmax) − z)·Δ with LSQ's gradients, in tensor ops only.
 
     The same values and gradients as ``torch._fake_quantize_learnable_per_tensor_affine`` (x: 1 inside
@@ -117,12 +120,14 @@ def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor
     ``grad_factor``), which reads Δ back to the host on every call and so cannot run in a CUDA graph.
     Rounding is half to even, like that op's; tests compare the two.
     """
-    step = step * grad_factor + (step - step * grad_factor).detach()  # value Δ, gradient scaled by grad_factor
+    step = (
+        step * grad_factor + (step - step * grad_factor).detach()
+    )  # value Δ, gradient scaled by grad_factor
     scaled = x / step
     rounded = torch.round(scaled)
     codes = torch.clamp(rounded + zero_point, qmin, qmax)
     inside = codes == rounded + zero_point  # decided on the exact codes, as the op does
-    # inside: the value round(x/Δ) exactly (adding an exact zero) with the gradient of x/Δ (straight through)
+    # inside: the value round(x/Δ) exactly (plus an exact zero) with the gradient of x/Δ (straight through)
     straight = torch.where(inside, rounded + (scaled - scaled.detach()), codes - zero_point)
     return straight * step
 
@@ -166,8 +171,13 @@ def _swap_activations(block: nn.Module) -> list[tuple[nn.Module, str, LearnedSte
     swaps = []
     for parent in list(block.modules()):
         for child_name, child in list(parent.named_children()):
-            learnable = (isinstance(child, UniformQuantizer) and child.enabled and child.groups == 1 and child.scale.shape[1] == 1
-                         and child_name != "weight_quant")
+            learnable = (
+                isinstance(child, UniformQuantizer)
+                and child.enabled
+                and child.groups == 1
+                and child.scale.shape[1] == 1
+                and child_name != "weight_quant"
+            )
             if learnable:
                 learned = LearnedStep(child)
                 setattr(parent, child_name, learned)
@@ -182,10 +192,12 @@ def _restore_activations(swaps) -> None:
 
 
 def _batched(fn, *tensors, batch: int) -> torch.Tensor:
-    return torch.cat([fn(*(t[i:i + batch] for t in tensors)) for i in range(0, len(tensors[0]), batch)])
+    return torch.cat([fn(*(t[i : i + batch] for t in tensors)) for i in range(0, len(tensors[0]), batch)])
 
 
-def block_inputs(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_inputs(
+    model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens entering block 0, conditioning c) for calibration inputs, computed as the model does."""
     with torch.no_grad():
         tokens = _batched(lambda xb: model.x_embedder(xb) + model.pos_embed, x, batch=batch)
@@ -200,8 +212,8 @@ class Phase:
     name: str
     iterations: int
     learn_rounding: bool
-    groups: list[dict]            # Adam parameter groups: {"params", "lr", "cosine": bool}
-    index: torch.Tensor           # (iterations, batch) calibration-input indices, drawn up front
+    groups: list[dict]  # Adam parameter groups: {"params", "lr", "cosine": bool}
+    index: torch.Tensor  # (iterations, batch) calibration-input indices, drawn up front
 
 
 def _learning_rate(group: dict, iteration: int, iterations: int) -> float:
@@ -221,19 +233,30 @@ def _eager_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfi
     learning rate a device tensor filled from the same float32 values: the engines then differ only in
     how the work is launched."""
     cuda = x_q.device.type == "cuda"
-    optimizer = torch.optim.Adam([{"params": g["params"], "lr": torch.tensor(g["lr"], device=x_q.device) if cuda else g["lr"]}
-                                  for g in phase.groups], capturable=cuda)
+    optimizer = torch.optim.Adam(
+        [
+            {"params": g["params"], "lr": torch.tensor(g["lr"], device=x_q.device) if cuda else g["lr"]}
+            for g in phase.groups
+        ],
+        capturable=cuda,
+    )
     total = torch.zeros((), device=x_q.device)
     for iteration in range(phase.iterations):
         for group, spec in zip(optimizer.param_groups, phase.groups):
             if cuda:
-                group["lr"].fill_(float(torch.tensor(_learning_rate(spec, iteration, phase.iterations), dtype=torch.float32)))
+                group["lr"].fill_(
+                    float(
+                        torch.tensor(_learning_rate(spec, iteration, phase.iterations), dtype=torch.float32)
+                    )
+                )
             else:
                 group["lr"] = _learning_rate(spec, iteration, phase.iterations)
         rows = phase.index[iteration].to(x_q.device)
         loss = lp_loss(block(x_q[rows], cond[rows]), target[rows], cfg.p)
         beta = _beta(iteration, cfg) if phase.learn_rounding else None
-        if beta is not None:  # β as a tensor like the fast loop's (pow by a Python 2.0 squares: other last bits)
+        if (
+            beta is not None
+        ):  # β as a tensor like the fast loop's (pow by a Python 2.0 squares: other last bits)
             loss = loss + _rounding_term(linears, torch.tensor(beta, device=x_q.device), cfg.round_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -255,19 +278,31 @@ def _fast_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfig
     betas = [_beta(i, cfg) if phase.learn_rounding else None for i in range(phase.iterations)]
     beta_table = table([cfg.b_start if b is None else b for b in betas])
     weight_table = table([0.0 if b is None else cfg.round_weight for b in betas])  # λ = 0 in the warm-up
-    lr_tables = [table([_learning_rate(g, i, phase.iterations) for i in range(phase.iterations)]) for g in phase.groups]
+    lr_tables = [
+        table([_learning_rate(g, i, phase.iterations) for i in range(phase.iterations)]) for g in phase.groups
+    ]
     # capturable Adam keeps its step count and reads its learning rate on the device (a tensor it may own)
-    optimizer = torch.optim.Adam([{"params": g["params"], "lr": torch.tensor(g["lr"], device=device) if graphed else g["lr"]}
-                                  for g in phase.groups], capturable=graphed)
+    optimizer = torch.optim.Adam(
+        [
+            {"params": g["params"], "lr": torch.tensor(g["lr"], device=device) if graphed else g["lr"]}
+            for g in phase.groups
+        ],
+        capturable=graphed,
+    )
     counter = torch.zeros(1, dtype=torch.long, device=device)
     loss_sum = torch.zeros((), device=device)
 
     def iteration(host_iteration: int) -> None:
         rows = index.index_select(0, counter).squeeze(0)
-        loss = lp_loss(block(x_q.index_select(0, rows), cond.index_select(0, rows)), target.index_select(0, rows), cfg.p)
+        loss = lp_loss(
+            block(x_q.index_select(0, rows), cond.index_select(0, rows)), target.index_select(0, rows), cfg.p
+        )
         if phase.learn_rounding:  # in the warm-up the term is multiplied by 0 (adds exact zeros)
-            loss = loss + _rounding_term(linears, beta_table.index_select(0, counter).squeeze(0),
-                                         weight_table.index_select(0, counter).squeeze(0))
+            loss = loss + _rounding_term(
+                linears,
+                beta_table.index_select(0, counter).squeeze(0),
+                weight_table.index_select(0, counter).squeeze(0),
+            )
         loss.backward()
         for group, lrs, spec in zip(optimizer.param_groups, lr_tables, phase.groups):
             if graphed:
@@ -307,8 +342,18 @@ def _fast_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfig
     torch.cuda.synchronize(device)
 
 
-def reconstruct_block(model, block: nn.Module, x_q: torch.Tensor, cond: torch.Tensor, target: torch.Tensor,
-                      cfg: ReconConfig, joint: bool, generator: torch.Generator, progress: bool, label: str) -> dict:
+def reconstruct_block(
+    model,
+    block: nn.Module,
+    x_q: torch.Tensor,
+    cond: torch.Tensor,
+    target: torch.Tensor,
+    cfg: ReconConfig,
+    joint: bool,
+    generator: torch.Generator,
+    progress: bool,
+    label: str,
+) -> dict:
     """Fit one block's rounding (and activation steps) so that block(x_q) ≈ target; returns loss numbers."""
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_quant.enabled]
     roundings = []
@@ -321,23 +366,35 @@ def reconstruct_block(model, block: nn.Module, x_q: torch.Tensor, cond: torch.Te
 
     def block_error() -> float:
         with torch.no_grad():
-            return float(sum(lp_loss(block(x_q[i:i + 256], cond[i:i + 256]), target[i:i + 256], 2.0) * len(x_q[i:i + 256])
-                             for i in range(0, n, 256)) / n)
+            return float(
+                sum(
+                    lp_loss(block(x_q[i : i + 256], cond[i : i + 256]), target[i : i + 256], 2.0)
+                    * len(x_q[i : i + 256])
+                    for i in range(0, n, 256)
+                )
+                / n
+            )
 
     def run(name: str, iterations: int, learn_rounding: bool, learn_steps: bool) -> None:
-        if iterations == 0:  # the phase is off (e.g. recon.act_iters=0: steps stay at their Lp initialisation)
+        if (
+            iterations == 0
+        ):  # the phase is off (e.g. recon.act_iters=0: steps stay at their Lp initialisation)
             return
         swaps = _swap_activations(block) if learn_steps else []
         groups = []
         if learn_rounding and linears:  # a block the scope leaves unquantized has nothing to round
-            groups.append({"params": [layer.weight_quant.v for layer in linears], "lr": cfg.lr, "cosine": False})
+            groups.append(
+                {"params": [layer.weight_quant.v for layer in linears], "lr": cfg.lr, "cosine": False}
+            )
         if learn_steps and swaps:
             groups.append({"params": [s.step for _, _, s in swaps], "lr": cfg.act_lr, "cosine": True})
         if groups:
             # drawn from the block generator in one call: the same numbers as one draw per iteration
             index = torch.randint(0, n, (iterations, min(cfg.batch, n)), generator=generator)
             phase = Phase(name, iterations, learn_rounding, groups, index)
-            with tqdm(total=iterations, desc=f"{label} {name}", leave=False, disable=not progress, unit="it") as bar:
+            with tqdm(
+                total=iterations, desc=f"{label} {name}", leave=False, disable=not progress, unit="it"
+            ) as bar:
                 loop(block, x_q, cond, target, linears, phase, cfg, bar)
         _restore_activations(swaps)
 
@@ -348,7 +405,11 @@ def reconstruct_block(model, block: nn.Module, x_q: torch.Tensor, cond: torch.Te
     else:
         with quantization_disabled(block, activations_only=True):
             run("rounding", cfg.iters, learn_rounding=True, learn_steps=False)
-    soft = torch.cat([layer.weight_quant.h().detach().reshape(-1) for layer in linears]) if linears else torch.zeros(0)
+    soft = (
+        torch.cat([layer.weight_quant.h().detach().reshape(-1) for layer in linears])
+        if linears
+        else torch.zeros(0)
+    )
     for layer, quantizer in roundings:  # hard rounding, stored on the grid
         layer.weight_quant.hard = True
         with torch.no_grad():
@@ -418,8 +479,9 @@ class BlockCheckpoints:
             return json.loads(handle.metadata()["report"])
 
 
-def fingerprint(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg: ReconConfig,
-                joint: bool) -> str:
+def fingerprint(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg: ReconConfig, joint: bool
+) -> str:
     """A hash of what a reconstruction's result depends on (see BlockCheckpoints)."""
     digest = hashlib.sha256()
     settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
@@ -432,8 +494,15 @@ def fingerprint(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Ten
     return digest.hexdigest()
 
 
-def reconstruct_blocks(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg: ReconConfig,
-                       joint: bool, progress: bool = True) -> list[dict]:
+def reconstruct_blocks(
+    model,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    cfg: ReconConfig,
+    joint: bool,
+    progress: bool = True,
+) -> list[dict]:
     """Reconstruct every DiT block in order (inputs from the quantized prefix, targets from FP).
 
     With ``cfg.checkpoint_dir``, each finished block is saved there, and blocks already saved under
@@ -452,15 +521,24 @@ def reconstruct_blocks(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
     _, cond = block_inputs(model, x, t, y, batch)  # the timestep MLP may be quantized (scope "all")
     x_q = x_fp.clone()
     reports = []
-    for number, block in enumerate(tqdm(model.blocks, desc="reconstruct", unit="block", disable=not progress)):
-        with torch.no_grad(), quantization_disabled(model):  # the FP target, from the block before it is fitted
+    for number, block in enumerate(
+        tqdm(model.blocks, desc="reconstruct", unit="block", disable=not progress)
+    ):
+        with (
+            torch.no_grad(),
+            quantization_disabled(model),
+        ):  # the FP target, from the block before it is fitted
             target = _batched(block, x_fp, cond_fp, batch=batch)
         if number < done:
             reports.append({**checkpoints.load(number, block, generator), "resumed": True})
             with torch.no_grad():
                 x_q = _batched(block, x_q, cond, batch=batch)
         elif any(isinstance(m, (QuantLinear, QuantMatMul)) for m in block.modules()):
-            reports.append(reconstruct_block(model, block, x_q, cond, target, cfg, joint, generator, progress, f"block {number}"))
+            reports.append(
+                reconstruct_block(
+                    model, block, x_q, cond, target, cfg, joint, generator, progress, f"block {number}"
+                )
+            )
             with torch.no_grad():
                 x_q = _batched(block, x_q, cond, batch=batch)
         else:  # outside the scope: nothing to fit; pass the quantized prefix's output on and report its error
