@@ -120,9 +120,7 @@ def lsq_fake_quant(
     ``grad_factor``), which reads Δ back to the host on every call and so cannot run in a CUDA graph.
     Rounding is half to even, like that op's; tests compare the two.
     """
-    step = (
-        step * grad_factor + (step - step * grad_factor).detach()
-    )  # value Δ, gradient scaled by grad_factor
+    step = step * grad_factor + (step - step * grad_factor).detach()  # value Δ, gradient × grad_factor
     scaled = x / step
     rounded = torch.round(scaled)
     codes = torch.clamp(rounded + zero_point, qmin, qmax)
@@ -243,20 +241,14 @@ def _eager_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfi
     total = torch.zeros((), device=x_q.device)
     for iteration in range(phase.iterations):
         for group, spec in zip(optimizer.param_groups, phase.groups):
-            if cuda:
-                group["lr"].fill_(
-                    float(
-                        torch.tensor(_learning_rate(spec, iteration, phase.iterations), dtype=torch.float32)
-                    )
-                )
+            if cuda:  # filled as float32, as the fast loop's table holds it
+                group["lr"].fill_(_learning_rate(spec, iteration, phase.iterations))
             else:
                 group["lr"] = _learning_rate(spec, iteration, phase.iterations)
         rows = phase.index[iteration].to(x_q.device)
         loss = lp_loss(block(x_q[rows], cond[rows]), target[rows], cfg.p)
         beta = _beta(iteration, cfg) if phase.learn_rounding else None
-        if (
-            beta is not None
-        ):  # β as a tensor like the fast loop's (pow by a Python 2.0 squares: other last bits)
+        if beta is not None:  # β a tensor, as in the fast loop (pow by a Python 2.0 squares: other bits)
             loss = loss + _rounding_term(linears, torch.tensor(beta, device=x_q.device), cfg.round_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
