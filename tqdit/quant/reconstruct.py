@@ -368,9 +368,7 @@ def reconstruct_block(
             )
 
     def run(name: str, iterations: int, learn_rounding: bool, learn_steps: bool) -> None:
-        if (
-            iterations == 0
-        ):  # the phase is off (e.g. recon.act_iters=0: steps stay at their Lp initialisation)
+        if iterations == 0:  # the phase is off (recon.act_iters=0: steps keep their Lp initialisation)
             return
         swaps = _swap_activations(block) if learn_steps else []
         groups = []
@@ -516,10 +514,8 @@ def reconstruct_blocks(
     for number, block in enumerate(
         tqdm(model.blocks, desc="reconstruct", unit="block", disable=not progress)
     ):
-        with (
-            torch.no_grad(),
-            quantization_disabled(model),
-        ):  # the FP target, from the block before it is fitted
+        # the FP target, from the block before it is fitted
+        with torch.no_grad(), quantization_disabled(model):
             target = _batched(block, x_fp, cond_fp, batch=batch)
         if number < done:
             reports.append({**checkpoints.load(number, block, generator), "resumed": True})
