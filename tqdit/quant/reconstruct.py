@@ -36,6 +36,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
+from tqdit.quant import recon_kernels
 from tqdit.quant.layers import QuantLinear, QuantMatMul, quantization_disabled
 from tqdit.quant.quantizers import UniformQuantizer
 from tqdit.utils import atomic_write_bytes
@@ -102,11 +103,18 @@ class AdaRoundWeight(nn.Module):
         return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.hard and recon_kernels.available(self.v):  # one fused kernel each way on CUDA
+            soft = recon_kernels.soft_weight(
+                self.v, self.floor, self.scale, self.zero_point, self.qmin, self.qmax, ZETA, GAMMA
+            )
+            return soft.to(weight.dtype)
         rounding = (self.v >= 0).float() if self.hard else self.h()
         codes = torch.clamp(self.floor + rounding + self.zero_point, self.qmin, self.qmax)
         return ((codes - self.zero_point) * self.scale).to(weight.dtype)
 
-    def rounding_loss(self, beta: float) -> torch.Tensor:
+    def rounding_loss(self, beta: torch.Tensor) -> torch.Tensor:
+        if recon_kernels.available(self.v):
+            return recon_kernels.rounding_penalty(self.v, beta, ZETA, GAMMA)
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
@@ -143,7 +151,10 @@ class LearnedStep(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
         grad_factor = 1.0 / math.sqrt(x[0].numel() * max(q.qmax, 1))
-        return lsq_fake_quant(x.float(), self.step, self.zero_point, q.qmin, q.qmax, grad_factor).to(x.dtype)
+        args = (self.step, self.zero_point, q.qmin, q.qmax, grad_factor)
+        if recon_kernels.available(x):
+            return recon_kernels.learned_step_quant(x, *args)
+        return lsq_fake_quant(x.float(), *args).to(x.dtype)
 
     def commit(self) -> None:
         self.quantizer.scale.fill_(float(self.step.detach().clamp(min=1e-8)))
@@ -225,19 +236,22 @@ def _rounding_term(linears, beta, weight):
     return weight * sum(layer.weight_quant.rounding_loss(beta) for layer in linears)
 
 
+def _adam(groups: list[dict], device: torch.device) -> torch.optim.Adam:
+    """Adam over the phase's parameter groups. On CUDA the fused kernel (one launch for every tensor,
+    step count and learning rate read on the device, so a CUDA graph may capture it) with each
+    group's learning rate a device tensor the loops fill; elsewhere the default implementation."""
+    if device.type != "cuda":
+        return torch.optim.Adam([{"params": g["params"], "lr": g["lr"]} for g in groups])
+    groups = [{"params": g["params"], "lr": torch.tensor(g["lr"], device=device)} for g in groups]
+    return torch.optim.Adam(groups, fused=True, capturable=True)
+
+
 def _eager_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfig, bar) -> None:
     """The reference: one iteration at a time, schedules as Python numbers. On CUDA, Adam is the
-    capturable one the fast loop needs (its float arithmetic differs from the default Adam's), with its
-    learning rate a device tensor filled from the same float32 values: the engines then differ only in
-    how the work is launched."""
+    fused one the fast loop uses, with its learning rate a device tensor filled from the same float32
+    values: the engines then differ only in how the work is launched."""
     cuda = x_q.device.type == "cuda"
-    optimizer = torch.optim.Adam(
-        [
-            {"params": g["params"], "lr": torch.tensor(g["lr"], device=x_q.device) if cuda else g["lr"]}
-            for g in phase.groups
-        ],
-        capturable=cuda,
-    )
+    optimizer = _adam(phase.groups, x_q.device)
     total = torch.zeros((), device=x_q.device)
     for iteration in range(phase.iterations):
         for group, spec in zip(optimizer.param_groups, phase.groups):
@@ -273,14 +287,7 @@ def _fast_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfig
     lr_tables = [
         table([_learning_rate(g, i, phase.iterations) for i in range(phase.iterations)]) for g in phase.groups
     ]
-    # capturable Adam keeps its step count and reads its learning rate on the device (a tensor it may own)
-    optimizer = torch.optim.Adam(
-        [
-            {"params": g["params"], "lr": torch.tensor(g["lr"], device=device) if graphed else g["lr"]}
-            for g in phase.groups
-        ],
-        capturable=graphed,
-    )
+    optimizer = _adam(phase.groups, device)
     counter = torch.zeros(1, dtype=torch.long, device=device)
     loss_sum = torch.zeros((), device=device)
 
