@@ -59,19 +59,18 @@ def test_lsq_matches_pytorchs_learnable_fake_quantize(grad_factor):
     torch.testing.assert_close(ours_step.grad, theirs_step.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("joint", [False, True])
-def test_fast_engine_matches_eager_on_the_cpu(setting, joint):
+@pytest.mark.parametrize("joint,precision", [(False, "fp32"), (True, "fp32"), (True, "bf16")])
+def test_fast_engine_matches_eager_on_the_cpu(setting, joint, precision):
     """On the CPU the fast engine runs its device tables without a graph; its rounding decisions and
     learned steps equal the eager loop's bit for bit (same arithmetic, only the schedules' bookkeeping
-    differs).
-    Mutations caught: the β table one iteration early, the warm-up's λ left at its full value, or the
-    cosine step schedule dropped from the fast loop."""
+    differs), in float32 and under bf16 autocast.
+    Mutations caught: the β table one iteration early, the warm-up's λ left at its full value, the
+    cosine step schedule dropped from the fast loop, or bf16 autocast in one loop only."""
     results = []
     for engine in ("eager", "fast"):
         quantized, (x, t, y) = initialised(setting)
-        reconstruct_blocks(
-            quantized, x, t, y, ReconConfig(**SHORT, engine=engine), joint=joint, progress=False
-        )
+        cfg = ReconConfig(**SHORT, engine=engine, precision=precision)
+        reconstruct_blocks(quantized, x, t, y, cfg, joint=joint, progress=False)
         results.append(quant_state(quantized))
     eager, fast = results
     assert eager.keys() == fast.keys()
@@ -143,6 +142,34 @@ def test_checkpoints_of_another_setting_are_not_used(setting, tmp_path):
 def test_unknown_engine_is_refused():
     with pytest.raises(ValueError, match="quant.recon.engine='graph' is unknown: use one of fast, eager"):
         ReconConfig(engine="graph")
+    with pytest.raises(ValueError, match="quant.recon.precision='fp16' is unknown: use one of fp32, bf16"):
+        ReconConfig(precision="fp16")
+
+
+def test_bf16_is_a_setting_of_its_own(setting):
+    """bf16 autocast changes the result (so it may not be a run-only option): the learned state differs
+    from float32's, and checkpoints of one are not used for the other.
+    Mutation caught: listing ``precision`` among the run-only fields (fingerprints would collide), or an
+    autocast that never engages."""
+    quantized, (x, t, y) = initialised(setting)
+    prints = {
+        p: recon_module.fingerprint(quantized, x, t, y, ReconConfig(**SHORT, precision=p), True)
+        for p in ("fp32", "bf16")
+    }
+    assert prints["fp32"] != prints["bf16"]
+    states = []
+    for precision in ("fp32", "bf16"):
+        model, _ = initialised(setting)
+        reconstruct_blocks(
+            model, x, t, y, ReconConfig(**SHORT, precision=precision), joint=True, progress=False
+        )
+        states.append(quant_state(model))
+    differs = [
+        k
+        for k in states[0]
+        if states[0][k].is_floating_point() and not torch.equal(states[0][k], states[1][k])
+    ]
+    assert len(differs) >= 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -64,6 +64,11 @@ class ReconConfig:
     # no host sync per iteration, and on CUDA the whole iteration (forward, loss, backward, Adam) captured
     # once as a CUDA graph and replayed; "eager": the reference loop (Python schedules, one launch per op).
     engine: str = "fast"
+    # Arithmetic of the block's forward and backward while fitting: "fp32" (the papers'; TF32 GEMMs where
+    # the job enables them) or "bf16" (autocast: GEMMs and the activations between them in bfloat16; the
+    # rounding variables, steps, loss and Adam stay float32). A setting: bf16 changes some decisions
+    # (docs/performance.md has how many), so it is part of checkpoints' fingerprints and of results.
+    precision: str = "fp32"
     log_every: int = 100  # iterations between progress updates (the fast loop's only host syncs)
     # Folder for per-block state (set by the job, not a setting): a killed calibration resumes after
     # its last finished block. None: nothing is written.
@@ -74,11 +79,16 @@ class ReconConfig:
             raise ValueError(
                 f"quant.recon.engine={self.engine!r} is unknown: use one of {', '.join(ENGINES)}"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"quant.recon.precision={self.precision!r} is unknown: use one of {', '.join(PRECISIONS)}"
+            )
         if self.log_every < 1:
             raise ValueError("quant.recon.log_every must be a positive number of iterations")
 
 
 ENGINES = ("fast", "eager")
+PRECISIONS = ("fp32", "bf16")
 # ReconConfig fields that change how, not what, is computed: left out of checkpoints' fingerprints
 RUN_ONLY = ("engine", "log_every", "checkpoint_dir")
 
@@ -246,6 +256,13 @@ def _adam(groups: list[dict], device: torch.device) -> torch.optim.Adam:
     return torch.optim.Adam(groups, fused=True, capturable=True)
 
 
+def _arithmetic(cfg: ReconConfig, device: torch.device):
+    """The context the block's forward runs in during fitting (its backward follows the same casts)."""
+    if cfg.precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)  # no cache: graph-safe
+
+
 def _eager_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfig, bar) -> None:
     """The reference: one iteration at a time, schedules as Python numbers. On CUDA, Adam is the
     fused one the fast loop uses, with its learning rate a device tensor filled from the same float32
@@ -260,7 +277,9 @@ def _eager_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfi
             else:
                 group["lr"] = _learning_rate(spec, iteration, phase.iterations)
         rows = phase.index[iteration].to(x_q.device)
-        loss = lp_loss(block(x_q[rows], cond[rows]), target[rows], cfg.p)
+        with _arithmetic(cfg, x_q.device):
+            prediction = block(x_q[rows], cond[rows])
+        loss = lp_loss(prediction, target[rows], cfg.p)
         beta = _beta(iteration, cfg) if phase.learn_rounding else None
         if beta is not None:  # β a tensor, as in the fast loop (pow by a Python 2.0 squares: other bits)
             loss = loss + _rounding_term(linears, torch.tensor(beta, device=x_q.device), cfg.round_weight)
@@ -293,9 +312,9 @@ def _fast_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfig
 
     def iteration(host_iteration: int) -> None:
         rows = index.index_select(0, counter).squeeze(0)
-        loss = lp_loss(
-            block(x_q.index_select(0, rows), cond.index_select(0, rows)), target.index_select(0, rows), cfg.p
-        )
+        with _arithmetic(cfg, device):
+            prediction = block(x_q.index_select(0, rows), cond.index_select(0, rows))
+        loss = lp_loss(prediction, target.index_select(0, rows), cfg.p)
         if phase.learn_rounding:  # in the warm-up the term is multiplied by 0 (adds exact zeros)
             loss = loss + _rounding_term(
                 linears,
