@@ -167,7 +167,8 @@ def main() -> None:
         blocks = len(model.blocks)
         for method in args.methods:
             kept = {}
-            runs = [("eager", args.eager_iters, "fp32")] + [("fast", args.fast_iters, p) for p in args.precisions]
+            runs = [("eager", args.eager_iters, "fp32")]
+            runs += [("fast", args.fast_iters, precision) for precision in args.precisions]
             for engine, iters, precision in runs:
                 keep = kept if engine == "fast" else None
                 row = measure(model, calib, method, short(iters, engine, precision), scope, device, keep)

@@ -175,8 +175,8 @@ def test_bf16_is_a_setting_of_its_own(setting):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_engine_matches_eager_on_the_gpu(setting):
     """On CUDA the fast engine replays a captured graph; the eager loop runs the same kernels (both with
-    fused Adam and the fused reconstruction kernels) one launch at a time: ≥ 99.9 % of the rounding decisions equal and the learned
-    steps within 1e-4 relative. (With the default Adam in the eager loop only 96.5 % of block 1's qkv
+    fused Adam and the fused reconstruction kernels) one launch at a time: ≥ 99.9 % of the rounding
+    decisions equal and the learned steps within 1e-4 relative. (With the default Adam in the eager loop only 96.5 % of block 1's qkv
     decisions agreed on an H200: its float rounding differs, and this small random block has many
     weights near a decision.)"""
     results = []
