@@ -176,9 +176,9 @@ def test_bf16_is_a_setting_of_its_own(setting):
 def test_cuda_graph_engine_matches_eager_on_the_gpu(setting):
     """On CUDA the fast engine replays a captured graph; the eager loop runs the same kernels (both with
     fused Adam and the fused reconstruction kernels) one launch at a time: ≥ 99.9 % of the rounding
-    decisions equal and the learned steps within 1e-4 relative. (With the default Adam in the eager loop only 96.5 % of block 1's qkv
-    decisions agreed on an H200: its float rounding differs, and this small random block has many
-    weights near a decision.)"""
+    decisions equal and the learned steps within 1e-4 relative. (With the default Adam in the eager
+    loop only 96.5 % of block 1's qkv decisions agreed on an H200: its float rounding differs, and this
+    small random block has many weights near a decision.)"""
     results = []
     for engine in ("eager", "fast"):
         quantized, (x, t, y) = initialised(setting)
