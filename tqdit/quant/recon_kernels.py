@@ -53,61 +53,36 @@ if triton is not None:
         return tl.where(base > 0.0, tl.exp2(exponent * tl.log2(tl.maximum(base, 1e-30))), 0.0)
 
     @triton.jit
-    def _soft_weight_forward(
-        v_ptr,
-        floor_ptr,
-        scale_ptr,
-        zero_ptr,
-        out_ptr,
-        numel,
-        cols,
-        qmin,
-        qmax,
-        zeta,
-        gamma,
-        BLOCK: tl.constexpr,
-    ):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < numel
-        row = offsets // cols
-        h, _ = _rectified_sigmoid(tl.load(v_ptr + offsets, mask=mask, other=0.0), zeta, gamma)
-        zero = tl.load(zero_ptr + row, mask=mask, other=0.0)
-        codes = tl.load(floor_ptr + offsets, mask=mask, other=0.0) + h + zero
-        codes = tl.minimum(tl.maximum(codes, qmin), qmax)
-        tl.store(
-            out_ptr + offsets, (codes - zero) * tl.load(scale_ptr + row, mask=mask, other=0.0), mask=mask
-        )
-
-    @triton.jit
-    def _soft_weight_backward(
-        grad_ptr,
-        v_ptr,
-        floor_ptr,
-        scale_ptr,
-        zero_ptr,
-        grad_v_ptr,
-        numel,
-        cols,
-        qmin,
-        qmax,
-        zeta,
-        gamma,
-        BLOCK: tl.constexpr,
-    ):
+    def _soft_codes(v_ptr, floor_ptr, scale_ptr, zero_ptr, numel, cols, zeta, gamma, BLOCK: tl.constexpr):
+        """This program's elements: ⌊W/s⌋ + h(v) + z before the clamp to the code range, dh/dv, and
+        each element's row scale and zero point; plus the offsets and their mask."""
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < numel
         row = offsets // cols
         h, slope = _rectified_sigmoid(tl.load(v_ptr + offsets, mask=mask, other=0.0), zeta, gamma)
-        codes = (
-            tl.load(floor_ptr + offsets, mask=mask, other=0.0)
-            + h
-            + tl.load(zero_ptr + row, mask=mask, other=0.0)
-        )
-        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0) * tl.load(
-            scale_ptr + row, mask=mask, other=0.0
-        )
+        zero = tl.load(zero_ptr + row, mask=mask, other=0.0)
+        scale = tl.load(scale_ptr + row, mask=mask, other=0.0)
+        codes = tl.load(floor_ptr + offsets, mask=mask, other=0.0) + h + zero
+        return offsets, mask, codes, slope, scale, zero
+
+    # fmt: off
+    @triton.jit
+    def _soft_weight_forward(v_ptr, floor_ptr, scale_ptr, zero_ptr, out_ptr, numel, cols, qmin, qmax,
+                             zeta, gamma, BLOCK: tl.constexpr):
+        offsets, mask, codes, _, scale, zero = _soft_codes(
+            v_ptr, floor_ptr, scale_ptr, zero_ptr, numel, cols, zeta, gamma, BLOCK)
+        codes = tl.minimum(tl.maximum(codes, qmin), qmax)
+        tl.store(out_ptr + offsets, (codes - zero) * scale, mask=mask)
+
+    @triton.jit
+    def _soft_weight_backward(grad_ptr, v_ptr, floor_ptr, scale_ptr, zero_ptr, grad_v_ptr, numel, cols, qmin,
+                              qmax, zeta, gamma, BLOCK: tl.constexpr):
+        offsets, mask, codes, slope, scale, _ = _soft_codes(
+            v_ptr, floor_ptr, scale_ptr, zero_ptr, numel, cols, zeta, gamma, BLOCK)
+        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0) * scale
         grad = tl.where((codes >= qmin) & (codes <= qmax), grad, 0.0)  # the clamp to the code range
         tl.store(grad_v_ptr + offsets, grad * slope, mask=mask)
+    # fmt: on
 
     @triton.jit
     def _penalty_forward(v_ptr, beta_ptr, partial_ptr, numel, zeta, gamma, BLOCK: tl.constexpr):
