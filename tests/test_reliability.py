@@ -212,3 +212,21 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, override, message):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == message
     assert not (tmp_path / "job" / "config.json").exists()  # refused before any work
+
+
+def test_sampling_progress_ticks_per_denoising_step(tmp_path, capsys):
+    """The sampling bar counts denoising steps of every batch (batches × steps) and ends on all the
+    images, a resumed batch counting its steps at once. Mutations caught: one tick per batch (the bar
+    of the first run sat at 0/2 for minutes), or a finished shard not counted."""
+    model = load_model("DiT-MNIST", 32, None)
+    diffusion = create_diffusion(3)
+    generate(model, diffusion, 6, 4, seed=0, progress=True)
+    first = capsys.readouterr().err
+    assert "sampling: 100%" in first and "6/6 [" in first and "images=6/6" in first
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    generate(model, diffusion, 6, 4, seed=0, progress=False, shard_dir=shards)
+    (shards / "samples_0000004_0000006.npz").unlink()  # the second batch is sampled again
+    generate(model, diffusion, 6, 4, seed=0, progress=True, shard_dir=shards)
+    resumed = capsys.readouterr().err
+    assert "6/6 [" in resumed and "images=6/6" in resumed

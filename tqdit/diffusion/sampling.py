@@ -67,12 +67,14 @@ def sample_loop(
     model_dtype: torch.dtype = torch.float32,
     progress: bool = False,
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from x_T = noise() to x_0 and return x_0 (float32).
 
     ``method`` is ``ddpm`` (ancestral, no noise at the last step) or ``ddim`` (``eta`` = 0 is
     deterministic). The model runs in ``model_dtype``; the diffusion arithmetic stays float32.
-    ``on_step(index, x_t, t)`` is called before each model evaluation (calibration capture uses it).
+    ``on_step(index, x_t, t)`` is called before each model evaluation (calibration capture uses it),
+    ``after_step()`` after each step (a progress bar's tick).
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler method '{method}': use ddpm or ddim")
@@ -91,6 +93,8 @@ def sample_loop(
             x = mean + torch.exp(0.5 * log_variance) * step_noise if index > 0 else mean
         else:
             x = _ddim_step(diffusion, x, index, x0, eta, step_noise)
+        if after_step is not None:
+            after_step()
     return x
 
 

@@ -62,26 +62,41 @@ def generate(
     shape = (model.in_channels, model.input_size, model.input_size)
     images, all_labels = [], []
     mine = batch_ranges(num_samples, batch_size)[rank::world_size]
-    for indices in tqdm(mine, desc="sampling", unit="batch", disable=not progress or rank != 0):
-        batch_labels = sample_labels(indices, model.num_classes, labels, seed)
-        shard = shard_path(shard_dir, indices) if shard_dir is not None else None
-        finished = read_shard(shard, len(indices), batch_labels) if shard is not None and shard.exists() else None
-        if finished is not None:
-            images.append(finished)
+    # one tick per denoising step of a batch (a batch of a few hundred images takes minutes on a CPU)
+    total_images = sum(map(len, mine))
+    with tqdm(total=len(mine) * diffusion.num_steps, desc="sampling", unit="step",
+              disable=not progress or rank != 0) as bar:
+        finished_images = 0
+        for indices in mine:
+            bar.set_postfix(images=f"{finished_images}/{total_images}")
+            batch_labels = sample_labels(indices, model.num_classes, labels, seed)
+            shard = shard_path(shard_dir, indices) if shard_dir is not None else None
+            finished = None
+            if shard is not None and shard.exists():
+                finished = read_shard(shard, len(indices), batch_labels)
+            if finished is not None:
+                images.append(finished)
+                all_labels.append(batch_labels)
+                bar.update(diffusion.num_steps)
+                finished_images += len(indices)
+                continue
+            y = torch.as_tensor(batch_labels, device=device)
+            noise = PerSampleNoise(seed, indices, shape, device)
+            denoise = guided_model(model, y, cfg_scale, cfg_channels)
+            x = sample_loop(denoise, diffusion, noise, method=method, eta=eta, clip_denoised=clip_denoised,
+                            model_dtype=dtype, after_step=lambda: bar.update(1))
+            if decode is not None:
+                x = decode(x)
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(
+                    f"samples {indices[0]}..{indices[-1]} contain NaN/Inf (model or sampler diverged)"
+                )
+            images.append(to_uint8(x).numpy())
             all_labels.append(batch_labels)
-            continue
-        y = torch.as_tensor(batch_labels, device=device)
-        noise = PerSampleNoise(seed, indices, shape, device)
-        denoise = guided_model(model, y, cfg_scale, cfg_channels)
-        x = sample_loop(denoise, diffusion, noise, method=method, eta=eta, clip_denoised=clip_denoised, model_dtype=dtype)
-        if decode is not None:
-            x = decode(x)
-        if not torch.isfinite(x).all():
-            raise FloatingPointError(f"samples {indices[0]}..{indices[-1]} contain NaN/Inf (model or sampler diverged)")
-        images.append(to_uint8(x).numpy())
-        all_labels.append(batch_labels)
-        if shard is not None:
-            write_shard(shard, images[-1], batch_labels)
+            if shard is not None:
+                write_shard(shard, images[-1], batch_labels)
+            finished_images += len(indices)
+        bar.set_postfix(images=f"{finished_images}/{total_images}")
     if not images:  # more processes than batches: this one had nothing to draw
         return np.zeros((0, 0, 0, 0), dtype=np.uint8), np.zeros(0, dtype=np.int64)
     return np.concatenate(images), np.concatenate(all_labels).astype(np.int64)
