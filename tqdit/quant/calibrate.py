@@ -239,8 +239,10 @@ def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: boo
         units.setdefault(unit_of(name), []).append(name)
     bar = tqdm(units.items(), desc="calibrate", unit="unit", disable=not progress)
     for unit, members in bar:
+        bar.set_postfix_str(f"{unit}: capturing")  # the unit (a block, or the embedders) it is on
         records = capture_unit(model, unit, members, x, t, y, probes, need_grads, cfg.capture_batch)
         for name in members:
+            bar.set_postfix_str(f"searching {name}")
             module, record = model.get_submodule(name), records[name]
             check_finite(name, record["inputs"] + ([record["grads"]] if need_grads else []), sample_groups)
             grads = record["grads"] if need_grads else None
@@ -251,7 +253,7 @@ def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: boo
             search_layer(problem, cfg.search, model.quant_context)
         del records
         if device.type == "cuda":
-            bar.set_postfix(peak_gib=f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}")
+            bar.set_postfix_str(f"{unit} done, peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.freeze()
