@@ -16,6 +16,12 @@ from tqdit.pipeline import distributed, run_job, summary_line
 from tqdit.pipeline.sweep import claimed_gpu, record_failure, takes_gpu_slot
 
 
+def seed_sweep_command(overrides) -> str:
+    """The command that runs this job's setting for seeds 0, 1, 2 (one table row with its spread)."""
+    kept = [o for o in overrides if not o.startswith(("seed=", "hydra."))]
+    return " ".join(["python run.py -m", *kept, "seed=0,1,2"])
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
@@ -45,7 +51,9 @@ def main(cfg: DictConfig):
     if results.get("resumed") == "complete":
         print(f"already complete, not run again: {job_dir}")
     print(summary_line(results))
-    print(f"results: {job_dir}/results.json")
+    print(f"results: {job_dir}/results.json (samples.npz, grid.png and the calibration beside it)")
+    if sweep_dir is None:
+        print(f"as a sweep over seeds: {seed_sweep_command(hydra_cfg.overrides.task)}")
     return results.get("metrics", {}).get("fid")
 
 
