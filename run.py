@@ -3,6 +3,7 @@
 On several GPUs: ``torchrun --nproc_per_node=N run.py [overrides]`` (see tqdit/pipeline/distributed.py).
 """
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tqdit.pipeline.sweep import claimed_gpu, record_failure, takes_gpu_slot
 def seed_sweep_command(overrides) -> str:
     """The command that runs this job's setting for seeds 0, 1, 2 (one table row with its spread)."""
     kept = [o for o in overrides if not o.startswith(("seed=", "hydra."))]
-    return " ".join(["python run.py -m", *kept, "seed=0,1,2"])
+    return " ".join(["python run.py -m", *map(shlex.quote, kept), "seed=0,1,2"])  # quoted for the shell
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

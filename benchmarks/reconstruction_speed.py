@@ -132,7 +132,7 @@ def main() -> None:
         return ReconConfig(iters=iters, act_iters=iters // 4, engine=engine, lr=1e-2, precision=precision)
 
     def compare(rows: list, kept: dict) -> None:  # bf16's rounding decisions against fp32's, same run
-        if "fp32" in kept and "bf16" in kept:
+        if "fp32" in kept and "bf16" in kept and rows[-1]["precision"] == "bf16":
             rows[-1]["decisions_equal_to_fp32"] = agreement(kept["fp32"], kept["bf16"])
             print(f"  bf16 vs fp32: {rows[-1]['decisions_equal_to_fp32']:.2%} of roundings equal", flush=True)
 

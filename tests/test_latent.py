@@ -56,7 +56,8 @@ def test_latent_job_decodes_with_the_vae_and_evaluates_with_inception(files, tmp
     assert all(np.isfinite(results["metrics"][k]) for k in ("fid", "sfid", "is", "precision", "recall"))
     # the end of the output says where the files are and how to make a sweep of the job's setting
     sweep = result.stdout.strip().splitlines()[-1]
-    assert sweep.startswith("as a sweep over seeds: python run.py -m ") and sweep.endswith(" quant=fp device=cpu seed=0,1,2")
+    assert sweep.startswith("as a sweep over seeds: python run.py -m ")
+    assert sweep.endswith(" quant=fp device=cpu seed=0,1,2")
     assert "hydra.run.dir" not in sweep and "model=dit_xl_2_256" in sweep
     assert f"results: {tmp_path / 'job'}/results.json" in result.stdout
     with np.load(tmp_path / "job" / "samples.npz") as samples:

@@ -83,7 +83,7 @@ def test_rounding_penalty_matches_the_torch_ops(beta):
     assert grad.abs().max() > 1e-2  # the gradient is not trivially zero
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_learned_step_quant_matches_pytorchs_op(dtype):
     """Values and both gradients equal torch's learnable fake-quantize op, inside and outside the
     code range. Mutations caught: x's gradient let through the clamp, the step's outside term

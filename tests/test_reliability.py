@@ -216,17 +216,18 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, override, message):
 
 def test_sampling_progress_ticks_per_denoising_step(tmp_path, capsys):
     """The sampling bar counts denoising steps of every batch (batches × steps) and ends on all the
-    images, a resumed batch counting its steps at once. Mutations caught: one tick per batch (the bar
-    of the first run sat at 0/2 for minutes), or a finished shard not counted."""
+    images, a resumed batch counting its steps at once. 5 images in 2 batches × 3 steps, so steps (6),
+    images (5) and batches (2) are told apart. Mutations caught: one tick per batch (the bar of the first
+    run sat at 0/2 for minutes) or per image, or a finished shard not counted."""
     model = load_model("DiT-MNIST", 32, None)
     diffusion = create_diffusion(3)
-    generate(model, diffusion, 6, 4, seed=0, progress=True)
+    generate(model, diffusion, 5, 4, seed=0, progress=True)
     first = capsys.readouterr().err
-    assert "sampling: 100%" in first and "6/6 [" in first and "images=6/6" in first
+    assert "sampling: 100%" in first and "6/6 [" in first and "images=5/5" in first
     shards = tmp_path / "shards"
     shards.mkdir()
-    generate(model, diffusion, 6, 4, seed=0, progress=False, shard_dir=shards)
-    (shards / "samples_0000004_0000006.npz").unlink()  # the second batch is sampled again
-    generate(model, diffusion, 6, 4, seed=0, progress=True, shard_dir=shards)
+    generate(model, diffusion, 5, 4, seed=0, progress=False, shard_dir=shards)
+    (shards / "samples_0000004_0000005.npz").unlink()  # the second batch is sampled again
+    generate(model, diffusion, 5, 4, seed=0, progress=True, shard_dir=shards)
     resumed = capsys.readouterr().err
-    assert "6/6 [" in resumed and "images=6/6" in resumed
+    assert "6/6 [" in resumed and "images=5/5" in resumed

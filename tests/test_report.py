@@ -110,6 +110,20 @@ def test_fp_pairing_uses_every_protocol_key(tmp_path):
     assert np.isclose(table[table["method"] == "mrq_tgq"].iloc[0]["dfid"], 13.0 - 14.5)
 
 
+def test_results_recorded_before_a_setting_existed_join_its_default_row(tmp_path):
+    """A reconstruction result written before ``quant.recon.precision`` existed ran in fp32: it joins
+    the fp32 row, not a row of its own; bf16 is another row. Mutation caught: dropping the fill-in of
+    ADDED_LATER keys (three rows, the old one with precision blank)."""
+    old = write_job(tmp_path, ["quant=qdiffusion", "quant/recon=quick", "seed=0"], 14.0)
+    result = json.loads((old / "results.json").read_text())
+    del result["config"]["quant"]["recon"]["precision"]
+    (old / "results.json").write_text(json.dumps(result))
+    write_job(tmp_path, ["quant=qdiffusion", "quant/recon=quick", "seed=1"], 12.0)
+    write_job(tmp_path, ["quant=qdiffusion", "quant/recon=quick", "quant.recon.precision=bf16", "seed=0"], 13.0)
+    table = summarize(load_results([tmp_path]))
+    assert sorted(zip(table["quant.recon.precision"], table["seeds"])) == [("bf16", 1), ("fp32", 2)]
+
+
 def test_settings_a_method_ignores_do_not_split_its_rows(tmp_path):
     """FP's rows do not split by bit width or quantizer settings, nor a method without time groups by G
     (the job runs those once; an old sweep holding both must still give one row)."""

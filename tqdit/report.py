@@ -71,10 +71,25 @@ def canonical(value):
     return value
 
 
+# Settings added after results were recorded, with the value every earlier job ran under: a result or
+# saved calibration without the key is that setting, not a new row (blank where its siblings are).
+ADDED_LATER = {"quant.recon.precision": "fp32"}
+
+
+def with_added_keys(flat: dict) -> dict:
+    """``flat`` with each ADDED_LATER key it lacks filled in (where it has that key's section)."""
+    flat = dict(flat)
+    for key, value in ADDED_LATER.items():
+        siblings = [v for k, v in flat.items() if k.startswith(key.rpartition(".")[0] + ".")]
+        if key not in flat and siblings:
+            flat[key] = BLANK if all(v == BLANK for v in siblings) else value
+    return flat
+
+
 def setting_of(config: dict, device_type: str | None) -> dict:
     """The job's setting: its flattened resolved config minus the seed and NOT_SETTINGS, with the
     keys its method ignores blanked, plus the device type it ran on (CPU and GPU round differently)."""
-    flat = {key: canonical(value) for key, value in flatten(config).items() if is_setting(key)}
+    flat = with_added_keys({key: canonical(value) for key, value in flatten(config).items() if is_setting(key)})
     method = flat.get("quant.name")
     for key in flat:
         quant_side = key in QUANT_KEYS or key.startswith("quant.")

@@ -41,9 +41,9 @@ from tqdit.quant.layers import activation_ranges, prepare_for_compile
 from tqdit.quant import fused_attention
 from tqdit.quant.lowbit import fp8_supported, to_low_bit, weight_bytes
 from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
-from tqdit.quant.reconstruct import ENGINES, ReconConfig
+from tqdit.quant.reconstruct import ENGINES, PRECISIONS, ReconConfig
 from tqdit.quant.state import saved_metadata
-from tqdit.report import setting_of
+from tqdit.report import setting_of, with_added_keys
 from tqdit.utils import atomic_write_bytes, atomic_write_json, resolve_device, resolve_dtype
 
 RECON_CHECKPOINTS = "reconstruction"  # the job-dir folder of per-block reconstruction state (deleted when done)
@@ -104,6 +104,8 @@ def validate(cfg: DictConfig) -> None:
           "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
     check(recon.engine in ENGINES, f"quant.recon.engine={recon.engine} is unknown: use one of {', '.join(ENGINES)}")
     check(isinstance(recon.log_every, int) and recon.log_every >= 1, "quant.recon.log_every must be a positive integer")
+    check(recon.precision in PRECISIONS,
+          f"quant.recon.precision={recon.precision} is unknown: use one of {', '.join(PRECISIONS)}")
     check(quant.backend in ("simulated", "int8", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated, int8 or fp8")
     check(quant.attention in ("auto", "fused", "explicit"), f"quant.attention={quant.attention} is unknown: use auto, fused or explicit")
     if quant.attention == "fused" and quant.name != "fp":
@@ -219,7 +221,7 @@ def check_loaded_setting(cfg: DictConfig, path: Path) -> None:
     is refused instead of silently sampling a different quantized model under this row's name."""
     metadata = saved_metadata(path)
     if "setting" in metadata:
-        saved = json.loads(metadata["setting"])
+        saved = with_added_keys(json.loads(metadata["setting"]))
     elif (path.parent / "config.json").is_file():  # saved before settings were recorded: the job beside it
         saved = calibrated_setting(json.loads((path.parent / "config.json").read_text()))
     else:

@@ -253,7 +253,8 @@ def calibrate(model: DiT, calib: CalibrationSet, cfg: QuantConfig, progress: boo
             search_layer(problem, cfg.search, model.quant_context)
         del records
         if device.type == "cuda":
-            bar.set_postfix_str(f"{unit} done, peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            bar.set_postfix_str(f"{unit} done, peak {peak:.1f} GiB")
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.freeze()

@@ -111,7 +111,7 @@ if triton is not None:
         step, zero = tl.load(step_ptr), tl.load(zero_ptr)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         codes = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, step)) + zero, qmin), qmax)
-        tl.store(out_ptr + offsets, ((codes - zero) * step).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offsets, (codes - zero) * step, mask=mask)
 
     @triton.jit
     def _lsq_backward(
@@ -126,19 +126,23 @@ if triton is not None:
         rounded = _round_half_even(scaled)
         codes = tl.minimum(tl.maximum(rounded + zero, qmin), qmax)
         inside = codes == rounded + zero
-        tl.store(grad_x_ptr + offsets, tl.where(inside, grad, 0.0).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_x_ptr + offsets, tl.where(inside, grad, 0.0), mask=mask)
         # LSQ: ∂/∂Δ is round(x/Δ) − x/Δ inside the code range, the clamped code − z outside
         step_terms = grad * tl.where(inside, rounded - scaled, codes - zero)
         tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(mask, step_terms, 0.0), axis=0))
 
 
 def _programs(numel: int) -> tuple[int]:
+    if numel >= 2**31:  # the kernels' element offsets are int32
+        raise ValueError(f"a tensor of {numel} elements is beyond the fused reconstruction kernels' 2^31")
     return (triton.cdiv(numel, BLOCK),)
 
 
 class _SoftWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, floor, scale, zero_point, qmin, qmax, zeta, gamma):
+        if not (v.is_contiguous() and floor.is_contiguous()):
+            raise ValueError("soft_weight indexes rows in memory order: v and floor must be contiguous")
         out = torch.empty_like(v)
         rows = scale.numel()
         args = (v.numel(), v.numel() // rows, float(qmin), float(qmax), zeta, gamma)
@@ -180,24 +184,25 @@ class _LearnedStepQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, step, zero_point, qmin, qmax, grad_factor):
         x = x.contiguous()
-        out = torch.empty_like(x)
+        # float32 out, rounded to x's dtype by torch (to nearest even; Triton's interpreter truncates)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         _lsq_forward[_programs(x.numel())](
             x, step, zero_point, out, x.numel(), float(qmin), float(qmax), BLOCK=BLOCK
         )
         ctx.save_for_backward(x, step, zero_point)
         ctx.args = (float(qmin), float(qmax), grad_factor)
-        return out
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, step, zero_point = ctx.saved_tensors
         qmin, qmax, grad_factor = ctx.args
-        grad_x = torch.empty_like(x)
+        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         partial = torch.empty(_programs(x.numel())[0], dtype=torch.float32, device=x.device)
         _lsq_backward[_programs(x.numel())](
             grad.contiguous(), x, step, zero_point, grad_x, partial, x.numel(), qmin, qmax, BLOCK=BLOCK
         )
-        return grad_x, (partial.sum() * grad_factor).reshape(step.shape), None, None, None, None
+        return grad_x.to(x.dtype), (partial.sum() * grad_factor).reshape(step.shape), None, None, None, None
 
 
 def soft_weight(v, floor, scale, zero_point, qmin: int, qmax: int, zeta: float, gamma: float) -> torch.Tensor:

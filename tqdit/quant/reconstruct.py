@@ -102,7 +102,7 @@ class AdaRoundWeight(nn.Module):
         shape = (-1,) + (1,) * (weight.dim() - 1)
         self.register_buffer("scale", quantizer.scale[0].reshape(shape).to(weight.device).float())
         self.register_buffer("zero_point", quantizer.zero_point[0].reshape(shape).to(weight.device).float())
-        scaled = weight.detach().float() / self.scale
+        scaled = weight.detach().float().contiguous() / self.scale  # row-major: the fused kernels index so
         self.register_buffer("floor", torch.floor(scaled))
         rest = (scaled - self.floor).clamp(1e-4, 1 - 1e-4)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))  # h(v) = rest
