@@ -84,7 +84,8 @@ def compose(*overrides: str):
     ("quant=qdiffusion +quant.params.iterations=5", "quant.params has unknown keys ['iterations'] for quant=qdiffusion"),
     ("quant=mrq_tgq +quant.params.mean=0.3", "quant=mrq_tgq takes no method parameters"),
     ("quant=qdiffusion quant.recon.iters=-1", "quant.recon.iters, act_iters must be integers"),
-    ("quant=qdiffusion quant.recon.precision=fp16", "quant.recon.precision=fp16 is unknown: use one of fp32, bf16"),
+    ("quant=qdiffusion quant.recon.precision=fp16",
+     "quant.recon.precision=fp16 is unknown: use one of fp32, bf16"),
     ("quant.attention=flash", "quant.attention=flash is unknown: use auto, fused or explicit"),
     ("device=cpu quant=mrq_tgq quant.attention=fused", "quant.attention=fused runs a Triton kernel on a CUDA GPU; device=cpu is not one"),
 ])

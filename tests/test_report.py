@@ -119,7 +119,8 @@ def test_results_recorded_before_a_setting_existed_join_its_default_row(tmp_path
     del result["config"]["quant"]["recon"]["precision"]
     (old / "results.json").write_text(json.dumps(result))
     write_job(tmp_path, ["quant=qdiffusion", "quant/recon=quick", "seed=1"], 12.0)
-    write_job(tmp_path, ["quant=qdiffusion", "quant/recon=quick", "quant.recon.precision=bf16", "seed=0"], 13.0)
+    bf16 = ["quant=qdiffusion", "quant/recon=quick", "quant.recon.precision=bf16", "seed=0"]
+    write_job(tmp_path, bf16, 13.0)
     table = summarize(load_results([tmp_path]))
     assert sorted(zip(table["quant.recon.precision"], table["seeds"])) == [("bf16", 1), ("fp32", 2)]
 

@@ -89,7 +89,8 @@ def with_added_keys(flat: dict) -> dict:
 def setting_of(config: dict, device_type: str | None) -> dict:
     """The job's setting: its flattened resolved config minus the seed and NOT_SETTINGS, with the
     keys its method ignores blanked, plus the device type it ran on (CPU and GPU round differently)."""
-    flat = with_added_keys({key: canonical(value) for key, value in flatten(config).items() if is_setting(key)})
+    flat = {key: canonical(value) for key, value in flatten(config).items() if is_setting(key)}
+    flat = with_added_keys(flat)
     method = flat.get("quant.name")
     for key in flat:
         quant_side = key in QUANT_KEYS or key.startswith("quant.")
