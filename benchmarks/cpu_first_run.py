@@ -66,7 +66,9 @@ def image_steps_per_s(model, diffusion, batch: int, cfg_scale: float, cfg_channe
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed sampling steps per model")
     parser.add_argument("--out")
     args, overrides = parser.parse_known_args()
@@ -75,10 +77,11 @@ def main() -> None:
     model = load_model(cfg.model.arch, cfg.model.input_size, cfg.model.checkpoint).eval()
     diffusion = create_diffusion(cfg.sampler.steps, learn_sigma=model.learn_sigma)
     calib_cfg = cfg.quant.calib
-    spec = CalibrationSpec(policy=calib_cfg.policy, num_samples=calib_cfg.num_samples,
-                           num_steps=calib_cfg.num_steps, seed=calib_cfg.seed, cfg_scale=cfg.sampler.cfg_scale,
-                           cfg_channels=cfg.sampler.cfg_channels, method=cfg.sampler.method,
-                           clip_denoised=cfg.sampler.clip_denoised)
+    spec = CalibrationSpec(
+        policy=calib_cfg.policy, num_samples=calib_cfg.num_samples, num_steps=calib_cfg.num_steps,
+        seed=calib_cfg.seed, cfg_scale=cfg.sampler.cfg_scale, cfg_channels=cfg.sampler.cfg_channels,
+        method=cfg.sampler.method, clip_denoised=cfg.sampler.clip_denoised,
+    )
     start = time.perf_counter()
     calib = capture(model, diffusion, spec)
     capture_s = time.perf_counter() - start
