@@ -440,35 +440,43 @@ def test_time_groups_beat_one_group_when_ranges_change_tenfold_over_time():
     assert errors[1] > 4 * errors[groups], errors
 
 
-def two_region_ref(x: torch.Tensor, threshold: float, step_below: float, step_above: float,
-                   qmin: int, qmax: int) -> torch.Tensor:
-    """Each value on its own region's grid, from the definition, one where over whole tensors (float32
-    steps and reciprocals, as the quantizers store them)."""
+def two_region_ref(x: torch.Tensor, threshold, step_below, step_above, qmin: int, qmax: int) -> torch.Tensor:
+    """Each value on its own region's grid, from the definition, one where over whole tensors. Steps
+    as the quantizers hold them: Python numbers rounded to float32 after the reciprocal, per-sample
+    tensors in float32 with a float32 reciprocal."""
     below = x.float() < threshold
-    step = torch.where(below, torch.tensor(step_below), torch.tensor(step_above))
-    inv = torch.where(below, torch.tensor(1.0 / step_below), torch.tensor(1.0 / step_above))
+    if isinstance(step_below, torch.Tensor) or isinstance(step_above, torch.Tensor):
+        low, high = torch.as_tensor(step_below).float(), torch.as_tensor(step_above).float()
+        low_inv, high_inv = 1.0 / low, 1.0 / high
+    else:
+        low, high = torch.tensor(step_below), torch.tensor(step_above)
+        low_inv, high_inv = torch.tensor(1.0 / step_below), torch.tensor(1.0 / step_above)
+    step, inv = torch.where(below, low, high), torch.where(below, low_inv, high_inv)
     return torch.clamp(torch.round(x.float() * inv), qmin, qmax) * step
 
 
 def test_cpu_two_region_path_equals_the_definition_across_chunks():
-    """The CPU fast path of both MRQ quantizers (chunks of ``CPU_CHUNK`` elements, each split into its
-    two regions and added back) gives the definition's values exactly — post-softmax at 8, 6 and 4
-    bits over several splits, post-GELU with several positive steps — on tensors of 2.3 chunks, so a
-    chunk boundary falls inside a row; in bf16 too (its result rounded to bf16 like the reference's).
+    """The CPU path of both MRQ quantizers (chunks of whole samples, about ``CPU_CHUNK`` elements,
+    each split into its two regions and added back) gives the definition's values exactly —
+    post-softmax at 8, 6 and 4 bits over several splits, post-GELU with several positive steps, one
+    setting for all samples or one per sample (the time-grouped search) — on tensors of 2.3 chunks;
+    in bf16 too (rounded to bf16 like the reference's).
 
-    Mutations caught: the chunk loop advancing two chunks at a time (``range(0, n, 2 * CPU_CHUNK)``),
-    both regions quantized with the step above (``below.mul_(inv_above)``), and the region split
-    taken at ``<=`` (``torch.le``) — values equal to the split (exactly representable, planted
-    below) then land on the fine grid.
+    Mutations caught: the chunk loop advancing two chunks at a time (``range(0, n, 2 * samples)``),
+    both regions quantized with the step above (``low.mul_(rows(above[1], part))``), per-sample
+    parameters not sliced with their chunk (``rows`` returning ``value``: a shape error), and the
+    region split taken at ``<=`` (``torch.le``) — values equal to the split (exactly representable,
+    planted below) then land on the fine grid.
     """
     from tqdit.quant.quantizers import CPU_CHUNK, GeluMRQ, two_region_quant
 
     torch.manual_seed(0)
-    numel = int(2.3 * CPU_CHUNK) // 64 * 64
-    probs = torch.softmax(torch.randn(numel // 64, 64) * 3.0, dim=-1)
-    probs[::97, 5] = 2.0**-4  # values exactly at a split: the upper region's (x < s is the rule)
-    probs[::89, 7] = 2.0**-6
-    gelu = F.gelu(torch.randn(numel // 64, 64) * 2.0, approximate="tanh")
+    samples = int(2.3 * CPU_CHUNK) // (2 * 64 * 64)
+    probs = torch.softmax(torch.randn(samples, 2, 64, 64) * 3.0, dim=-1)
+    probs[:, :, ::7, 5] = 2.0**-4  # values exactly at a split: the upper region's (x < s is the rule)
+    probs[:, :, ::5, 7] = 2.0**-6
+    gelu = F.gelu(torch.randn(samples, 64, 128) * 2.0, approximate="tanh")
+    per_sample = torch.randint(0, 12, (samples,))
     for bits in (8, 6, 4):
         levels = 2 ** (bits - 1) - 1
         for exponent in (0, 4, 6, 11):
@@ -476,8 +484,12 @@ def test_cpu_two_region_path_equals_the_definition_across_chunks():
             args = (split, split / levels, 1.0 / levels, 0, levels)
             got = SoftmaxMRQ(bits).quantize(probs, exponent)
             assert torch.equal(got, two_region_ref(probs, *args)), (bits, exponent)
+        split = torch.pow(2.0, -per_sample.float()).reshape(-1, 1, 1, 1)
+        args = (split, split / levels, 1.0 / levels, 0, levels)
+        assert torch.equal(SoftmaxMRQ(bits).quantize(probs, per_sample), two_region_ref(probs, *args))
         negative = GeluMRQ(bits).negative_scale
-        for positive in (0.003, 0.021, 0.4):
+        steps = [0.003, 0.021, 0.4, torch.rand(samples, 1, 1) * 0.05 + 0.001]
+        for positive in steps:
             args = (0.0, negative, positive, -(2 ** (bits - 1)), levels)
             assert torch.equal(two_region_quant(gelu, *args), two_region_ref(gelu, *args)), (bits, positive)
             half = gelu.bfloat16()
