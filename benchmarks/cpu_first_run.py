@@ -1,7 +1,7 @@
 """Where the default job's time goes on the CPU: FP vs fake-quantized forward throughput and calibration,
 in one run, so that a change to the first run can be judged by ratios rather than by a stopwatch.
 
-    python benchmarks/cpu_first_run.py [--steps 5] [--out cpu.json] [Hydra overrides ...]
+    python benchmarks/cpu_first_run.py [--steps 5] [--out cpu.json] [--default-malloc] [Hydra overrides ...]
 
 Composes the job's configuration (``conf/``, with the given overrides: by default the embedded DiT-MNIST,
 mrq_tgq W8A8 G=10, DDPM-50, guidance 1.1), then on the CPU:
@@ -12,6 +12,9 @@ mrq_tgq W8A8 G=10, DDPM-50, guidance 1.1), then on the CPU:
   model inputs) with the FP model and with the calibrated fake-quantized one, after one untimed warm-up
   step each: image-steps/s and their ratio;
 - the projected sampling time of the job (num_samples × sampler steps ÷ the fake-quantized rate).
+
+As the job does on the CPU, glibc is told to keep freed memory (``tqdit.utils.keep_freed_memory``);
+``--default-malloc`` leaves glibc's defaults, to measure what that buys.
 
 Prints one JSON object (also written to ``--out``) with the threads, CPU model and PyTorch version.
 """
@@ -34,7 +37,7 @@ from tqdit.diffusion.sampling import guided_model
 from tqdit.models import load_model
 from tqdit.pipeline.job import quant_config
 from tqdit.quant import METHODS
-from tqdit.utils import atomic_write_json
+from tqdit.utils import atomic_write_json, keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +74,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=5, help="timed sampling steps per model")
     parser.add_argument("--out")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings as they are")
     args, overrides = parser.parse_known_args()
+    freed_memory_kept = False if args.default_malloc else keep_freed_memory()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     model = load_model(cfg.model.arch, cfg.model.input_size, cfg.model.checkpoint).eval()
@@ -92,6 +97,7 @@ def main() -> None:
     quant_rate = image_steps_per_s(quantized, diffusion, *sampling)
     result = {
         "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "freed_memory_kept": freed_memory_kept,
         "method": cfg.quant.name, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "groups": qcfg.time_groups,
         "calibration_capture_s": round(capture_s, 1), "calibration_s": round(cost["calibration_s"], 1),
         "fp_image_steps_per_s": round(fp_rate, 1), "fake_quant_image_steps_per_s": round(quant_rate, 1),
