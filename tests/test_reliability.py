@@ -55,8 +55,10 @@ def test_job_killed_mid_sampling_resumes_to_identical_samples_and_metrics(tmp_pa
     with np.load(reference / "samples.npz") as a, np.load(job / "samples.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
-    metrics = [json.loads((d / "results.json").read_text())["metrics"] for d in (reference, job)]
-    assert metrics[0] == metrics[1]
+    results = [json.loads((d / "results.json").read_text()) for d in (reference, job)]
+    assert results[0]["metrics"] == results[1]["metrics"]
+    # the rerun read back the batches the killed run finished, and counts them
+    assert results[0]["resumed_batches"] == 0 and results[1]["resumed_batches"] == len(finished_before)
     assert not (job / "shards").exists()  # merged into samples.npz, then removed
 
     again = subprocess.run(job_command(job, cache), cwd=ROOT, capture_output=True, text=True, timeout=300)

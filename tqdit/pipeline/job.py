@@ -420,6 +420,10 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
 
     start = time.perf_counter()
     shard_dir = job_dir / "shards"
+    # batches a killed or requeued run of this job already finished (read back instead of drawn again);
+    # a shard is named samples_<first>_<end>.npz
+    found = sorted(shard_dir.glob("samples_*.npz")) if shard_dir.is_dir() else []
+    resumed_samples = sum(int(p.stem.split("_")[2]) - int(p.stem.split("_")[1]) for p in found)
     sampling = dict(num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed, labels=cfg.labels)
     images, labels = distributed.all_succeed(
         generate, model, diffusion, **sampling, cfg_scale=cfg.sampler.cfg_scale, cfg_channels=cfg.sampler.cfg_channels,
@@ -443,12 +447,18 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
             "seed": cfg.seed,
             "num_samples": cfg.num_samples,
             "timings": {k: round(v, 2) for k, v in timings.items()},
-            "image_steps_per_s": round(cfg.num_samples * diffusion.num_steps / timings["sampling_s"], 1),
+            # the rate of this run's own draws: batches read back from shards are not counted
+            "image_steps_per_s": round(
+                (cfg.num_samples - resumed_samples) * diffusion.num_steps / timings["sampling_s"], 1),
+            "resumed_batches": len(found),
             "environment": {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                             "processes": distributed.world_size(), "torch": torch.__version__,
                             "python": platform.python_version(), "threads": torch.get_num_threads(),
                             "pid": os.getpid(),  # which process ran it (a launcher's worker, a torchrun rank 0)
-                            "freed_memory_kept": freed_memory_kept},
+                            "freed_memory_kept": freed_memory_kept,
+                            # the SLURM job (and its restarts: requeued after a time limit or preemption)
+                            "slurm_job_id": slurm_job_id(),
+                            "slurm_restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0))},
             "config": config,
         }
         atomic_write_json(job_dir / "results.json", results)
@@ -460,6 +470,13 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         return results
 
     return distributed.on_rank_zero(finish)
+
+
+def slurm_job_id() -> str | None:
+    """The SLURM job running this process, as squeue and scancel name it (``<array>_<task>`` in an array)."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
 
 
 def summary_line(results: dict) -> str:
