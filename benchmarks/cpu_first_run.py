@@ -74,7 +74,8 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=5, help="timed sampling steps per model")
     parser.add_argument("--out")
-    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings as they are")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator settings as they are")
     args, overrides = parser.parse_known_args()
     freed_memory_kept = False if args.default_malloc else keep_freed_memory()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 pytestmark = pytest.mark.slurm
 
@@ -31,10 +32,11 @@ SLURM = ["launcher=slurm", "device=cpu", "hydra.launcher.gpus_per_node=0", "hydr
          "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=15"]
 TINY = ["num_samples=20", "batch_size=20", "sampler.steps=25", "quant.candidates=10", "quant.rounds=1",
         "quant.num_inputs=25", "quant.calib.num_samples=4"]
-# A job long enough to be interrupted mid-sampling: 30 batches of 20 images × 50 steps (about 100 s on
-# 2 cores) after a short TQ-DiT calibration (a few seconds).
-LONG = ["quant=mrq_tgq", "bits=8", "num_samples=600", "batch_size=20", "sampler.steps=50", "quant.candidates=10",
-        "quant.rounds=1", "quant.num_inputs=25", "quant.calib.num_samples=4"]
+# A job long enough to outlast the time-limit test's first window (signal at most 120 s in): 60 batches of
+# 20 images × 50 steps (about 150 s on 2 cores) after a short TQ-DiT calibration (a few seconds).
+LONG = ["quant=mrq_tgq", "bits=8", "num_samples=1200", "batch_size=20", "sampler.steps=50",
+        "quant.candidates=10", "quant.rounds=1", "quant.num_inputs=25", "quant.calib.num_samples=4"]
+BATCHES = 60
 
 
 def cluster_state() -> str | None:
@@ -64,14 +66,17 @@ def command(sweep_dir: Path, *overrides: str) -> list[str]:
 
 
 def run_sweep(sweep_dir: Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run(command(sweep_dir, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command(sweep_dir, *overrides), cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
 
 def job_results(sweep_dir: Path) -> dict[str, dict]:
-    """results.json of every job of a sweep, by its directory name."""
-    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")}
+    """results.json of every job of a sweep, by its directory (relative: a group override such as
+    ``quant/recon=quick`` nests it one level deeper)."""
+    return {p.parent.relative_to(sweep_dir): json.loads(p.read_text())
+            for p in sweep_dir.rglob("results.json")}
 
 
 def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.5):
@@ -85,7 +90,7 @@ def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.5):
 
 
 def shards(sweep_dir: Path) -> list[str]:
-    return sorted(p.name for p in sweep_dir.glob("*/shards/samples_*.npz"))
+    return sorted(p.name for p in sweep_dir.rglob("shards/samples_*.npz"))
 
 
 def slurm_job(sweep_dir: Path) -> str | None:
@@ -97,7 +102,8 @@ def slurm_job(sweep_dir: Path) -> str | None:
 
 def squeue_state(job_id: str) -> str:
     """RUNNING, PENDING, ... or '' once SLURM no longer lists the job."""
-    answer = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=15)
+    answer = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                            timeout=15)
     return answer.stdout.strip()
 
 
@@ -108,6 +114,14 @@ def stop(launcher: subprocess.Popen, job_id: str | None) -> None:
     if launcher.poll() is None:
         os.killpg(launcher.pid, signal.SIGTERM)
     launcher.wait(timeout=30)
+
+
+def requeued_job_results(launcher: subprocess.Popen, output: str, sweep_dir: Path) -> tuple[Path, dict]:
+    """The one job of a sweep that must have ended normally after at least one requeue."""
+    assert launcher.returncode == 0, output[-3000:]
+    (name, results), = job_results(sweep_dir).items()
+    assert results["environment"]["slurm_restarts"] >= 1, "the job was never requeued"
+    return name, results
 
 
 def assert_same_samples_and_metrics(job: dict, job_dir: Path, reference: dict, reference_dir: Path):
@@ -173,7 +187,7 @@ def test_cancelled_job_resumes_from_its_shards(tmp_path, uninterrupted):
     finally:  # without accounting the launcher never learns of the cancellation: stop it as a user would
         stop(launcher, job_id)
     finished = shards(sweep_dir)
-    assert 2 <= len(finished) < 30 and not list(sweep_dir.glob("*/results.json"))
+    assert 2 <= len(finished) < BATCHES and not list(sweep_dir.rglob("results.json"))
 
     run_sweep(sweep_dir, *LONG)
     (name, results), = job_results(sweep_dir).items()
@@ -183,20 +197,19 @@ def test_cancelled_job_resumes_from_its_shards(tmp_path, uninterrupted):
 
 
 def test_job_at_its_time_limit_is_requeued_and_completes(tmp_path, uninterrupted):
-    """A 3-minute time limit whose warning signal comes about halfway through the job (timed from the
-    uninterrupted run on this machine; at least 30 s in): SLURM signals the job mid-sampling, submitit
-    checkpoints it through the launcher and requeues it, and the requeued job resumes — every batch
-    finished before the signal is read back (at most the batch in flight is lost) — and completes
-    within the launcher config's requeue limit (``max_num_timeout``, each run getting the same window);
-    the sweep command itself ends normally, with the uninterrupted run's samples and metrics.
+    """A 4-minute time limit with the warning signal 180 s before it: slurmctld checks time limits once a
+    minute, so SLURM signals the job between 60 and 120 s after its start — mid-sampling (the job
+    needs about 150 s) — submitit checkpoints it through the launcher and requeues it, and the
+    requeued job resumes: every batch finished before the signal is read back (at most the batch in
+    flight is lost). Each run gets such a window, so the job completes after one or more requeues
+    (the test allows 10); the sweep command itself ends normally, with the uninterrupted run's samples
+    and metrics.
 
-    Mutations caught: ``max_num_timeout: 0`` in conf/launcher/slurm.yaml (the job ends as timed out,
-    the sweep fails), and the job's shards removed at the start of each run (every run starts over,
-    the requeues run out, the sweep fails)."""
+    Mutation caught: the job's shards removed at the start of each run (every run starts over, the
+    requeues run out, the sweep fails)."""
     sweep_dir = tmp_path / "sweep"
-    timings = uninterrupted[0]["timings"]
-    window_s = max(30, round(0.5 * (timings["load_s"] + timings["quantize_s"] + timings["sampling_s"])))
-    limits = ["hydra.launcher.timeout_min=3", f"hydra.launcher.signal_delay_s={180 - window_s}"]
+    limits = ["hydra.launcher.timeout_min=4", "hydra.launcher.signal_delay_s=180",
+              "hydra.launcher.max_num_timeout=10"]
     launcher = subprocess.Popen(command(sweep_dir, *LONG, *limits), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     job_id = None
@@ -210,10 +223,55 @@ def test_job_at_its_time_limit_is_requeued_and_completes(tmp_path, uninterrupted
         output, _ = launcher.communicate(timeout=600)
     finally:
         stop(launcher, job_id if launcher.poll() is None else None)
-    assert launcher.returncode == 0, output[-3000:]
-    (name, results), = job_results(sweep_dir).items()
-    assert results["environment"]["slurm_restarts"] >= 1, "the job was never requeued"
-    assert 1 <= len(seen) < 30, seen  # the signal came mid-sampling
+    name, results = requeued_job_results(launcher, output, sweep_dir)
+    assert 1 <= len(seen) < BATCHES, seen  # the signal came mid-sampling
     assert results["resumed_batches"] >= len(seen)
     assert results["quant"]["resumed_calibration"] is True
     assert_same_samples_and_metrics(results, sweep_dir / name, *uninterrupted)
+
+
+# Q-Diffusion with a short reconstruction (4 blocks), few samples: the job's time is its calibration.
+RECONSTRUCTING = ["quant=qdiffusion", "bits=8", "quant/recon=quick", "quant.recon.iters=200",
+                  "quant.recon.act_iters=60", "quant.num_inputs=32", "quant.calib.num_samples=4",
+                  "num_samples=20", "batch_size=20", "sampler.steps=25"]
+
+
+def test_reconstruction_signalled_like_a_time_limit_resumes_after_its_last_finished_block(tmp_path):
+    """Q-Diffusion on SLURM, signalled once two of its four blocks are reconstructed with the signal
+    SLURM sends before a time limit or a preemption (``scancel --signal=USR2``: sent by hand, because
+    the controller's once-a-minute check makes the moment of a real time-limit signal too coarse for a
+    one-minute reconstruction; the time-limit test above covers that path; submitit counts this one
+    as a preemption, the job having run less than its time limit): submitit requeues the job, which
+    loads every block finished before the signal (``reconstruction.resumed_blocks``; at most the
+    block in flight is lost), completes, and ends with the uninterrupted run's calibration, tensor for
+    tensor, and its samples and metrics."""
+    from safetensors.torch import load_file
+
+    reference_dir = tmp_path / "uninterrupted"
+    run_sweep(reference_dir, *RECONSTRUCTING)
+    (reference_name, reference), = job_results(reference_dir).items()
+
+    sweep_dir = tmp_path / "sweep"
+    launcher = subprocess.Popen(command(sweep_dir, *RECONSTRUCTING), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job_id = None
+
+    def blocks() -> list[str]:
+        return sorted(p.name for p in sweep_dir.rglob("reconstruction/block_*.safetensors"))
+
+    try:
+        seen = wait_for(lambda: len(blocks()) >= 2 and blocks(), 300, "two reconstructed blocks", poll_s=0.2)
+        job_id = slurm_job(sweep_dir)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=15)
+        output, _ = launcher.communicate(timeout=600)
+    finally:
+        stop(launcher, job_id if launcher.poll() is None else None)
+    name, results = requeued_job_results(launcher, output, sweep_dir)
+    assert len(seen) < 4, seen  # signalled mid-reconstruction
+    assert results["quant"]["reconstruction"]["resumed_blocks"] >= len(seen)
+    saved = [load_file(d / "quant_params.safetensors")
+             for d in (reference_dir / reference_name, sweep_dir / name)]
+    assert saved[0].keys() == saved[1].keys()
+    for key in saved[0]:
+        assert torch.equal(saved[0][key], saved[1][key]), key
+    assert_same_samples_and_metrics(results, sweep_dir / name, reference, reference_dir / reference_name)

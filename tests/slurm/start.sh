@@ -3,7 +3,7 @@
 # munged, slurmctld and slurmd, all under one temporary folder, as root.
 #
 #   eval "$(bash tests/slurm/start.sh)"      # prints: export SLURM_CONF=...; export TQDIT_SLURM_DIR=...
-#   bash tests/slurm/stop.sh                 # stops exactly the daemons it started (by PID), removes the folder
+#   bash tests/slurm/stop.sh                 # stops the daemons it started (by PID), removes the folder
 #
 # Installs Debian's slurm-wlm and munge if they are missing (apt-get). Everything it writes lies under
 # $TQDIT_SLURM_DIR (default: a new mktemp folder): the munge key, socket and seed, slurm.conf, the
@@ -39,8 +39,8 @@ memory_mb="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
 # munge: its own key, socket, PID, log and seed files
 dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
 chmod 400 "$dir/munge/munge.key"
-munged --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
-    --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed" --force
+munged --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" --force \
+    --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed"
 
 cat > "$dir/slurm.conf" <<CONF
 # A one-node cluster for tqdit's SLURM tests (tests/slurm/start.sh)

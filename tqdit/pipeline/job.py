@@ -44,7 +44,8 @@ from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
 from tqdit.quant.reconstruct import ENGINES, PRECISIONS, ReconConfig
 from tqdit.quant.state import saved_metadata
 from tqdit.report import setting_of, with_added_keys
-from tqdit.utils import atomic_write_bytes, atomic_write_json, keep_freed_memory, resolve_device, resolve_dtype
+from tqdit.utils import (atomic_write_bytes, atomic_write_json, keep_freed_memory, resolve_device,
+                         resolve_dtype)
 
 RECON_CHECKPOINTS = "reconstruction"  # the job-dir folder of per-block reconstruction state (deleted when done)
 
@@ -454,7 +455,7 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
             "environment": {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                             "processes": distributed.world_size(), "torch": torch.__version__,
                             "python": platform.python_version(), "threads": torch.get_num_threads(),
-                            "pid": os.getpid(),  # which process ran it (a launcher's worker, a torchrun rank 0)
+                            "pid": os.getpid(),  # which process ran it (a launcher's worker, torchrun rank 0)
                             "freed_memory_kept": freed_memory_kept,
                             # the SLURM job (and its restarts: requeued after a time limit or preemption)
                             "slurm_job_id": slurm_job_id(),

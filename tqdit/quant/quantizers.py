@@ -282,7 +282,8 @@ def two_region_quant(x: torch.Tensor, threshold, step_below, step_above, qmin: i
         step_above = torch.as_tensor(step_above, dtype=torch.float32, device=x.device)
     inv_below, inv_above = 1.0 / step_below, 1.0 / step_above
     if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
-        return _two_region_quant_cpu(x, threshold, (step_below, inv_below), (step_above, inv_above), qmin, qmax)
+        below, above = (step_below, inv_below), (step_above, inv_above)
+        return _two_region_quant_cpu(x, threshold, below, above, qmin, qmax)
     xf = x.float()
     below_mask = xf < threshold
     step = torch.where(below_mask, step_below, step_above)
