@@ -205,8 +205,9 @@ def test_job_at_its_time_limit_is_requeued_and_completes(tmp_path, uninterrupted
     (the test allows 10); the sweep command itself ends normally, with the uninterrupted run's samples
     and metrics.
 
-    Mutation caught: the job's shards removed at the start of each run (every run starts over, the
-    requeues run out, the sweep fails)."""
+    Mutation caught (checked on this test's earlier 3-minute version, which took the config's requeue
+    limit): the job's shards removed at the start of each run (every run starts over, the requeues
+    run out, the sweep fails)."""
     sweep_dir = tmp_path / "sweep"
     limits = ["hydra.launcher.timeout_min=4", "hydra.launcher.signal_delay_s=180",
               "hydra.launcher.max_num_timeout=10"]

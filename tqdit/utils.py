@@ -33,8 +33,9 @@ def keep_freed_memory() -> bool:
     page fault per 4 KiB of its output; on 2 CPU cores that costs more than the arithmetic. Measured on
     a 2-core AMD EPYC VM (PyTorch 2.14.1, ``benchmarks/cpu_first_run.py``, 2026-12-04): the embedded FP
     model 434 → 586 image-steps/s, fake-quantized TQ-DiT 309 → 438. The price: the resident memory stays
-    at the process's peak (1.8 GB for the default job). Changes allocation only, never values. Linux
-    with glibc only; elsewhere (musl, macOS) nothing happens and False is returned.
+    at the process's peak (the default job's peak RSS 2.2 GB instead of 1.8 GB). Changes allocation
+    only, never values. Linux with glibc only; elsewhere (musl, macOS) nothing happens and False is
+    returned.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -318,8 +318,9 @@ def _two_region_quant_cpu(x: torch.Tensor, threshold, below: tuple, above: tuple
     scratch = torch.empty((min(samples, xf.shape[0]),) + xf.shape[1:])
 
     def rows(value, part: slice):  # a per-sample parameter's rows for this chunk
-        per_sample = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == xf.shape[0] > 1
-        return value[part] if per_sample else value
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == xf.shape[0] > 1:
+            return value[part]
+        return value
 
     for start in range(0, xf.shape[0], samples):
         part = slice(start, start + samples)
