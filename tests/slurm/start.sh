@@ -31,6 +31,8 @@ fi
 dir="${TQDIT_SLURM_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/tqdit-slurm.XXXXXX")}"
 port="${TQDIT_SLURM_PORT:-16817}"
 mkdir -p "$dir"/{munge,spool/ctld,spool/d,log}
+# whatever fails from here on, stop the daemons already started (stop.sh reads their PID files)
+trap 'status=$?; [ "$status" -eq 0 ] || bash "$(dirname "$0")/stop.sh" "$dir" >&2' EXIT
 chmod 700 "$dir" "$dir/munge"
 host="$(hostname -s)"
 cpus="$(nproc)"
@@ -90,6 +92,6 @@ for _ in $(seq 60); do
     fi
     sleep 1
 done
-log "the node did not become idle within 60 s (state: '${state:-no answer}'); logs in $dir/log"
+log "the node did not become idle within 60 s (state: '${state:-no answer}'); the logs' last lines:"
 tail -n 20 "$dir"/log/*.log >&2 || true
 exit 1

@@ -3,8 +3,8 @@
 #   bash tests/slurm/stop.sh [folder]       (default: $TQDIT_SLURM_DIR)
 set -uo pipefail
 dir="${1:-${TQDIT_SLURM_DIR:-}}"
-if [ -z "$dir" ] || [ ! -f "$dir/slurm.conf" ]; then
-    echo "slurm/stop: no cluster folder given (argument or TQDIT_SLURM_DIR)" >&2
+if [ -z "$dir" ] || [ ! -d "$dir/munge" ]; then  # start.sh makes munge/ first: never remove another folder
+    echo "slurm/stop: no cluster folder of tests/slurm/start.sh given (argument or TQDIT_SLURM_DIR)" >&2
     exit 1
 fi
 for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"; do
