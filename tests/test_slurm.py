@@ -72,7 +72,7 @@ def run_sweep(sweep_dir: Path, *overrides: str, expect: int = 0) -> subprocess.C
     return result
 
 
-def job_results(sweep_dir: Path) -> dict[str, dict]:
+def job_results(sweep_dir: Path) -> dict[Path, dict]:
     """results.json of every job of a sweep, by its directory (relative: a group override such as
     ``quant/recon=quick`` nests it one level deeper)."""
     return {p.parent.relative_to(sweep_dir): json.loads(p.read_text())

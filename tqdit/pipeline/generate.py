@@ -111,6 +111,13 @@ def shard_path(shard_dir: Path, indices: np.ndarray) -> Path:
     return shard_dir / f"samples_{indices[0]:07d}_{indices[-1] + 1:07d}.npz"
 
 
+def finished_batches(shard_dir: Path, num_samples: int, batch_size: int) -> list[np.ndarray]:
+    """Sample indices of the batches whose shard an earlier run of the job left in ``shard_dir``
+    (what sampling will read back instead of drawing; a damaged shard is drawn again, with a warning)."""
+    batches = batch_ranges(num_samples, batch_size)
+    return [indices for indices in batches if shard_path(shard_dir, indices).exists()]
+
+
 def merge_shards(shard_dir: Path, num_samples: int, batch_size: int, seed: int, labels: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """All samples from the shards every process wrote, in index order (what one process would return)."""
     images, all_labels = [], []

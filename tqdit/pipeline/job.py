@@ -33,7 +33,7 @@ from tqdit.models import DIT_CONFIGS, load_model
 from tqdit.models.checkpoint import require_checkpoint
 from tqdit.models.vae import VAE_REPOS, latent_decoder, load_vae
 from tqdit.pipeline import distributed
-from tqdit.pipeline.generate import generate, merge_shards
+from tqdit.pipeline.generate import finished_batches, generate, merge_shards
 from tqdit.pipeline.tracking import log_to_wandb
 from tqdit.quant import METHODS, USES_TIME_GROUPS, QuantConfig, SearchConfig, load_quant_state, resolve_scope, save_quant_state
 from tqdit.quant.calibrate import method_settings
@@ -421,10 +421,7 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
 
     start = time.perf_counter()
     shard_dir = job_dir / "shards"
-    # batches a killed or requeued run of this job already finished (read back instead of drawn again);
-    # a shard is named samples_<first>_<end>.npz
-    found = sorted(shard_dir.glob("samples_*.npz")) if shard_dir.is_dir() else []
-    resumed_samples = sum(int(p.stem.split("_")[2]) - int(p.stem.split("_")[1]) for p in found)
+    resumed = finished_batches(shard_dir, cfg.num_samples, cfg.batch_size)  # a killed or requeued run's
     sampling = dict(num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed, labels=cfg.labels)
     images, labels = distributed.all_succeed(
         generate, model, diffusion, **sampling, cfg_scale=cfg.sampler.cfg_scale, cfg_channels=cfg.sampler.cfg_channels,
@@ -450,8 +447,8 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
             "timings": {k: round(v, 2) for k, v in timings.items()},
             # the rate of this run's own draws: batches read back from shards are not counted
             "image_steps_per_s": round(
-                (cfg.num_samples - resumed_samples) * diffusion.num_steps / timings["sampling_s"], 1),
-            "resumed_batches": len(found),
+                (cfg.num_samples - sum(map(len, resumed))) * diffusion.num_steps / timings["sampling_s"], 1),
+            "resumed_batches": len(resumed),
             "environment": {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                             "processes": distributed.world_size(), "torch": torch.__version__,
                             "python": platform.python_version(), "threads": torch.get_num_threads(),
