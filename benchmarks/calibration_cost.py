@@ -25,7 +25,9 @@ import torch
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
 from tqdit.models import build_dit
-from tqdit.quant import METHODS, QuantConfig, SearchConfig
+from tqdit.quant.config import CalibrationConfig
+from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.search import SearchConfig
 from tqdit.quant.methods import FIXED_SEARCH
 from tqdit.quant.reconstruct import ReconConfig
 from tqdit.utils import atomic_write_json
@@ -84,7 +86,7 @@ def main() -> None:
     for method in methods:
         # each method's own choices (search rule, calibration steps) stand; only the shared settings are set here
         search = SearchConfig(batch=args.search_batch, criterion=FIXED_SEARCH.get(method, "hessian"))
-        cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, scope=scope, time_groups=args.groups, num_inputs=args.num_inputs,
+        cfg = CalibrationConfig(w_bits=args.bits, a_bits=args.bits, scope=scope, time_groups=args.groups, num_inputs=args.num_inputs,
                           capture_batch=args.capture_batch, search=search, recon=recon)
         if cuda:
             torch.cuda.empty_cache()

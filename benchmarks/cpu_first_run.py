@@ -36,7 +36,7 @@ from tqdit.diffusion import create_diffusion
 from tqdit.diffusion.sampling import guided_model
 from tqdit.models import load_model
 from tqdit.pipeline.job import quant_config
-from tqdit.quant import METHODS
+from tqdit.quant.methods import config_from_settings, METHODS, quantize
 from tqdit.utils import atomic_write_json, keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ this order (``--skip`` drops any):
 - ``fake_quant_eager``, ``fake_quant_compiled``: TQ-DiT (mrq_tgq) W8A8 fake quantization with the
   explicit attention (score matrix materialised), compiled after ``prepare_for_compile``;
 - ``fake_quant_fused_eager``, ``fake_quant_fused_compiled``: the same with the quantized attention
-  in one Triton kernel (:mod:`tqdit.quant.fused_attention`, what jobs use eagerly on CUDA);
+  in one Triton kernel (:mod:`tqdit.kernels.fused_attention`, what jobs use eagerly on CUDA);
 - ``int8_compiled``, ``fp8_compiled``: real W8A8 of that TQ-DiT model
-  (:func:`tqdit.quant.lowbit.to_low_bit`: integer or FP8 matmuls where the input quantizer is
+  (:func:`tqdit.kernels.lowbit.to_low_bit`: integer or FP8 matmuls where the input quantizer is
   uniform; fc2 behind the post-GELU MRQ keeps a simulated input, an int8-stored weight and a bf16
   matmul), compiled, with the explicit attention (what ``quant.attention=auto`` takes when
   compiled: inductor's kernels for it are the fastest measured);
@@ -26,8 +26,8 @@ this order (``--skip`` drops any):
   left in bf16, so attention keeps PyTorch's fused SDPA kernel) — what real 8-bit GEMMs buy when
   the attention is not quantized;
 - each ``fp8_tgq*`` run also as ``fp8_tgq*_unfused``: the same with ``to_low_bit(fuse_mlp=False)``, fc1 and
-  fc2 as two :class:`~tqdit.quant.lowbit.Fp8Linear` instead of one
-  :class:`~tqdit.quant.lowbit.Fp8Mlp` (whose fc1 GEMM writes fc2's FP8 input).
+  fc2 as two :class:`~tqdit.kernels.lowbit.Fp8Linear` instead of one
+  :class:`~tqdit.kernels.lowbit.Fp8Mlp` (whose fc1 GEMM writes fc2's FP8 input).
 
 Each: one warm-up loop (compilation), then the median of ``--repeats`` timed loops; image-steps/s =
 batch × steps / s. Numerics are compared on one forward pass with mixed timesteps, relative to the
@@ -50,11 +50,13 @@ import torch
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import PerSampleNoise, create_diffusion, guided_model, sample_loop
 from tqdit.models import build_dit
-from tqdit.quant import METHODS, QuantConfig, SearchConfig
-from tqdit.quant import fused_attention
-from tqdit.quant.fused_attention import use_fused_attention
+from tqdit.quant.config import CalibrationConfig
+from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.search import SearchConfig
+from tqdit.kernels import fused_attention
+from tqdit.kernels.fused_attention import use_fused_attention
 from tqdit.quant.layers import prepare_for_compile
-from tqdit.quant.lowbit import to_low_bit, weight_bytes
+from tqdit.kernels.lowbit import to_low_bit, weight_bytes
 from tqdit.utils import atomic_write_json
 
 RUNS = ["fp_eager", "fp_compiled", "fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager",
@@ -187,7 +189,7 @@ def main() -> None:
     print(f"[{time.perf_counter() - started:.0f} s] calibration data captured", flush=True)
 
     def calibrate(method: str, scope: str = "blocks"):
-        cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, time_groups=args.groups, num_inputs=64, scope=scope,
+        cfg = CalibrationConfig(w_bits=args.bits, a_bits=args.bits, time_groups=args.groups, num_inputs=64, scope=scope,
                           search=SearchConfig(criterion="minmax", batch=32))
         quantized, cost = METHODS[method](copy.deepcopy(fp), calib, cfg)
         results[f"calibration_s_{method}_{scope}"] = cost["calibration_s"]

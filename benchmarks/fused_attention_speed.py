@@ -1,5 +1,5 @@
 """Quantized attention alone at DiT-XL/2 shapes: FP SDPA vs the explicit fake-quantized path vs the
-fused Triton kernel (tqdit/quant/fused_attention.py) at several tile configurations, and the kernel
+fused Triton kernel (tqdit/kernels/fused_attention.py) at several tile configurations, and the kernel
 with its operands left unquantized (where its time goes).
 
     python benchmarks/fused_attention_speed.py [--batch 256] [--out attention.json]
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tqdit.models.dit import Attention
-from tqdit.quant import fused_attention
+from tqdit.kernels import fused_attention
 from tqdit.quant.layers import QuantMatMul
 from tqdit.quant.quantizers import SoftmaxMRQ, TimeGroupContext, UniformQuantizer
 from tqdit.utils import atomic_write_json

@@ -7,7 +7,7 @@ random data:
 
 - ``bf16``: ``torch.mm``;
 - ``fp8_rowwise``: ``torch._scaled_mm`` with a (tokens, 1) × (1, out) scale pair (one scale per
-  sample's row and per output channel, what :class:`tqdit.quant.lowbit.Fp8Linear` needs);
+  sample's row and per output channel, what :class:`tqdit.kernels.lowbit.Fp8Linear` needs);
   ``fp8_tensorwise_gemm_only`` with unit scalar scales (``fp8_tensorwise_bias`` with a bias too: the
   faster form, which would need one weight scale per tensor — docs/performance.md on its FID
   cost), and ``fp8_tensorwise_plus_scaling`` with the per-row and per-channel scales then applied
@@ -16,14 +16,14 @@ random data:
   with the bias added by a separate pass (what Fp8Linear does where the epilogue cannot);
   ``bf16_bias``: ``F.linear`` with a bias;
 - ``int8_int_mm``: ``torch._int_mm`` (int32 out, no scales: PyTorch's own int8 GEMM);
-- ``int8_tqdit``: :func:`tqdit.quant.int8_gemm.int8_linear` as :class:`tqdit.quant.lowbit.Int8Linear`
+- ``int8_tqdit``: :func:`tqdit.kernels.int8_gemm.int8_linear` as :class:`tqdit.kernels.lowbit.Int8Linear`
   calls it (per-sample input scale and offset, per-channel weight scale, bias, bf16 out, symmetric
   weights; autotuned tiling, reported) and ``int8_tqdit_asymmetric_weights`` (the Σa correction on).
 
 At fc1's shape also fc1 → GELU → fc2's FP8 input (``fc1_gelu_to_fp8``): ``unfused`` is
 ``fp8_rowwise_bias`` followed by the compiled GELU + per-sample quantization kernel (what two
-:class:`~tqdit.quant.lowbit.Fp8Linear` compile to), ``fused`` is
-:func:`tqdit.quant.fp8_gemm.fp8_linear_gelu` (one kernel, autotuned; every tiling is timed too).
+:class:`~tqdit.kernels.lowbit.Fp8Linear` compile to), ``fused`` is
+:func:`tqdit.kernels.fp8_gemm.fp8_linear_gelu` (one kernel, autotuned; every tiling is timed too).
 
 Each int8 and fused-FP8 result is checked against the same arithmetic in PyTorch ops. Median of
 ``triton.testing.do_bench``; TFLOP/s (TOP/s for int8) = 2·M·N·K / s. Results are written after
@@ -39,7 +39,7 @@ import sys
 import torch
 
 from tqdit.models.dit import gelu_tanh
-from tqdit.quant import fp8_gemm, int8_gemm
+from tqdit.kernels import fp8_gemm, int8_gemm
 from tqdit.utils import atomic_write_json
 
 SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}

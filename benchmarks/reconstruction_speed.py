@@ -27,7 +27,10 @@ import torch
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
 from tqdit.models import build_dit, load_model
-from tqdit.quant import METHODS, QuantConfig, QuantLinear, SearchConfig
+from tqdit.quant.config import CalibrationConfig
+from tqdit.quant.layers import QuantLinear
+from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.search import SearchConfig
 from tqdit.quant.reconstruct import ReconConfig
 from tqdit.utils import atomic_write_json
 
@@ -52,7 +55,7 @@ def agreement(a: dict, b: dict) -> float:
 
 
 def measure(model, calib, method: str, recon: ReconConfig, scope, device, keep: dict | None = None) -> dict:
-    cfg = QuantConfig(
+    cfg = CalibrationConfig(
         w_bits=8,
         a_bits=8,
         scope=scope,

@@ -9,7 +9,11 @@ from scipy import stats
 
 from tqdit.data.calibration import CalibrationSpec, capture, ndtc_steps, select_ndtc, select_uniform_steps
 from tqdit.diffusion import create_diffusion
-from tqdit.quant import METHODS, QuantConfig, QuantLinear, SearchConfig, load_quant_state, quantizers, save_quant_state
+from tqdit.quant.config import CalibrationConfig
+from tqdit.quant.layers import quantizers, QuantLinear
+from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.search import SearchConfig
+from tqdit.quant.state import load_quant_state, save_quant_state
 from tqdit.quant.calibrate import calibrate
 from tqdit.quant.methods.ptq4dit import balancing_factors, fold_adaln, salience_balance
 from tqdit.quant.reconstruct import AdaRoundWeight, ReconConfig, reconstruct_blocks
@@ -165,7 +169,7 @@ def test_adaround_starts_at_the_fp_weight():
 def test_reconstruction_rounds_to_floor_or_ceil_and_lowers_block_error(setting):
     model, calib = setting
     quantized = copy.deepcopy(model)
-    cfg = QuantConfig(w_bits=4, a_bits=8, weight_symmetric=False, num_inputs=36, search=SearchConfig(criterion="lp", candidates=20))
+    cfg = CalibrationConfig(w_bits=4, a_bits=8, weight_symmetric=False, num_inputs=36, search=SearchConfig(criterion="lp", candidates=20))
     index = np.arange(len(calib))[::2]
     calibrate(quantized, calib, cfg, progress=False, index=index)
     start = {name: (m.weight.detach().clone(), m.weight_quant.scale[0].clone(), m.weight_quant.zero_point[0].clone())
@@ -190,9 +194,8 @@ def test_reconstruction_rounds_to_floor_or_ceil_and_lowers_block_error(setting):
 
 def baseline(method, setting, bits=8, **params):
     model, calib = setting
-    cfg = QuantConfig(w_bits=bits, a_bits=bits, num_inputs=24, capture_batch=8, params=params,
-                      search=SearchConfig(criterion="lp", candidates=20), recon=ReconConfig(iters=60, act_iters=20, batch=8))
-    quantized, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
+    cfg = config_from_settings(method, dict(w_bits=bits, a_bits=bits, num_inputs=24, capture_batch=8, search=SearchConfig(criterion="lp", candidates=20), recon=ReconConfig(iters=60, act_iters=20, batch=8)), params)
+    quantized, cost = quantize(copy.deepcopy(model), calib, cfg)
     return model, quantized, cost, calib
 
 
@@ -211,9 +214,9 @@ def test_baselines_quantize_every_scoped_layer(method, setting):
 def test_reconstruction_leaves_blocks_outside_the_scope_alone(method, setting):
     # a scope of one block's layers: the other block has nothing to reconstruct and stays FP
     model, calib = setting
-    cfg = QuantConfig(w_bits=6, a_bits=6, scope=["blocks.0.*"], num_inputs=24, capture_batch=8,
-                      search=SearchConfig(criterion="lp", candidates=20), recon=ReconConfig(iters=20, act_iters=10, batch=8))
-    quantized, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
+    cfg = config_from_settings(method, dict(w_bits=6, a_bits=6, scope=["blocks.0.*"], num_inputs=24, capture_batch=8,
+                      search=SearchConfig(criterion="lp", candidates=20), recon=ReconConfig(iters=20, act_iters=10, batch=8)), {})
+    quantized, cost = quantize(copy.deepcopy(model), calib, cfg)
     names = [name for name, _ in quantizers(quantized)]
     assert names and all(name.startswith("blocks.0.") for name in names)
     recon = cost["reconstruction"]
@@ -245,7 +248,7 @@ def test_zero_activation_iterations_keep_the_initial_steps(setting):
     Zero iterations now mean the step phase is off: every activation step stays at its Lp initialisation
     while the rounding is still learned (the weights move to their reconstructed grid points)."""
     model, calib = setting
-    cfg = QuantConfig(w_bits=6, a_bits=6, weight_symmetric=False, num_inputs=24, capture_batch=8,
+    cfg = CalibrationConfig(w_bits=6, a_bits=6, weight_symmetric=False, num_inputs=24, capture_batch=8,
                       search=SearchConfig(criterion="lp", candidates=20))
     index = np.arange(len(calib))[::3]
     quantized = copy.deepcopy(model)

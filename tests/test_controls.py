@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tqdit.quant import METHODS, QuantConfig, SearchConfig, UniformQuantizer, quantizers
+from tqdit.quant.config import CalibrationConfig
+from tqdit.quant.layers import quantizers
+from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.quantizers import UniformQuantizer
+from tqdit.quant.search import SearchConfig
 from tqdit.quant.quantizers import hash_uniform
 
 from tqdit.data.calibration import CalibrationSpec, capture
@@ -73,9 +77,9 @@ def sixteen_and_eight_bits():
     calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
     models = []
     for bits in (16, 8):
-        cfg = QuantConfig(w_bits=bits, a_bits=bits, num_inputs=len(calib.t), capture_batch=16,
-                          search=SearchConfig(criterion="lp", candidates=20))
-        models.append(METHODS["uniform"](copy.deepcopy(fp), calib, cfg))
+        cfg = config_from_settings("uniform", dict(w_bits=bits, a_bits=bits, num_inputs=len(calib.t), capture_batch=16,
+                          search=SearchConfig(criterion="lp", candidates=20)), {})
+        models.append(quantize(copy.deepcopy(fp), calib, cfg))
     return fp, calib, models
 
 
@@ -96,7 +100,7 @@ def test_noise_control_keeps_uniforms_grids_under_an_output_criterion_and_reload
     """The search runs with rounding, then the quantizers add noise: under the Hessian criterion too
     the steps are uniform's. Mutation caught: building the noise quantizers before the search (it then
     scores candidates beside the other operand's noise: 19 of 28 steps differed at W6)."""
-    from tqdit.quant import load_quant_state, save_quant_state
+    from tqdit.quant.state import load_quant_state, save_quant_state
 
     fp, uniform, _, _, diffusion = calibrated("uniform", bits=6, search="hessian")
     _, noise, _, calib, _ = calibrated("noise", bits=6, search="hessian")
@@ -126,8 +130,8 @@ def test_each_quantizer_draws_its_own_noise(noise_and_uniform):
 
 
 def test_noise_control_refuses_low_bit_kernels(noise_and_uniform):
-    from tqdit.quant import fused_attention
-    from tqdit.quant.lowbit import to_low_bit
+    from tqdit.kernels import fused_attention
+    from tqdit.kernels.lowbit import to_low_bit
 
     _, _, noise, _ = noise_and_uniform
     with pytest.raises(ValueError, match="no low-bit form"):

@@ -1,4 +1,4 @@
-"""The fused quantized attention kernel (tqdit/quant/fused_attention.py) computes the explicit path's function.
+"""The fused quantized attention kernel (tqdit/kernels/fused_attention.py) computes the explicit path's function.
 
 On the CPU the Triton kernel runs under Triton's interpreter (conftest sets TRITON_INTERPRET=1
 when no GPU is present); on a GPU the same tests run compiled, plus one at DiT-XL/2's shapes.
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from test_lowbit import calibrated
 from tqdit.models.dit import Attention
-from tqdit.quant import fused_attention
-from tqdit.quant.fused_attention import use_fused_attention
+from tqdit.kernels import fused_attention
+from tqdit.kernels.fused_attention import use_fused_attention
 from tqdit.quant.layers import QuantMatMul
 from tqdit.quant.quantizers import SoftmaxMRQ, TimeGroupContext, UniformQuantizer
 

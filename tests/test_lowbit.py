@@ -1,4 +1,4 @@
-"""Real low-bit inference (tqdit/quant/lowbit.py, tqdit/quant/int8_gemm.py): the int8 matmul path
+"""Real low-bit inference (tqdit/kernels/lowbit.py, tqdit/kernels/int8_gemm.py): the int8 matmul path
 (PyTorch ops and the Triton kernel, the latter in Triton's interpreter on the CPU), int8 weight
 storage, and FP8 matmuls on a GPU."""
 
@@ -14,11 +14,13 @@ from test_pipeline import ROOT
 from test_quant import tiny_dit
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
-from tqdit.quant import METHODS, QuantConfig, SearchConfig
+from tqdit.quant.config import CalibrationConfig
+from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.search import SearchConfig
 from tqdit.quant.layers import QuantLinear, quantizers
 from tqdit.quant.quantizers import UniformQuantizer
-from tqdit.quant import fp8_gemm, int8_gemm
-from tqdit.quant.lowbit import Fp8Linear, Fp8Mlp, Int8Linear, Int8WeightLinear, fp8_supported, to_low_bit, weight_bytes
+from tqdit.kernels import fp8_gemm, int8_gemm
+from tqdit.kernels.lowbit import Fp8Linear, Fp8Mlp, Int8Linear, Int8WeightLinear, fp8_supported, to_low_bit, weight_bytes
 from tqdit.quant.reconstruct import ReconConfig
 
 
@@ -36,10 +38,10 @@ def calibrated(method: str, device: str = "cpu", dtype=torch.float32, scope: str
     torch.manual_seed(0)
     fp = tiny_dit().to(device=device, dtype=dtype)
     calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
-    search = "lp" if method in ("ptq4dit", "qdiffusion") else "mse"
-    cfg = QuantConfig(w_bits=8, a_bits=8, time_groups=2, num_inputs=12, capture_batch=8, scope=scope, recon=ReconConfig(iters=20, act_iters=10, batch=8),
-                      search=SearchConfig(criterion=search, candidates=20, rounds=1))
-    quantized, _ = METHODS[method](copy.deepcopy(fp), calib, cfg)
+    search = METHODS[method].fixed_search or "mse"
+    cfg = config_from_settings(method, dict(w_bits=8, a_bits=8, time_groups=2, num_inputs=12, capture_batch=8, scope=scope, recon=ReconConfig(iters=20, act_iters=10, batch=8),
+                      search=SearchConfig(criterion=search, candidates=20, rounds=1)), {})
+    quantized, _ = quantize(copy.deepcopy(fp), calib, cfg)
     return fp, quantized, calib
 
 

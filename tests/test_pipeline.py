@@ -100,7 +100,7 @@ def test_bad_config_is_refused_before_any_work(override, message):
 
 def test_quantized_attention_is_fused_only_where_it_is_faster():
     from tqdit.pipeline.job import fused_attention_wanted
-    from tqdit.quant import fused_attention
+    from tqdit.kernels import fused_attention
 
     cuda, cpu, bf16, fp32 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16, torch.float32
     # eager bf16 on a GPU: the Triton kernel (where Triton is installed)

@@ -10,9 +10,13 @@ import torch.nn.functional as F
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import PerSampleNoise, create_diffusion, guided_model, sample_loop
 from tqdit.models import DiT
-from tqdit.quant import (METHODS, GeluMRQ, QuantConfig, QuantLinear, QuantMatMul, SearchConfig, SoftmaxMRQ,
-                         UniformQuantizer, group_table, load_quant_state, quantizers, resolve_scope, save_quant_state,
-                         wrap)
+from tqdit.quant.config import CalibrationConfig
+from tqdit.quant.layers import quantizers, QuantLinear, QuantMatMul
+from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, UniformQuantizer
+from tqdit.quant.search import SearchConfig
+from tqdit.quant.state import load_quant_state, save_quant_state
+from tqdit.quant.wrapping import group_table, resolve_scope, wrap
 from tqdit.quant.layers import quantization_disabled
 from tqdit.quant.search import linear_problem, search_layer
 
@@ -103,7 +107,7 @@ def test_time_groups_follow_the_sampling_steps(steps):
     model = tiny_dit(depth=1)
     diffusion = create_diffusion(steps)
     for groups in sorted({1, 5, 10, 25, steps}):
-        cfg = QuantConfig(w_bits=8, a_bits=8, time_groups=groups)
+        cfg = CalibrationConfig(w_bits=8, a_bits=8, time_groups=groups)
         quantized = tiny_dit(depth=1)
         wrap(quantized, cfg, diffusion.timesteps)
         seen = {}
@@ -135,8 +139,8 @@ def test_a_copy_of_a_time_grouped_model_follows_its_own_timesteps():
     torch.manual_seed(0)
     fp = tiny_dit()
     calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
-    cfg = QuantConfig(time_groups=2, num_inputs=12, capture_batch=8, search=SearchConfig(criterion="minmax"))
-    quantized, _ = METHODS["tgq"](copy.deepcopy(fp), calib, cfg)
+    cfg = config_from_settings("tgq", dict(time_groups=2, num_inputs=12, capture_batch=8, search=SearchConfig(criterion="minmax")), {})
+    quantized, _ = quantize(copy.deepcopy(fp), calib, cfg)
     clean, noisy = calib.step == 0, calib.step == 5  # time groups 0 and 1
     x, t, y = calib.x, calib.t, calib.y
     with torch.no_grad():
@@ -188,9 +192,9 @@ def calibrated(method: str, bits: int = 8, groups: int = 2, search: str = "hessi
     model = tiny_dit()
     diffusion = create_diffusion(6)
     calib = capture(model, diffusion, CalibrationSpec(num_samples=4, cfg_scale=1.5))
-    cfg = QuantConfig(w_bits=bits, a_bits=bits, time_groups=groups, num_inputs=12, capture_batch=8,
-                      search=SearchConfig(criterion=search, candidates=20, rounds=2))
-    quantized, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
+    cfg = config_from_settings(method, dict(w_bits=bits, a_bits=bits, time_groups=groups, num_inputs=12, capture_batch=8,
+                      search=SearchConfig(criterion=search, candidates=20, rounds=2)), {})
+    quantized, cost = quantize(copy.deepcopy(model), calib, cfg)
     return model, quantized, cost, calib, diffusion
 
 
@@ -330,15 +334,14 @@ def test_compile_ready_quantization_computes_the_same_outputs(method):
     eagerly and under torch.compile (whole graph, every method); single-group batches (sampling) and
     mixed ones (calibration)."""
     from tqdit.quant.layers import prepare_for_compile
-    from tqdit.quant.methods import FIXED_SEARCH
     from tqdit.quant.reconstruct import ReconConfig
 
     torch.manual_seed(0)
     fp = tiny_dit()
     calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
-    cfg = QuantConfig(w_bits=6, a_bits=6, time_groups=2, num_inputs=12, capture_batch=8, recon=ReconConfig(iters=20, act_iters=10, batch=8),
-                      search=SearchConfig(criterion=FIXED_SEARCH.get(method, "hessian"), candidates=20, rounds=1))
-    quantized, _ = METHODS[method](copy.deepcopy(fp), calib, cfg)
+    cfg = config_from_settings(method, dict(w_bits=6, a_bits=6, time_groups=2, num_inputs=12, capture_batch=8, recon=ReconConfig(iters=20, act_iters=10, batch=8),
+                      search=SearchConfig(criterion=METHODS[method].fixed_search or "hessian", candidates=20, rounds=1)), {})
+    quantized, _ = quantize(copy.deepcopy(fp), calib, cfg)
     one_step = calib.t == calib.t[0]
     with torch.no_grad():
         python_lookup_single = quantized(calib.x[one_step], calib.t[one_step], calib.y[one_step])

@@ -15,9 +15,14 @@ import torch.nn.functional as F
 from test_quant import tiny_dit
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
-from tqdit.quant import (METHODS, QuantConfig, QuantLinear, QuantMatMul, SearchConfig, SoftmaxMRQ,
-                         TimeGroupContext, UniformQuantizer, group_table, wrap)
-from tqdit.quant.calibrate import capture_unit, unit_of
+from tqdit.quant.config import CalibrationConfig
+from tqdit.quant.layers import QuantLinear, QuantMatMul
+from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.quantizers import SoftmaxMRQ, TimeGroupContext, UniformQuantizer
+from tqdit.quant.search import SearchConfig
+from tqdit.quant.wrapping import group_table, wrap
+from tqdit.models.adapters import TQDIT
+from tqdit.quant.capture import capture_unit
 from tqdit.quant.search import linear_problem, matmul_problem, search_layer
 
 STEPS, GROUPS, BITS = 6, 3, 8
@@ -60,9 +65,9 @@ def grouped_calibration():
     torch.manual_seed(0)
     fp = tiny_dit()
     calib = capture(fp, create_diffusion(STEPS), CalibrationSpec(num_samples=4, cfg_scale=1.5))
-    cfg = QuantConfig(w_bits=BITS, a_bits=BITS, time_groups=GROUPS, num_inputs=len(calib), capture_batch=16,
-                      search=SearchConfig(criterion="minmax"))
-    quantized, cost = METHODS["tgq"](copy.deepcopy(fp), calib, cfg)
+    cfg = config_from_settings("tgq", dict(w_bits=BITS, a_bits=BITS, time_groups=GROUPS, num_inputs=len(calib), capture_batch=16,
+                      search=SearchConfig(criterion="minmax")), {})
+    quantized, cost = quantize(copy.deepcopy(fp), calib, cfg)
     assert cost["calibration_inputs"] == len(calib)
     return fp, quantized, calib
 
@@ -195,14 +200,14 @@ def test_captured_gradients_belong_to_their_own_inputs():
     torch.manual_seed(0)
     fp = tiny_dit()
     quantized = copy.deepcopy(fp).requires_grad_(False)
-    names = wrap(quantized, QuantConfig(), create_diffusion(STEPS).timesteps)
+    names = wrap(quantized, CalibrationConfig(), create_diffusion(STEPS).timesteps)
     n = 7
     x, t, y = torch.randn(n, 1, 8, 8), torch.randint(0, 1000, (n,)), torch.randint(0, 4, (n,))
     probes = torch.randn(n, fp.out_channels, 8, 8)
     for block in fp.blocks:
         block.attn.fused = False
     for unit in ("blocks.0", "blocks.1"):
-        members = [name for name in names if unit_of(name) == unit]
+        members = [name for name in names if TQDIT.unit_of(name) == unit]
         records = capture_unit(quantized, unit, members, x, t, y, probes, need_grads=True, batch=3)
         for i in range(n):  # independent: one input, one backward, the layer outputs' own .grad
             outputs, handles = {}, []

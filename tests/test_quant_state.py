@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from tqdit.errors import TqditError
-from tqdit.quant import load_quant_state, quantizers, save_quant_state, wrap
+from tqdit.quant.layers import quantizers
+from tqdit.quant.state import load_quant_state, save_quant_state
+from tqdit.quant.wrapping import wrap
 from tqdit.quant.layers import QuantLinear, prepare_for_compile
 
 from test_quant import calibrated

@@ -1,4 +1,4 @@
-"""The fused reconstruction kernels (tqdit/quant/recon_kernels.py) against the torch-op references.
+"""The fused reconstruction kernels (tqdit/kernels/recon.py) against the torch-op references.
 
 On the CPU they run under Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU); on a
 GPU compiled. Each test checks values and gradients with an upstream gradient of random signs, on
@@ -8,7 +8,7 @@ sizes that are not multiples of the kernels' block, with the clamps exercised.
 import pytest
 import torch
 
-from tqdit.quant import recon_kernels
+from tqdit.kernels import recon as recon_kernels
 from tqdit.quant.quantizers import UniformQuantizer
 from tqdit.quant.reconstruct import GAMMA, ZETA, AdaRoundWeight, lsq_fake_quant
 

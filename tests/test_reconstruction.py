@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tqdit.quant import QuantConfig, QuantLinear, SearchConfig
+from tqdit.quant.config import CalibrationConfig
+from tqdit.quant.layers import QuantLinear
+from tqdit.quant.search import SearchConfig
 from tqdit.quant.calibrate import calibrate
 import tqdit.quant.reconstruct as recon_module
 from tqdit.quant.reconstruct import BlockCheckpoints, ReconConfig, lsq_fake_quant, reconstruct_blocks
@@ -21,7 +23,7 @@ SHORT = dict(iters=40, act_iters=30, batch=8, lr=2e-2, warmup=0.25)
 def initialised(setting, bits=4):
     model, calib = setting
     quantized = copy.deepcopy(model)
-    cfg = QuantConfig(
+    cfg = CalibrationConfig(
         w_bits=bits,
         a_bits=8,
         weight_symmetric=False,

@@ -16,7 +16,9 @@ from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
 from tqdit.models import load_model
 from tqdit.pipeline.generate import generate
-from tqdit.quant import METHODS, QuantConfig, SearchConfig
+from tqdit.quant.config import CalibrationConfig
+from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.search import SearchConfig
 
 from test_quant import tiny_dit
 
@@ -197,9 +199,9 @@ def test_nan_in_calibration_names_the_layer_and_time_group():
     calib = capture(model, diffusion, CalibrationSpec(num_samples=4, cfg_scale=1.5))
     poisoned = calib.step == 5  # the noisiest step: time group 1 of 2
     calib.x[poisoned] = float("nan")
-    cfg = QuantConfig(time_groups=2, num_inputs=48, search=SearchConfig(criterion="mse", candidates=5, rounds=1))
+    cfg = config_from_settings("tgq", dict(time_groups=2, num_inputs=48, search=SearchConfig(criterion="mse", candidates=5, rounds=1)), {})
     with pytest.raises(FloatingPointError, match=r"blocks\.0\.attn\.qkv sees NaN/Inf values \(time group 1"):
-        METHODS["tgq"](copy.deepcopy(model), calib, cfg)
+        quantize(copy.deepcopy(model), calib, cfg)
 
 
 @pytest.mark.parametrize("override,message", [

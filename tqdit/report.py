@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tqdit.quant.methods import RECONSTRUCTS, USES_TIME_GROUPS
+from tqdit.quant.methods import METHODS
 
 METRICS = ["fid", "sfid", "is", "precision", "recall"]
 # Columns every table has (the notebooks read them), then every other setting that varies.
@@ -92,13 +92,14 @@ def setting_of(config: dict, device_type: str | None) -> dict:
     flat = {key: canonical(value) for key, value in flatten(config).items() if is_setting(key)}
     flat = with_added_keys(flat)
     method = flat.get("quant.name")
+    record = METHODS.get(method)
     for key in flat:
         quant_side = key in QUANT_KEYS or key.startswith("quant.")
         if method == "fp" and quant_side and key != "quant.name":
             flat[key] = BLANK
-        elif method not in USES_TIME_GROUPS and (key == "groups" or key == "quant.grouped"):
+        elif not (record and record.uses_time_groups) and (key == "groups" or key == "quant.grouped"):
             flat[key] = BLANK
-        elif method not in RECONSTRUCTS and key.startswith("quant.recon."):
+        elif not (record and record.reconstructs) and key.startswith("quant.recon."):
             flat[key] = BLANK
     flat["device"] = device_type or BLANK
     return flat

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from tqdit.metrics.features import RoleFeatureExtractor
+from tqdit.metrics.base import RoleFeatureExtractor
 
 FEATURE_EXTRACTOR_NAME = "tqdit-mnist"
 SPATIAL_CHANNELS = 4
@@ -78,12 +77,3 @@ class DigitFeatureExtractor(RoleFeatureExtractor):
     def roles(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pool, logits, spatial = self.classifier.features(uint8_to_input(images))
         return pool, logits, spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
-
-
-def register() -> None:
-    """Make ``tqdit-mnist`` known to torch-fidelity (idempotent)."""
-    if FEATURE_EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(FEATURE_EXTRACTOR_NAME, DigitFeatureExtractor)
-
-
-register()

@@ -4,46 +4,28 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 from tqdm.auto import tqdm
 
+from tqdit.metrics.base import FEATURES
+from tqdit.metrics import classifier, inception
 from tqdit.utils import sha256_file
 
-FEATURES = ("pool", "logits", "spatial")  # roles: FID & precision/recall, IS, sFID
+# tqdit's feature networks, by torch-fidelity registry name (registered on first use, once).
+EXTRACTORS = {classifier.FEATURE_EXTRACTOR_NAME: classifier.DigitFeatureExtractor,
+              inception.FEATURE_EXTRACTOR_NAME: inception.InceptionFeatureExtractor}
 
 
-class RoleFeatureExtractor(FeatureExtractorBase):
-    """A torch-fidelity feature extractor providing the ADM evaluator's three roles (FEATURES).
-
-    Subclasses implement ``roles(images) -> (pool, logits, spatial)`` and ``get_dummy_input_for_compile``.
-    """
-
-    @staticmethod
-    def get_provided_features_list():
-        return FEATURES
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    def roles(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        by_name = dict(zip(FEATURES, self.roles(images)))
-        return tuple(by_name[name] for name in self.features_list)
-
+def register_extractors() -> None:
+    """Make tqdit's feature networks known to torch-fidelity's registry (idempotent)."""
+    for name, extractor in EXTRACTORS.items():
+        if name not in FEATURE_EXTRACTORS_REGISTRY:
+            register_feature_extractor(name, extractor)
 
 def build_extractor(name: str, device: torch.device, weights_path: str | None = None):
     """A torch-fidelity feature extractor by registry name, on ``device``, providing FEATURES."""
-    import tqdit.metrics.classifier  # noqa: F401  (registers tqdit-mnist)
-    import tqdit.metrics.inception  # noqa: F401  (registers tqdit-inception-v3)
-
+    register_extractors()
     extractor = create_feature_extractor(name, list(FEATURES), cuda=False, verbose=False, feature_extractor_weights_path=weights_path)
     return extractor.to(device).eval()
 

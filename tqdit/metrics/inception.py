@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from tqdit.errors import TqditError
-from tqdit.metrics.features import RoleFeatureExtractor
+from tqdit.metrics.base import RoleFeatureExtractor
 
 FEATURE_EXTRACTOR_NAME = "tqdit-inception-v3"
 INCEPTION_URL = URL_INCEPTION_V3
@@ -114,12 +113,3 @@ def save_random_weights(path: str | Path, seed: int = 0) -> None:
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     torch.save(net.state_dict(), path)
-
-
-def register() -> None:
-    """Make ``tqdit-inception-v3`` known to torch-fidelity (idempotent)."""
-    if FEATURE_EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(FEATURE_EXTRACTOR_NAME, InceptionFeatureExtractor)
-
-
-register()

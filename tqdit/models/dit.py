@@ -6,7 +6,7 @@ Attention has two paths: PyTorch's fused ``scaled_dot_product_attention`` (fast,
 explicit one (q·kᵀ, softmax, ·V through two :class:`MatMul` modules) that quantizers switch on to
 reach both operands of each matmul, the post-softmax values included. A quantized model can set
 ``Attention.kernel`` to compute the explicit path's function in one kernel
-(:mod:`tqdit.quant.fused_attention`).
+(:mod:`tqdit.kernels.fused_attention`).
 """
 
 from __future__ import annotations

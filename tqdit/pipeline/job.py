@@ -35,14 +35,15 @@ from tqdit.models.vae import VAE_REPOS, latent_decoder, load_vae
 from tqdit.pipeline import distributed
 from tqdit.pipeline.generate import finished_batches, generate, merge_shards
 from tqdit.pipeline.tracking import log_to_wandb
-from tqdit.quant import METHODS, USES_TIME_GROUPS, QuantConfig, SearchConfig, load_quant_state, resolve_scope, save_quant_state
-from tqdit.quant.calibrate import method_settings
+from tqdit.kernels import fused_attention
+from tqdit.kernels.lowbit import fp8_supported, to_low_bit, weight_bytes
+from tqdit.quant.config import MethodConfig
 from tqdit.quant.layers import activation_ranges, prepare_for_compile
-from tqdit.quant import fused_attention
-from tqdit.quant.lowbit import fp8_supported, to_low_bit, weight_bytes
-from tqdit.quant.methods import FIXED_SEARCH, RECONSTRUCTS, SETTINGS
+from tqdit.quant.methods import METHODS, config_from_settings, quantize
 from tqdit.quant.reconstruct import ENGINES, PRECISIONS, ReconConfig
-from tqdit.quant.state import saved_metadata
+from tqdit.quant.search import SearchConfig
+from tqdit.quant.state import load_quant_state, save_quant_state, saved_metadata
+from tqdit.quant.wrapping import resolve_scope
 from tqdit.report import setting_of, with_added_keys
 from tqdit.utils import (atomic_write_bytes, atomic_write_json, keep_freed_memory, resolve_device,
                          resolve_dtype)
@@ -82,24 +83,16 @@ def validate(cfg: DictConfig) -> None:
         value = cfg[key]
         check(isinstance(value, int) and not isinstance(value, bool) and (2 <= value <= 8 or value == 16),
               f"{key}={value} must be an integer bit width from 2 to 8 (or 16 as a no-op check); set bits= or {key}=")
-    if quant.name in ("mrq", "mrq_tgq"):
-        check(cfg.a_bits >= 3, f"a_bits={cfg.a_bits}: multi-region quantization needs at least 3 bits (one selects the region)")
-    if quant.name in USES_TIME_GROUPS:
+    if quant.name in METHODS and METHODS[quant.name].uses_time_groups:
         steps = len(space_timesteps(1000, cfg.sampler.steps))
         check(isinstance(cfg.groups, int) and 1 <= cfg.groups <= steps,
               f"groups={cfg.groups} must be an integer from 1 to the number of sampling steps ({steps})")
     check(quant.search in ("hessian", "mse", "lp", "minmax", "percentile"),
           f"quant.search={quant.search} is unknown: use hessian, mse, lp, minmax or percentile")
-    fixed = FIXED_SEARCH.get(quant.name)
+    fixed = METHODS[quant.name].fixed_search
     check(fixed is None or quant.search == fixed,
-          f"quant.search={quant.search}: {quant.name} chooses its scales by {fixed} as its paper does; drop quant.search= or use quant=uniform")
-    if quant.name in SETTINGS:
-        try:
-            method_settings(SETTINGS[quant.name], OmegaConf.to_container(quant.params), quant.name)
-        except (TypeError, ValueError) as error:
-            raise TqditError(str(error)) from None
-    elif quant.params:
-        raise TqditError(f"quant.params={OmegaConf.to_container(quant.params)}: quant={quant.name} takes no method parameters; remove them")
+          f"quant.search={quant.search}: {quant.name} chooses its scales by {fixed} as its paper does; "
+          "drop quant.search= or use quant=uniform")
     recon = quant.recon
     check(all(isinstance(recon[k], int) and recon[k] >= 0 for k in ("iters", "act_iters")) and recon.batch >= 1,
           "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
@@ -107,6 +100,10 @@ def validate(cfg: DictConfig) -> None:
     check(isinstance(recon.log_every, int) and recon.log_every >= 1, "quant.recon.log_every must be a positive integer")
     check(recon.precision in PRECISIONS,
           f"quant.recon.precision={recon.precision} is unknown: use one of {', '.join(PRECISIONS)}")
+    try:
+        method_config(cfg)  # the method's config validates itself (bits, its own quant.params, ...)
+    except (TypeError, ValueError) as error:
+        raise TqditError(hydra_names(str(error))) from None
     check(quant.backend in ("simulated", "int8", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated, int8 or fp8")
     check(quant.attention in ("auto", "fused", "explicit"), f"quant.attention={quant.attention} is unknown: use auto, fused or explicit")
     if quant.attention == "fused" and quant.name != "fp":
@@ -132,18 +129,27 @@ def validate(cfg: DictConfig) -> None:
         check(isinstance(cfg.model.vae.decode_batch, int) and cfg.model.vae.decode_batch >= 1, "model.vae.decode_batch must be a positive integer")
 
 
-def quant_config(cfg: DictConfig) -> QuantConfig:
-    """The method-facing settings (plain dataclasses; methods never see Hydra)."""
+def hydra_names(message: str) -> str:
+    """A config class's message in the names the command line uses (``w_bits=`` stays, ``search=`` is
+    ``quant.search=``), without the class name."""
+    message = message.split(": ", 1)[1] if message.split(":")[0].endswith("Config") else message
+    for key in ("search", "scope", "grouped", "recon", "num_inputs", "capture_batch", "time_groups"):
+        message = message.replace(f" {key}=", f" quant.{key}=" if key != "time_groups" else " groups=")
+        message = message.replace(f" {key}.", f" quant.{key}.")
+    return message
+
+
+def method_config(cfg: DictConfig) -> MethodConfig:
+    """The method's own config from the Hydra tree (methods never see Hydra); validated when built."""
     q = cfg.quant
     scope = OmegaConf.to_container(q.scope) if OmegaConf.is_list(q.scope) else q.scope
     grouped = OmegaConf.to_container(q.grouped) if OmegaConf.is_list(q.grouped) else q.grouped
     search = SearchConfig(criterion=q.search, rounds=q.rounds, candidates=q.candidates, alpha_min=q.alpha_min,
                           alpha_max=q.alpha_max, p=q.p, percentile=q.percentile, batch=q.search_batch)
-    groups = cfg.groups if q.name in USES_TIME_GROUPS else 1
-    recon = ReconConfig(**OmegaConf.to_container(q.recon))
-    return QuantConfig(w_bits=cfg.w_bits, a_bits=cfg.a_bits, scope=scope, time_groups=groups, grouped=grouped,
-                       search=search, num_inputs=q.num_inputs, capture_batch=q.capture_batch, seed=q.seed,
-                       recon=recon, params=OmegaConf.to_container(q.params))
+    shared = dict(w_bits=cfg.w_bits, a_bits=cfg.a_bits, scope=scope, time_groups=cfg.groups, grouped=grouped,
+                  search=search, num_inputs=q.num_inputs, capture_batch=q.capture_batch, seed=q.seed,
+                  recon=ReconConfig(**OmegaConf.to_container(q.recon)))
+    return config_from_settings(q.name, shared, OmegaConf.to_container(q.params))
 
 
 def fused_attention_wanted(setting: str, device: torch.device, dtype: torch.dtype, compiled: bool) -> bool:
@@ -159,19 +165,20 @@ def fused_attention_wanted(setting: str, device: torch.device, dtype: torch.dtyp
 def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
     """Calibrate and quantize ``model`` in place (or load saved parameters); returns what results record."""
     method = cfg.quant.name
-    qcfg = quant_config(cfg)
-    record = {"method": method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "groups": qcfg.time_groups if method in USES_TIME_GROUPS else None,
-              "search": cfg.quant.search, "scope": qcfg.scope, "quantized_layers": 0}
+    config = method_config(cfg)
+    record = {"method": method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+              "groups": config.time_groups if METHODS[method].uses_time_groups else None,
+              "search": cfg.quant.search, "scope": config.scope, "quantized_layers": 0}
     if method == "fp":
         record.update(w_bits=None, a_bits=None, search=None, scope=None)
         return record
-    record["scope_layers"] = resolve_scope(model, qcfg.scope)
-    if method in SETTINGS:
-        record["params"] = qcfg.params
-    if method in RECONSTRUCTS:
-        record["recon"] = {k: v for k, v in asdict(qcfg.recon).items() if k != "checkpoint_dir"}
+    record["scope_layers"] = resolve_scope(model, config.scope)
+    if METHODS[method].own_settings:
+        record["params"] = config.own_settings()
+    if METHODS[method].reconstructs:
+        record["recon"] = {k: v for k, v in asdict(config.recon).items() if k != "checkpoint_dir"}
         # per-block state, so that a killed calibration resumes after its last finished block
-        qcfg = replace(qcfg, recon=replace(qcfg.recon, checkpoint_dir=str(job_dir / RECON_CHECKPOINTS)))
+        config = replace(config, recon=replace(config.recon, checkpoint_dir=str(job_dir / RECON_CHECKPOINTS)))
     saved = job_dir / "quant_params.safetensors"
     if not cfg.quant.load and saved.is_file():  # resuming this job: its calibration is finished
         _, _, info = load_quant_state(model, saved)
@@ -194,7 +201,7 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
     calib, cached = cached_capture(model, diffusion, spec, cfg.cache_dir)
     record["calibration_capture_s"] = round(time.perf_counter() - start, 2)
     record["calibration_set_cached"] = cached
-    _, cost = METHODS[method](model, calib, qcfg)
+    _, cost = quantize(model, calib, config)
     for name, value in cost.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise FloatingPointError(f"calibration produced a non-finite {name}")
@@ -284,7 +291,7 @@ def ignored_keys(method: str) -> set[str]:
     """Top-level config keys that mean nothing to ``method``: a sweep over them repeats identical jobs."""
     if method == "fp":
         return {"bits", "w_bits", "a_bits", "groups"}
-    return set() if method in USES_TIME_GROUPS else {"groups"}
+    return set() if METHODS[method].uses_time_groups else {"groups"}
 
 
 def identical_finished_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path) -> Path | None:

@@ -1,47 +1,15 @@
-"""Quantized layers and the layer scope shared by every method.
-
-``QuantLinear`` fake-quantizes its input (per-tensor, optionally per time group) and its weight
-(per output channel); ``QuantMatMul`` fake-quantizes both operands of an attention matmul. Which
-modules are wrapped is the scope: a list of module-name patterns, the same for every method.
+"""Quantized layers: ``QuantLinear`` fake-quantizes its input (per-tensor, optionally per time group)
+and its weight (per output channel); ``QuantMatMul`` fake-quantizes both operands of an attention
+matmul. Which modules are wrapped is decided in ``wrapping.py``.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from tqdit.models.dit import DiT, MatMul
-
-# Named scopes. Default "blocks": every Linear in the DiT blocks (qkv, proj, fc1, fc2, adaLN
-# modulation) and both attention matmuls (q·kᵀ and softmax·V, both operands). "all" adds the
-# timestep-embedder MLP and the final layer (adaLN and linear). The patch embedding, the label
-# table and the norms stay in floating point. "linears": the blocks' Linears only, attention in
-# floating point (its fused SDPA kernel) — the W8A8 setting of work that quantizes only the GEMMs.
-LINEARS = ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2", "blocks.*.adaLN_modulation.1"]
-SCOPES: dict[str, list[str]] = {
-    "blocks": LINEARS + ["blocks.*.attn.qk_matmul", "blocks.*.attn.av_matmul"],
-    "linears": LINEARS,
-    "tq_dit_code": ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2",
-                    "blocks.*.attn.qk_matmul", "blocks.*.attn.av_matmul", "final_layer.linear"],
-}
-SCOPES["all"] = SCOPES["blocks"] + ["t_embedder.mlp.0", "t_embedder.mlp.2", "final_layer.adaLN_modulation.1", "final_layer.linear"]
-
-
-def resolve_scope(model: nn.Module, scope: str | list[str]) -> list[str]:
-    """Names of the Linear/MatMul modules that ``scope`` (a SCOPES key or a pattern list) selects."""
-    patterns = SCOPES[scope] if isinstance(scope, str) and scope in SCOPES else scope
-    if isinstance(patterns, str):
-        raise ValueError(f"unknown quant.scope '{scope}': use one of {', '.join(SCOPES)} or a list of module-name patterns")
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, (nn.Linear, MatMul)) and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
-    if not names:
-        raise ValueError(f"quant.scope {list(patterns)} matches no Linear or attention matmul of the model")
-    return names
-
 
 class QuantLinear(nn.Module):
     """Linear with a fake-quantized input (``act``) and weight (``weight_quant``, per output channel).
@@ -118,13 +86,6 @@ def quantization_disabled(model: nn.Module, activations_only: bool = False):
             q.enabled = state
         for m, weight in frozen:
             m._frozen_weight = weight
-
-
-def use_explicit_attention(model: DiT) -> None:
-    """Quantized matmuls need the explicit attention path (the fused kernel hides them)."""
-    for block in model.blocks:
-        block.attn.fused = not any(isinstance(m, QuantMatMul) for m in (block.attn.qk_matmul, block.attn.av_matmul))
-        block.attn.kernel = None  # calibration reads the explicit path's matmul inputs; fuse only afterwards
 
 
 def activation_ranges(model: nn.Module) -> list[dict]:

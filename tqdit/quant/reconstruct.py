@@ -36,12 +36,22 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-from tqdit.quant import recon_kernels
+from tqdit.models.adapters import family_of
 from tqdit.quant.layers import QuantLinear, QuantMatMul, quantization_disabled
 from tqdit.quant.quantizers import UniformQuantizer
 from tqdit.utils import atomic_write_bytes
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
+
+
+def _fused(x: torch.Tensor):
+    """The fused Triton kernels (``tqdit.kernels.recon``) where they serve ``x`` (CUDA with Triton), else
+    None; looked up at call time, so the algorithm imports no kernel code on the CPU."""
+    if not x.is_cuda:
+        return None
+    from tqdit.kernels import recon
+
+    return recon if recon.available(x) else None
 
 
 @dataclass
@@ -113,8 +123,8 @@ class AdaRoundWeight(nn.Module):
         return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.hard and recon_kernels.available(self.v):  # one fused kernel each way on CUDA
-            soft = recon_kernels.soft_weight(
+        if not self.hard and _fused(self.v):  # one fused kernel each way on CUDA
+            soft = _fused(self.v).soft_weight(
                 self.v, self.floor, self.scale, self.zero_point, self.qmin, self.qmax, ZETA, GAMMA
             )
             return soft.to(weight.dtype)
@@ -123,8 +133,8 @@ class AdaRoundWeight(nn.Module):
         return ((codes - self.zero_point) * self.scale).to(weight.dtype)
 
     def rounding_loss(self, beta: torch.Tensor) -> torch.Tensor:
-        if recon_kernels.available(self.v):
-            return recon_kernels.rounding_penalty(self.v, beta, ZETA, GAMMA)
+        if _fused(self.v):
+            return _fused(self.v).rounding_penalty(self.v, beta, ZETA, GAMMA)
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
@@ -162,8 +172,8 @@ class LearnedStep(nn.Module):
         q = self.quantizer
         grad_factor = 1.0 / math.sqrt(x[0].numel() * max(q.qmax, 1))
         args = (self.step, self.zero_point, q.qmin, q.qmax, grad_factor)
-        if recon_kernels.available(x):
-            return recon_kernels.learned_step_quant(x, *args)
+        if _fused(x):
+            return _fused(x).learned_step_quant(x, *args)
         return lsq_fake_quant(x.float(), *args).to(x.dtype)
 
     def commit(self) -> None:
@@ -217,11 +227,23 @@ def _batched(fn, *tensors, batch: int) -> torch.Tensor:
 def block_inputs(
     model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, batch: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens entering block 0, conditioning c) for calibration inputs, computed as the model does."""
+    """(tokens entering block 0, what each block is given besides them: tqdit's DiT the conditioning
+    c = t_emb + y_emb, diffusers' the pair (t, y)) for calibration inputs, computed as the model does."""
+    embed = family_of(model).embed
     with torch.no_grad():
-        tokens = _batched(lambda xb: model.x_embedder(xb) + model.pos_embed, x, batch=batch)
-        cond = _batched(lambda tb, yb: model.t_embedder(tb) + model.y_embedder(yb, False), t, y, batch=batch)
-    return tokens, cond
+        parts = [embed(model, x[i : i + batch], t[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class BlockCall(nn.Module):
+    """One block called as its family calls it: ``(tokens, condition) -> tokens``."""
+
+    def __init__(self, block: nn.Module, run_block):
+        super().__init__()
+        self.block, self.run_block = block, run_block
+
+    def forward(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.run_block(self.block, tokens, condition)
 
 
 @dataclass
@@ -531,20 +553,21 @@ def reconstruct_blocks(
     checkpoints = None
     if cfg.checkpoint_dir is not None:
         checkpoints = BlockCheckpoints(cfg.checkpoint_dir, fingerprint(model, x, t, y, cfg, joint))
-    done = checkpoints.finished(len(model.blocks)) if checkpoints else 0
+    family = family_of(model)
+    blocks = family.blocks(model)
+    done = checkpoints.finished(len(blocks)) if checkpoints else 0
     with quantization_disabled(model):
         x_fp, cond_fp = block_inputs(model, x, t, y, batch)
     _, cond = block_inputs(model, x, t, y, batch)  # the timestep MLP may be quantized (scope "all")
     x_q = x_fp.clone()
     reports = []
-    for number, block in enumerate(
-        tqdm(model.blocks, desc="reconstruct", unit="block", disable=not progress)
-    ):
+    for number, stored in enumerate(tqdm(blocks, desc="reconstruct", unit="block", disable=not progress)):
+        block = BlockCall(stored, family.run_block)
         # the FP target, from the block before it is fitted
         with torch.no_grad(), quantization_disabled(model):
             target = _batched(block, x_fp, cond_fp, batch=batch)
         if number < done:
-            reports.append({**checkpoints.load(number, block, generator), "resumed": True})
+            reports.append({**checkpoints.load(number, stored, generator), "resumed": True})
             with torch.no_grad():
                 x_q = _batched(block, x_q, cond, batch=batch)
         elif any(isinstance(m, (QuantLinear, QuantMatMul)) for m in block.modules()):
@@ -561,6 +584,6 @@ def reconstruct_blocks(
                 error = float(lp_loss(x_q, target, 2.0))
             reports.append({"error_nearest": error, "error_after": error, "undecided_rounding": 0.0})
         if checkpoints and number >= done:
-            checkpoints.save(number, block, reports[-1], generator)
+            checkpoints.save(number, stored, reports[-1], generator)
         x_fp = target
     return reports

@@ -12,10 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from tqdit.errors import TqditError
-from tqdit.quant.calibrate import QuantConfig, wrap
+from tqdit.quant.config import CalibrationConfig
 from tqdit.quant.layers import QuantLinear, quantizers
 from tqdit.quant.reconstruct import ReconConfig
 from tqdit.quant.search import SearchConfig
+from tqdit.quant.wrapping import wrap
 from tqdit.utils import atomic_write_bytes
 
 
@@ -36,7 +37,7 @@ def save_quant_state(model, path: str | Path, method: str, timesteps: np.ndarray
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
-def load_quant_state(model, path: str | Path) -> tuple[str, QuantConfig, dict]:
+def load_quant_state(model, path: str | Path) -> tuple[str, CalibrationConfig, dict]:
     """Wrap ``model`` as recorded in ``path`` and load its calibrated parameters; returns (method, config, info)."""
     path = Path(path)
     if not path.is_file():
@@ -47,7 +48,7 @@ def load_quant_state(model, path: str | Path) -> tuple[str, QuantConfig, dict]:
     config = json.loads(metadata["config"])
     config["search"] = SearchConfig(**config["search"])
     config["recon"] = ReconConfig(**config.get("recon", {}))
-    cfg = QuantConfig(**config)
+    cfg = CalibrationConfig(**config)
     wrap(model, cfg, np.array(json.loads(metadata["timesteps"])))
     device = next(model.parameters()).device
     modified = sorted(key[len("param."):] for key in tensors if key.startswith("param."))

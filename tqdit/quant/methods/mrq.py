@@ -6,14 +6,28 @@ post-softmax and post-GELU distributions. Following the released code's construc
   Δ_hi = 1/(2^(b-1)−1) above; each value is quantized in its own region (the released code adds
   both branches, which shifts values ≥ s by s — not reproduced);
 - post-GELU (fc2 input): negative region with the fixed Δ₋ = 0.16997/2^(b-1), positive Δ₊ searched.
-Every other operand uses the uniform quantizers of ``uniform``. Search: ``quant.search``
+Every other operand uses the uniform quantizers of ``uniform``. Search: ``search``
 (default ``hessian``, the paper's HO; ``mse``/``minmax`` for the ablation).
 """
 
-from dataclasses import replace
+from dataclasses import dataclass
 
-from tqdit.quant.calibrate import QuantConfig, calibrate
+from tqdit.quant.calibrate import calibrate
+from tqdit.quant.config import MethodConfig
 
 
-def quantize(model, calib, cfg: QuantConfig):
-    return calibrate(model, calib, replace(cfg, multi_region=True, time_groups=1))
+def check_multi_region_bits(config) -> None:
+    if config.a_bits < 3:
+        raise ValueError(f"{type(config).__name__}: a_bits={config.a_bits}: multi-region quantization needs "
+                         "at least 3 bits (one selects the region); use a_bits >= 3")
+
+
+@dataclass(kw_only=True)
+class MRQConfig(MethodConfig):
+    def __post_init__(self):
+        super().__post_init__()
+        check_multi_region_bits(self)
+
+
+def quantize(model, calib, config: MRQConfig):
+    return calibrate(model, calib, config.calibration(multi_region=True))

@@ -7,10 +7,19 @@ the Hessian-guided criterion (PTQ4ViT metric, 100 candidates 0.01..1.2, 3 altern
 calibration inputs split evenly over the groups) with a non-degenerate loss (``search.py``).
 """
 
-from dataclasses import replace
+from dataclasses import dataclass
 
-from tqdit.quant.calibrate import QuantConfig, calibrate
+from tqdit.quant.calibrate import calibrate
+from tqdit.quant.config import TimeGroupedConfig
+from tqdit.quant.methods.mrq import check_multi_region_bits
 
 
-def quantize(model, calib, cfg: QuantConfig):
-    return calibrate(model, calib, replace(cfg, multi_region=True))
+@dataclass(kw_only=True)
+class TQDiTConfig(TimeGroupedConfig):
+    def __post_init__(self):
+        super().__post_init__()
+        check_multi_region_bits(self)
+
+
+def quantize(model, calib, config: TQDiTConfig):
+    return calibrate(model, calib, config.calibration(multi_region=True))

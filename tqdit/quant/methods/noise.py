@@ -1,7 +1,7 @@
 """``noise``: a control, not a method — full precision plus noise of the quantization error's size.
 
 It calibrates exactly as ``uniform`` does (same scope, grids, scale rule, hence the same steps Δ
-under any ``quant.search``: the search runs with rounding), then every operand that ``uniform``
+under any ``search``: the search runs with rounding), then every operand that ``uniform``
 would round gets x + Δ·u instead, u uniform in [−½, ½]: the
 textbook model of rounding error (variance Δ²/12, per weight channel and per activation tensor),
 without its structure (no clipping; an error that does not depend on where x sits in its grid
@@ -13,12 +13,19 @@ responding to perturbations of that size (e.g. extra sample diversity past the g
 not to what a method preserved or lost. Simulated backend only (the real 8-bit paths would round).
 """
 
-from dataclasses import replace
+from dataclasses import dataclass
 
-from tqdit.quant.calibrate import QuantConfig, add_noise_instead_of_rounding, calibrate
+from tqdit.quant.calibrate import calibrate
+from tqdit.quant.methods.uniform import UniformConfig
+from tqdit.quant.wrapping import add_noise_instead_of_rounding
 
 
-def quantize(model, calib, cfg: QuantConfig):
-    model, cost = calibrate(model, calib, replace(cfg, multi_region=False, time_groups=1))
+@dataclass(kw_only=True)
+class NoiseConfig(UniformConfig):
+    """uniform's settings: the grids whose step sizes the noise takes."""
+
+
+def quantize(model, calib, config: NoiseConfig):
+    model, cost = calibrate(model, calib, config.calibration(multi_region=False))
     add_noise_instead_of_rounding(model)
     return model, cost

@@ -34,19 +34,31 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tqdit.quant.calibrate import QuantConfig, method_settings, start_cost
-from tqdit.quant.layers import resolve_scope
-from tqdit.quant.methods.qdiffusion import calibration_index, initialise_and_reconstruct
+from tqdit.models.adapters import TQDIT, family_of
+from tqdit.quant.calibrate import start_cost
+from tqdit.quant.methods.qdiffusion import QDiffusionConfig, calibration_index, initialise_and_reconstruct
+from tqdit.quant.reconstruct import ReconConfig
+from tqdit.quant.wrapping import resolve_scope
 
 BALANCED = ("attn.proj", "attn.qkv", "mlp.fc1")  # proj first: its fold changes qkv's rows
+ROLE_OF = {"attn.proj": "proj", "attn.qkv": "qkv", "mlp.fc1": "fc1"}  # the layers' roles in any DiT family
 
 
-@dataclass
-class Settings:
+@dataclass(kw_only=True)
+class PTQ4DiTConfig(QDiffusionConfig):
+    num_inputs: int = 800  # 25 steps x 32 inputs (the paper's 256x256 setting)
+    recon: ReconConfig = field(default_factory=lambda: ReconConfig(p=2.0, act_lr=4e-5))
     calib_steps: int = 25
-    p: float = 2.0  # Lp exponent of the initial scale search (the reconstruction's p is quant.recon.p)
+    p: float = 2.0  # Lp exponent of the initial scale search (the reconstruction's p is recon.p)
     ssc: bool = True  # False: plain CSB with s(X) = max over all calibration inputs
     layers: list = field(default_factory=lambda: list(BALANCED))
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = sorted(set(self.layers) - set(BALANCED))
+        if unknown:
+            raise ValueError(f"PTQ4DiTConfig: layers={list(self.layers)}: PTQ4DiT balances only "
+                             f"{', '.join(BALANCED)}, not {unknown}")
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -64,6 +76,7 @@ def input_salience_per_step(model, names: list[str], x, t, y, step: np.ndarray, 
     rows = torch.as_tensor([row_of_step[int(s)] for s in step])
     result = {name: torch.zeros(len(steps), model.get_submodule(name).in_features, device=x.device) for name in names}
     current = {}
+    family = family_of(model)
 
     def hook(name):
         def record(module, args):
@@ -77,7 +90,7 @@ def input_salience_per_step(model, names: list[str], x, t, y, step: np.ndarray, 
         with torch.no_grad():
             for start in range(0, len(t), batch):
                 current["rows"] = rows[start:start + batch]
-                model(x[start:start + batch], t[start:start + batch], y[start:start + batch])
+                family.predict(model, x[start:start + batch], t[start:start + batch], y[start:start + batch])
     finally:
         for handle in handles:
             handle.remove()
@@ -111,26 +124,29 @@ def fold_adaln(adaln: torch.nn.Linear, chunk_shift: int, chunk_scale: int, b: to
 
 
 @torch.no_grad()
-def balance_block(block, factors: dict[str, torch.Tensor]) -> list[str]:
-    """Apply CSB with folded re-parameterization to one DiT block; returns the changed parameter names."""
+def balance_block(block, factors: dict[str, torch.Tensor], family=TQDIT) -> list[str]:
+    """Apply CSB with folded re-parameterization to one DiT block (``factors`` keyed by BALANCED names);
+    returns the changed parameter names, relative to the block."""
     changed = []
+    names = {role: family.block_roles[role] for role in ("qkv", "proj", "fc1", "adaln")}
+    qkv, proj, fc1, adaln = (block.get_submodule(names[role]) for role in ("qkv", "proj", "fc1", "adaln"))
     if "attn.proj" in factors:
-        b = factors["attn.proj"].to(block.attn.proj.weight.dtype)
+        b = factors["attn.proj"].to(proj.weight.dtype)
         width = b.numel()
-        block.attn.qkv.weight[2 * width:] *= b[:, None]  # v rows: the attention output scales with v
-        block.attn.qkv.bias[2 * width:] *= b
-        block.attn.proj.weight /= b[None, :]
-        changed += ["attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight"]
+        qkv.weight[2 * width:] *= b[:, None]  # v rows: the attention output scales with v
+        qkv.bias[2 * width:] *= b
+        proj.weight /= b[None, :]
+        changed += [f"{names['qkv']}.weight", f"{names['qkv']}.bias", f"{names['proj']}.weight"]
     if "attn.qkv" in factors:
         b = factors["attn.qkv"]
-        fold_adaln(block.adaLN_modulation[1], 0, 1, b)  # shift_msa, scale_msa
-        block.attn.qkv.weight /= b.to(block.attn.qkv.weight.dtype)[None, :]
-        changed += ["adaLN_modulation.1.weight", "adaLN_modulation.1.bias", "attn.qkv.weight"]
+        fold_adaln(adaln, 0, 1, b)  # shift_msa, scale_msa
+        qkv.weight /= b.to(qkv.weight.dtype)[None, :]
+        changed += [f"{names['adaln']}.weight", f"{names['adaln']}.bias", f"{names['qkv']}.weight"]
     if "mlp.fc1" in factors:
         b = factors["mlp.fc1"]
-        fold_adaln(block.adaLN_modulation[1], 3, 4, b)  # shift_mlp, scale_mlp
-        block.mlp.fc1.weight /= b.to(block.mlp.fc1.weight.dtype)[None, :]
-        changed += ["adaLN_modulation.1.weight", "adaLN_modulation.1.bias", "mlp.fc1.weight"]
+        fold_adaln(adaln, 3, 4, b)  # shift_mlp, scale_mlp
+        fc1.weight /= b.to(fc1.weight.dtype)[None, :]
+        changed += [f"{names['adaln']}.weight", f"{names['adaln']}.bias", f"{names['fc1']}.weight"]
     return changed
 
 
@@ -146,27 +162,30 @@ def salience_balance(model, x, t, y, step: np.ndarray, layers=BALANCED, ssc: boo
     if unknown:
         raise ValueError(f"ptq4dit balances only {', '.join(BALANCED)}; got {sorted(unknown)}")
     ordered = [layer for layer in BALANCED if layer in layers]
+    family = family_of(model)
+    family.prepare(model)
     changed = set()
     for layer in ordered:
-        blocks = [i for i in range(len(model.blocks)) if scope is None or f"blocks.{i}.{layer}" in scope]
+        local = family.block_roles[ROLE_OF[layer]]
+        name_of = {i: f"{family.block_list}.{i}.{local}" for i in range(len(family.blocks(model)))}
+        blocks = [i for i in name_of if scope is None or name_of[i] in scope]
         if not blocks:
             continue
-        salience = input_salience_per_step(model, [f"blocks.{i}.{layer}" for i in blocks], x, t, y, step)
+        salience = input_salience_per_step(model, [name_of[i] for i in blocks], x, t, y, step)
         for i in blocks:
-            block = model.blocks[i]
-            weight = block.get_submodule(layer).weight
-            b = balancing_factors(weight, salience[f"blocks.{i}.{layer}"], ssc)
-            changed |= {f"blocks.{i}.{name}" for name in balance_block(block, {layer: b})}
+            block = family.blocks(model)[i]
+            b = balancing_factors(block.get_submodule(local).weight, salience[name_of[i]], ssc)
+            changed |= {f"{family.block_list}.{i}.{name}" for name in balance_block(block, {layer: b}, family)}
     return sorted(changed)
 
 
-def quantize(model, calib, cfg: QuantConfig):
-    start = start_cost(next(model.parameters()).device)  # the salience stage's time and memory are part of the cost
-    settings = method_settings(Settings, cfg.params, "ptq4dit")
-    index = calibration_index(calib, cfg, settings.calib_steps)
+def quantize(model, calib, config: PTQ4DiTConfig):
     device = next(model.parameters()).device
+    start = start_cost(device)  # the salience stage's time and memory are part of the cost
+    index = calibration_index(calib, config)
     x = calib.x[index].to(device, next(model.parameters()).dtype)
-    changed = salience_balance(model, x, calib.t[index].to(device), calib.y[index].to(device), calib.step.numpy()[index],
-                               settings.layers, settings.ssc, scope=set(resolve_scope(model, cfg.scope)))
+    t, y = calib.t[index].to(device), calib.y[index].to(device)
+    changed = salience_balance(model, x, t, y, calib.step.numpy()[index], config.layers, config.ssc,
+                               scope=set(resolve_scope(model, config.scope)))
     model.quant_modified_parameters = changed
-    return initialise_and_reconstruct(model, calib, cfg, index, settings.p, joint=True, start=start)
+    return initialise_and_reconstruct(model, calib, config, index, joint=True, start=start)

@@ -6,7 +6,7 @@ Follows the paper:
   S sampling steps — and the input at each drawn step taken from the FP sampler's own trajectory
   (the released script labels its samples with the loop index, which runs noisiest-first, i.e. the
   timesteps are reversed; not reproduced). μ = 0.4, σ = 0.4 as in the released run scripts;
-  1024 calibration inputs (``quant.num_inputs``).
+  1024 calibration inputs (``num_inputs``).
 - **Quantizers**: weights per output channel, symmetric; activations per tensor; every scale chosen
   by an Lp search with p = 2.4 over the range-multiplier grid; no reconstruction.
 Protocol choices (the same for every method): the layer scope ``quant.scope`` and the bit widths
@@ -14,21 +14,40 @@ apply to every scoped layer — the paper's "first and last layer at 8 bits" con
 the default DiT scope does not quantize (patch embedding, final layer).
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from tqdit.data.calibration import select_ndtc
-from tqdit.quant.calibrate import QuantConfig, calibrate, method_settings
+from tqdit.quant.calibrate import calibrate
+from tqdit.quant.config import MethodConfig
+from tqdit.quant.search import SearchConfig
 
 
-@dataclass
-class Settings:
+def check_lp_exponent(config) -> None:
+    """The method's own Lp exponent ``p`` is its scale rule; a different ``search.p`` is a conflict."""
+    if config.search.p not in (SearchConfig.p, config.p):
+        raise ValueError(f"{type(config).__name__}: search.p={config.search.p} conflicts with p={config.p}, "
+                         "the method's Lp exponent; set p= instead")
+
+
+@dataclass(kw_only=True)
+class PTQ4DMConfig(MethodConfig):
+    num_inputs: int = 1024  # the paper's calibration size
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="lp"))
     mean: float = 0.4  # μ of NDTC, as a fraction of the trajectory from the clean end
     std: float = 0.4   # σ of NDTC
     p: float = 2.4     # Lp exponent of the scale search
+    fixed_search = "lp"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_lp_exponent(self)
+        if not self.std > 0:
+            raise ValueError(f"PTQ4DMConfig: std={self.std} must be positive")
 
 
-def quantize(model, calib, cfg: QuantConfig):
-    settings = method_settings(Settings, cfg.params, "ptq4dm")
-    index = select_ndtc(calib.step.numpy(), len(calib.timesteps), cfg.num_inputs, settings.mean, settings.std, cfg.seed)
-    search = replace(cfg.search, criterion="lp", p=settings.p)
-    return calibrate(model, calib, replace(cfg, multi_region=False, time_groups=1, weight_symmetric=True, search=search), index=index)
+def quantize(model, calib, config: PTQ4DMConfig):
+    index = select_ndtc(calib.step.numpy(), len(calib.timesteps), config.num_inputs, config.mean, config.std,
+                        config.seed)
+    search = replace(config.search, criterion="lp", p=config.p)
+    return calibrate(model, calib, config.calibration(multi_region=False, weight_symmetric=True, search=search),
+                     index=index)

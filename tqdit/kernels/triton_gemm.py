@@ -1,4 +1,4 @@
-"""What tqdit's Triton GEMM kernels share (:mod:`tqdit.quant.int8_gemm`, :mod:`tqdit.quant.fp8_gemm`):
+"""What tqdit's Triton GEMM kernels share (:mod:`tqdit.kernels.int8_gemm`, :mod:`tqdit.kernels.fp8_gemm`):
 the grouped order of output tiles, the autotuner over a list of tilings, and the launch (one program
 per output tile, or at most ``max_programs`` persistent ones that each walk several tiles)."""
 

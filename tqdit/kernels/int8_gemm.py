@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from tqdit.quant import triton_gemm
+from tqdit.kernels import triton_gemm
 
 try:
     import triton

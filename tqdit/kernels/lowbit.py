@@ -6,7 +6,7 @@ weights and, where the activation quantizer is uniform, run the matmul in 8 bits
 - ``Int8Linear`` (``backend="int8"``) — a ``QuantLinear`` whose input quantizer is uniform (qkv,
   proj, fc1, adaLN): the input is rounded onto its *static calibrated* grid — per tensor, or per
   time group, each sample taking its own group's (Δ, z) — and the int8 codes are multiplied by the
-  int8 weight codes with int32 accumulation (:mod:`tqdit.quant.int8_gemm`). This computes the fake-
+  int8 weight codes with int32 accumulation (:mod:`tqdit.kernels.int8_gemm`). This computes the fake-
   quantized layer's function up to float32 rounding in the epilogue: the integer path of the same
   grids. (In a bf16 model the simulation rounds x̂ and ŵ to bf16, so there the int8 path is the
   more exact of the two.)
@@ -21,7 +21,7 @@ weights and, where the activation quantizer is uniform, run the matmul in 8 bits
   (compute capability ≥ 8.9).
 - ``Fp8Mlp`` (``backend="fp8"``, on by default: ``to_low_bit(fuse_mlp=...)``) — a block's MLP whose
   fc1 and fc2 are both ``Fp8Linear`` (every uniform-input method, e.g. TGQ): fc1's GEMM applies GELU
-  and writes fc2's e4m3 input codes from its epilogue (:mod:`tqdit.quant.fp8_gemm`, a Triton kernel),
+  and writes fc2's e4m3 input codes from its epilogue (:mod:`tqdit.kernels.fp8_gemm`, a Triton kernel),
   so the largest activation never makes a bf16 round trip through memory.
 - ``Int8WeightLinear`` (both backends) — a ``QuantLinear`` whose input quantizer has no fast
   kernel (TQ-DiT's post-GELU multi-region quantizer on fc2: two step sizes would need two integer
@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tqdit.models.dit import Mlp, gelu_tanh
-from tqdit.quant import int8_gemm
-from tqdit.quant.fp8_gemm import FP8, FP8_MAX  # importing it registers torch.ops.tqdit.fp8_linear_gelu
+from tqdit.kernels import int8_gemm
+from tqdit.kernels.fp8_gemm import FP8, FP8_MAX  # importing it registers torch.ops.tqdit.fp8_linear_gelu
 from tqdit.quant.layers import QuantLinear, replace_module
 from tqdit.quant.quantizers import UniformQuantizer, per_sample
 
@@ -130,7 +130,7 @@ class Fp8Linear(nn.Module):
 
 class Fp8Mlp(nn.Module):
     """A block's fc1 → GELU(tanh) → fc2 with both linears on FP8, fc1's GEMM applying GELU and writing
-    fc2's e4m3 input codes from its epilogue (:mod:`tqdit.quant.fp8_gemm`): the (tokens, 4·hidden)
+    fc2's e4m3 input codes from its epilogue (:mod:`tqdit.kernels.fp8_gemm`): the (tokens, 4·hidden)
     activation, the model's largest, is never written in bf16 and read back. The same function as
     ``fc2(gelu_tanh(fc1(x)))`` of the two :class:`Fp8Linear` up to how the GEMMs accumulate (Hopper's
     FP8 MMA keeps partial sums at reduced precision, cuBLAS's and Triton's alike). fc1's bias is

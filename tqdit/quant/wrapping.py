@@ -1,0 +1,168 @@
+"""Wrapping: which modules a setting quantizes (the scope) and the quantizers each one gets.
+
+``wrap`` replaces each scoped Linear / attention MatMul by its quantized twin, with quantizers
+chosen by the operand's position (MRQ for post-softmax and post-GELU when ``multi_region``;
+symmetric for q, k, v and weights; asymmetric elsewhere) and ``time_groups`` parameter sets for
+activations. Modules are found by role through the model's family (``tqdit.models.adapters``), so
+every method runs on every DiT implementation the adapters know.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tqdit.models.adapters import family_of
+from tqdit.models.dit import MatMul
+from tqdit.quant.config import POSITIONS, CalibrationConfig
+from tqdit.quant.layers import QuantLinear, QuantMatMul, quantizers, replace_module
+from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, TimeGroupContext, UniformNoise, UniformQuantizer
+
+# Named scopes, as roles. "blocks" (default): every Linear in the DiT blocks (qkv, proj, fc1, fc2, adaLN
+# modulation) and both attention matmuls (q·kᵀ and softmax·V, both operands). "all" adds the timestep
+# MLP and the final layer (adaLN and linear). The patch embedding, the label table and the norms stay in
+# floating point. "linears": the blocks' Linears only, attention in floating point (its fused SDPA
+# kernel) — the W8A8 setting of work that quantizes only the GEMMs. "tq_dit_code": TQ-DiT's released set.
+LINEAR_ROLES = ("qkv", "proj", "fc1", "fc2", "adaln")
+SCOPES: dict[str, tuple[str, ...]] = {
+    "blocks": LINEAR_ROLES + ("qk_matmul", "av_matmul"),
+    "linears": LINEAR_ROLES,
+    "tq_dit_code": ("qkv", "proj", "fc1", "fc2", "qk_matmul", "av_matmul", "final_linear"),
+    "all": LINEAR_ROLES + ("qk_matmul", "av_matmul", "timestep_fc1", "timestep_fc2", "final_adaln",
+                          "final_linear"),
+}
+# The activation operands of a module, by role (a module without a role: "post_norm").
+ROLE_POSITIONS = {"qk_matmul": ("q", "k"), "av_matmul": ("post_softmax", "v"), "fc2": ("post_gelu",),
+                  "proj": ("attn_out",), "timestep_fc1": ("timestep_freq",), "timestep_fc2": ("post_silu",),
+                  "adaln": ("post_silu",), "final_adaln": ("post_silu",)}
+
+
+def scope_patterns(model: nn.Module, scope: str | list[str]) -> list[str]:
+    """Module-name patterns of ``scope``: a SCOPES name (resolved through the model's family) or patterns."""
+    if isinstance(scope, str):
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope '{scope}': use one of {', '.join(SCOPES)} or a list of "
+                             "module-name patterns")
+        family = family_of(model)
+        missing = [role for role in SCOPES[scope] if not family.role_patterns(role)]
+        if missing:
+            raise ValueError(f"scope={scope} needs roles {missing}, which {family.name} models lack; "
+                             "use scope=blocks or a list of module-name patterns")
+        return [pattern for role in SCOPES[scope] for pattern in family.role_patterns(role)]
+    return list(scope)
+
+
+def resolve_scope(model: nn.Module, scope: str | list[str]) -> list[str]:
+    """Names of the Linear/MatMul modules that ``scope`` (a SCOPES key or a pattern list) selects."""
+    family_of(model).prepare(model)
+    patterns = scope_patterns(model, scope)
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, (nn.Linear, MatMul)) and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not names:
+        raise ValueError(f"scope {patterns} matches no Linear or attention matmul of the model")
+    return names
+
+
+def activation_positions(model: nn.Module, name: str) -> tuple[str, ...]:
+    """What a scoped module's activation operands are, by its role in the model's family."""
+    return ROLE_POSITIONS.get(family_of(model).role_of(name), ("post_norm",))
+
+
+def group_table(timesteps: np.ndarray, groups: int) -> torch.Tensor:
+    """(1000,) original timestep -> time group. Sampling step i of S (i = 0 cleanest) is in group ⌊i·G/S⌋.
+
+    Timesteps off the schedule take the group of the nearest scheduled one.
+    """
+    steps = len(timesteps)
+    if not 1 <= groups <= steps:
+        raise ValueError(f"groups={groups} must be between 1 and the number of sampling steps ({steps})")
+    step_groups = (np.arange(steps) * groups) // steps
+    nearest = np.abs(np.arange(1000)[:, None] - np.asarray(timesteps)[None]).argmin(axis=1)
+    return torch.as_tensor(step_groups[nearest], dtype=torch.long)
+
+
+def _is_grouped(position: str, grouped: str | list) -> bool:
+    return grouped == "all" or grouped == position or (not isinstance(grouped, str) and position in grouped)
+
+
+def _activation_quantizer(position: str, cfg: CalibrationConfig, context: TimeGroupContext | None) -> nn.Module:
+    groups = cfg.time_groups if _is_grouped(position, cfg.grouped) else 1
+    ctx = context if groups > 1 else None
+    if cfg.multi_region and position == "post_softmax":
+        return SoftmaxMRQ(cfg.a_bits, groups, ctx)
+    if cfg.multi_region and position == "post_gelu":
+        return GeluMRQ(cfg.a_bits, groups, ctx)
+    return UniformQuantizer(cfg.a_bits, symmetric=position in ("q", "k", "v"), groups=groups, context=ctx)
+
+
+def _read_time_groups(model, args, kwargs) -> None:
+    """Forward pre-hook: this call's timesteps into the model's own context (the second argument of
+    tqdit's DiT and of diffusers' DiT, or ``timestep=``).
+
+    Looked up on the model at call time, not captured when the hook is made, so a deep copy of a
+    quantized model follows its own timesteps (its quantizers hold the copied context)."""
+    model.quant_context.set_timesteps(args[1] if len(args) > 1 else kwargs["timestep"])
+
+
+def wrap(model: nn.Module, cfg: CalibrationConfig, timesteps: np.ndarray) -> list[str]:
+    """Swap the scoped modules for quantized ones (in place); returns their names.
+
+    With time groups, a forward pre-hook reads each call's timesteps into the shared context.
+    Idempotent: wrapping a model already wrapped with the same settings changes nothing (no second
+    hook, no quantizers inside quantizers); with other settings it is an error.
+    """
+    if getattr(model, "quant_config", None) is not None:
+        if model.quant_config != cfg:
+            raise ValueError("the model is already quantized with other settings; quantize a fresh copy of "
+                             "the FP model")
+        return [name for name, module in model.named_modules() if isinstance(module, (QuantLinear, QuantMatMul))]
+    if not isinstance(cfg.grouped, str):
+        unknown = set(cfg.grouped) - set(POSITIONS)
+        if unknown:
+            raise ValueError(f"grouped has unknown positions {sorted(unknown)}; choose from {', '.join(POSITIONS)}")
+    names = resolve_scope(model, cfg.scope)
+    context = None
+    if cfg.time_groups > 1:
+        context = TimeGroupContext(group_table(timesteps, cfg.time_groups))
+        model.register_forward_pre_hook(_read_time_groups, with_kwargs=True)
+    model.quant_context = context
+    model.quant_config = cfg  # the effective settings (what a method chose), saved with the parameters
+    device = next(model.parameters()).device
+    for name in names:
+        module = model.get_submodule(name)
+        positions = activation_positions(model, name)
+        if isinstance(module, MatMul):
+            new = QuantMatMul(*(_activation_quantizer(p, cfg, context) for p in positions))
+        else:
+            weight_quant = UniformQuantizer(cfg.w_bits, symmetric=cfg.weight_symmetric, channels=module.out_features,
+                                            axis=0)
+            new = QuantLinear(module, _activation_quantizer(positions[0], cfg, context), weight_quant)
+        replace_module(model, name, new.to(module.weight.device if isinstance(module, nn.Linear) else device))
+    use_explicit_attention(model)
+    if cfg.error_model == "noise":  # a saved noise control being loaded (it calibrates with rounding)
+        add_noise_instead_of_rounding(model)
+    return names
+
+
+def use_explicit_attention(model: nn.Module) -> None:
+    """Quantized matmuls need the explicit attention path (the fused kernel hides them)."""
+    family = family_of(model)
+    explicit = [any(isinstance(m, QuantMatMul) for m in (attn.qk_matmul, attn.av_matmul))
+                for attn in family.attentions(model)]
+    family.set_explicit_attention(model, explicit)
+
+
+def add_noise_instead_of_rounding(model: nn.Module) -> None:
+    """The noise control: every uniform quantizer keeps its grid and adds noise of its step instead of
+    rounding (``UniformNoise``); ``model.quant_config`` says so, so a saved model reloads the same way."""
+    for name, quantizer in quantizers(model):
+        if type(quantizer) is UniformQuantizer:
+            UniformNoise.from_uniform(quantizer, name)
+    model.quant_config = replace(model.quant_config, error_model="noise")
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module._frozen_weight is not None:
+            module.freeze()
