@@ -34,9 +34,13 @@ from tqdit.utils import atomic_write_json
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="DiT-XL/2")
-    parser.add_argument("--methods", nargs="+", default=["mrq_tgq"], help=f"any of {', '.join(METHODS)}, or all")
+    parser.add_argument(
+        "--methods", nargs="+", default=["mrq_tgq"], help=f"any of {', '.join(METHODS)}, or all"
+    )
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--groups", type=int, default=10)
     parser.add_argument("--bits", type=int, default=8)
@@ -44,10 +48,20 @@ def main() -> None:
     parser.add_argument("--trajectories", type=int, default=32)
     parser.add_argument("--capture-batch", type=int, default=8)
     parser.add_argument("--search-batch", type=int, default=32)
-    parser.add_argument("--recon-iters", type=int, help="rounding iterations per block (default: the papers' 20,000)")
-    parser.add_argument("--recon-act-iters", type=int, help="activation-step iterations per block (default: the papers' 5,000)")
-    parser.add_argument("--blocks", type=int, help="calibrate only the first N DiT blocks (scope blocks.0-N-1) and project "
-                        "the whole model's time from them (a method's work is per block); default: every block")
+    parser.add_argument(
+        "--recon-iters", type=int, help="rounding iterations per block (default: the papers' 20,000)"
+    )
+    parser.add_argument(
+        "--recon-act-iters",
+        type=int,
+        help="activation-step iterations per block (default: the papers' 5,000)",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        help="calibrate only the first N DiT blocks (scope blocks.0-N-1) and project "
+        "the whole model's time from them (a method's work is per block); default: every block",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -65,52 +79,100 @@ def main() -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    calib = capture(model, diffusion, CalibrationSpec(num_samples=args.trajectories, cfg_scale=1.5, cfg_channels=3))
+    calib = capture(
+        model, diffusion, CalibrationSpec(num_samples=args.trajectories, cfg_scale=1.5, cfg_channels=3)
+    )
     capture_s = time.perf_counter() - start
     capture_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    print(f"\ncaptured {len(calib)} inputs from {args.trajectories} trajectories × {args.steps} steps in {capture_s:.1f} s "
-          f"(peak {capture_peak:.2f} GiB)", flush=True)
+    print(
+        f"\ncaptured {len(calib)} inputs from {args.trajectories} trajectories × {args.steps} steps in {capture_s:.1f} s "
+        f"(peak {capture_peak:.2f} GiB)",
+        flush=True,
+    )
 
     methods = [m for m in METHODS if m != "fp"] if args.methods == ["all"] else args.methods
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)} or all")
-    recon = ReconConfig(**{key: value for key, value in (("iters", args.recon_iters), ("act_iters", args.recon_act_iters))
-                           if value is not None})
+    recon = ReconConfig(
+        **{
+            key: value
+            for key, value in (("iters", args.recon_iters), ("act_iters", args.recon_act_iters))
+            if value is not None
+        }
+    )
     total_blocks = len(model.blocks)
     blocks = min(args.blocks or total_blocks, total_blocks)
     scope = "blocks" if blocks == total_blocks else [f"blocks.{index}.*" for index in range(blocks)]
-    result = {"model": args.model, "blocks_calibrated": blocks, "blocks_in_model": total_blocks, "steps": args.steps, "groups": args.groups, "bits": args.bits,
-              "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__, "capture_s": round(capture_s, 1),
-              "capture_peak_gib": round(capture_peak, 2), "recon_iters": recon.iters, "recon_act_iters": recon.act_iters, "methods": {}}
+    result = {
+        "model": args.model,
+        "blocks_calibrated": blocks,
+        "blocks_in_model": total_blocks,
+        "steps": args.steps,
+        "groups": args.groups,
+        "bits": args.bits,
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "torch": torch.__version__,
+        "capture_s": round(capture_s, 1),
+        "capture_peak_gib": round(capture_peak, 2),
+        "recon_iters": recon.iters,
+        "recon_act_iters": recon.act_iters,
+        "methods": {},
+    }
     for method in methods:
         # each method's own choices (search rule, calibration steps) stand; only the shared settings are set here
         search = SearchConfig(batch=args.search_batch, criterion=FIXED_SEARCH.get(method, "hessian"))
-        cfg = CalibrationConfig(w_bits=args.bits, a_bits=args.bits, scope=scope, time_groups=args.groups, num_inputs=args.num_inputs,
-                          capture_batch=args.capture_batch, search=search, recon=recon)
+        cfg = CalibrationConfig(
+            w_bits=args.bits,
+            a_bits=args.bits,
+            scope=scope,
+            time_groups=args.groups,
+            num_inputs=args.num_inputs,
+            capture_batch=args.capture_batch,
+            search=search,
+            recon=recon,
+        )
         if cuda:
             torch.cuda.empty_cache()
         quantized, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
         del quantized  # before the next method: its peak memory must not include this model
         peak = cost["peak_memory_bytes"] / 2**30
         projected = cost["calibration_s"] * total_blocks / blocks
-        print(f"{method} W{args.bits}A{args.bits} G={args.groups}: calibration {cost['calibration_s']:.1f} s for {blocks} of "
-              f"{total_blocks} blocks (whole model ≈ {projected:.0f} s), peak {peak:.2f} GiB ({cost['peak_memory_kind']}), "
-              f"{cost['quantized_layers']} layers, {cost['calibration_inputs']} inputs", flush=True)
-        result["methods"][method] = {"calibration_s": cost["calibration_s"], "calibration_peak_gib": round(peak, 2),
-                                     "projected_whole_model_s": round(projected, 1),
-                                     "peak_memory_kind": cost["peak_memory_kind"], "quantized_layers": cost["quantized_layers"],
-                                     "calibration_inputs": cost["calibration_inputs"]}
-        if "reconstruction" in cost:  # Q-Diffusion, PTQ4DiT: the reconstruction's share, and at the papers' iteration counts
+        print(
+            f"{method} W{args.bits}A{args.bits} G={args.groups}: calibration {cost['calibration_s']:.1f} s for {blocks} of "
+            f"{total_blocks} blocks (whole model ≈ {projected:.0f} s), peak {peak:.2f} GiB ({cost['peak_memory_kind']}), "
+            f"{cost['quantized_layers']} layers, {cost['calibration_inputs']} inputs",
+            flush=True,
+        )
+        result["methods"][method] = {
+            "calibration_s": cost["calibration_s"],
+            "calibration_peak_gib": round(peak, 2),
+            "projected_whole_model_s": round(projected, 1),
+            "peak_memory_kind": cost["peak_memory_kind"],
+            "quantized_layers": cost["quantized_layers"],
+            "calibration_inputs": cost["calibration_inputs"],
+        }
+        if (
+            "reconstruction" in cost
+        ):  # Q-Diffusion, PTQ4DiT: the reconstruction's share, and at the papers' iteration counts
             recon_s, joint = cost["reconstruction"]["seconds"], cost["reconstruction"]["joint"]
-            paper = ReconConfig()  # joint (PTQ4DiT): rounding and steps together for iters; else iters, then act_iters
+            paper = (
+                ReconConfig()
+            )  # joint (PTQ4DiT): rounding and steps together for iters; else iters, then act_iters
             ran = recon.iters if joint else recon.iters + recon.act_iters
             factor = (paper.iters if joint else paper.iters + paper.act_iters) / max(1, ran)
-            result["methods"][method].update(reconstruction_s=recon_s,
-                                             projected_whole_model_paper_iterations_s=round(projected + recon_s * (factor - 1) * total_blocks / blocks, 1))
-            print(f"  of which reconstruction {recon_s:.1f} s ({ran} iterations per block); at the papers' "
-                  f"{paper.iters if joint else paper.iters + paper.act_iters}: whole model ≈ "
-                  f"{result['methods'][method]['projected_whole_model_paper_iterations_s']:.0f} s", flush=True)
+            result["methods"][method].update(
+                reconstruction_s=recon_s,
+                projected_whole_model_paper_iterations_s=round(
+                    projected + recon_s * (factor - 1) * total_blocks / blocks, 1
+                ),
+            )
+            print(
+                f"  of which reconstruction {recon_s:.1f} s ({ran} iterations per block); at the papers' "
+                f"{paper.iters if joint else paper.iters + paper.act_iters}: whole model ≈ "
+                f"{result['methods'][method]['projected_whole_model_paper_iterations_s']:.0f} s",
+                flush=True,
+            )
         if args.out:  # after every method: a long run that is stopped keeps what it measured
             atomic_write_json(args.out, result)
 

@@ -59,24 +59,47 @@ from tqdit.quant.layers import prepare_for_compile
 from tqdit.kernels.lowbit import to_low_bit, weight_bytes
 from tqdit.utils import atomic_write_json
 
-RUNS = ["fp_eager", "fp_compiled", "fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager",
-        "fake_quant_fused_compiled", "int8_compiled", "fp8_compiled", "int8_tgq_compiled",
-        "fp8_tgq_compiled", "fp8_tgq_unfused_compiled", "fake_quant_tgq_linears_compiled", "int8_tgq_linears_compiled",
-        "fp8_tgq_linears_compiled", "fp8_tgq_linears_unfused_compiled"]
+RUNS = [
+    "fp_eager",
+    "fp_compiled",
+    "fake_quant_eager",
+    "fake_quant_compiled",
+    "fake_quant_fused_eager",
+    "fake_quant_fused_compiled",
+    "int8_compiled",
+    "fp8_compiled",
+    "int8_tgq_compiled",
+    "fp8_tgq_compiled",
+    "fp8_tgq_unfused_compiled",
+    "fake_quant_tgq_linears_compiled",
+    "int8_tgq_linears_compiled",
+    "fp8_tgq_linears_compiled",
+    "fp8_tgq_linears_unfused_compiled",
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--groups", type=int, default=10)
     parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], choices=RUNS, help="runs to leave out")
-    parser.add_argument("--profile", help="a folder: each compiled run's CUDA kernel times for one model call")
-    parser.add_argument("--attention-config", help="fused_attention_speed.py's output: use its fastest kernel configuration")
+    parser.add_argument(
+        "--profile", help="a folder: each compiled run's CUDA kernel times for one model call"
+    )
+    parser.add_argument(
+        "--attention-config", help="fused_attention_speed.py's output: use its fastest kernel configuration"
+    )
     parser.add_argument("--out")
-    parser.add_argument("--arch", default="DiT-XL/2", help="a smaller DiT (e.g. DiT-S/8) with --device cpu checks the script itself")
+    parser.add_argument(
+        "--arch",
+        default="DiT-XL/2",
+        help="a smaller DiT (e.g. DiT-S/8) with --device cpu checks the script itself",
+    )
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -98,8 +121,18 @@ def main() -> None:
     diffusion = create_diffusion(args.steps)
     labels = torch.arange(args.batch, device=device) % 1000
     indices = torch.arange(args.batch).numpy()
-    results = {"gpu": torch.cuda.get_device_name() if cuda else None, "arch": args.arch, "torch": torch.__version__, "batch": args.batch, "steps": args.steps,
-               "groups": args.groups, "bits": args.bits, "attention_kernel": dict(fused_attention.KERNEL_CONFIG), "runs": {}, "numerics": {}}
+    results = {
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "arch": args.arch,
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "steps": args.steps,
+        "groups": args.groups,
+        "bits": args.bits,
+        "attention_kernel": dict(fused_attention.KERNEL_CONFIG),
+        "runs": {},
+        "numerics": {},
+    }
 
     def save() -> None:
         if args.out:
@@ -108,7 +141,9 @@ def main() -> None:
     def sample(net) -> torch.Tensor:
         noise = PerSampleNoise(0, indices, (4, 32, 32), device)
         with torch.no_grad():
-            return sample_loop(guided_model(net, labels, 1.5, 3), diffusion, noise, model_dtype=torch.bfloat16)
+            return sample_loop(
+                guided_model(net, labels, 1.5, 3), diffusion, noise, model_dtype=torch.bfloat16
+            )
 
     def timed(name: str, net) -> None:
         if name in args.skip:
@@ -126,8 +161,12 @@ def main() -> None:
             synchronize()
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
-        results["runs"][name] = {"seconds": round(seconds, 3), "image_steps_per_s": round(args.batch * args.steps / seconds, 1),
-                                 "warmup_s": round(warmup, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+        results["runs"][name] = {
+            "seconds": round(seconds, 3),
+            "image_steps_per_s": round(args.batch * args.steps / seconds, 1),
+            "warmup_s": round(warmup, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        }
         print(f"[{time.perf_counter() - started:.0f} s]", name, results["runs"][name], flush=True)
         profile(name, net)
         save()
@@ -139,7 +178,10 @@ def main() -> None:
         x = torch.randn(2 * args.batch, 4, 32, 32, device=device, dtype=torch.bfloat16)
         t = torch.full((2 * args.batch,), 500, device=device)
         y = torch.cat([labels, torch.full_like(labels, 1000)])
-        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with (
+            torch.no_grad(),
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof,
+        ):
             net(x, t, y)
             torch.cuda.synchronize()
         rows = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
@@ -150,8 +192,11 @@ def main() -> None:
 
     # one forward pass on fixed inputs (mixed timesteps), to compare numerics without the
     # amplification of many sampling steps through a random network
-    probe = (torch.randn(32, 4, 32, 32, device=device, dtype=torch.bfloat16), torch.randint(0, 1000, (32,), device=device),
-             torch.arange(32, device=device) % 1000)
+    probe = (
+        torch.randn(32, 4, 32, 32, device=device, dtype=torch.bfloat16),
+        torch.randint(0, 1000, (32,), device=device),
+        torch.arange(32, device=device) % 1000,
+    )
 
     # and one with every sample at one timestep, as every sampling call has
     probe_one_t = (probe[0], torch.full((32,), 500, device=device), probe[2])
@@ -178,8 +223,14 @@ def main() -> None:
     def asked(*names: str) -> bool:
         return any(name not in args.skip for name in names)
 
-    run_tq_dit = asked("fake_quant_eager", "fake_quant_compiled", "fake_quant_fused_eager", "fake_quant_fused_compiled",
-                       "int8_compiled", "fp8_compiled")
+    run_tq_dit = asked(
+        "fake_quant_eager",
+        "fake_quant_compiled",
+        "fake_quant_fused_eager",
+        "fake_quant_fused_compiled",
+        "int8_compiled",
+        "fp8_compiled",
+    )
     # (a batch of 32 recompiles the graph: only when the comparison is made)
     fp_compiled_out = forward(compiled_fp) if run_tq_dit and asked("fp_compiled") else None
     del compiled_fp
@@ -189,8 +240,14 @@ def main() -> None:
     print(f"[{time.perf_counter() - started:.0f} s] calibration data captured", flush=True)
 
     def calibrate(method: str, scope: str = "blocks"):
-        cfg = CalibrationConfig(w_bits=args.bits, a_bits=args.bits, time_groups=args.groups, num_inputs=64, scope=scope,
-                          search=SearchConfig(criterion="minmax", batch=32))
+        cfg = CalibrationConfig(
+            w_bits=args.bits,
+            a_bits=args.bits,
+            time_groups=args.groups,
+            num_inputs=64,
+            scope=scope,
+            search=SearchConfig(criterion="minmax", batch=32),
+        )
         quantized, cost = METHODS[method](copy.deepcopy(fp), calib, cfg)
         results[f"calibration_s_{method}_{scope}"] = cost["calibration_s"]
         return quantized
@@ -202,9 +259,14 @@ def main() -> None:
         """int8 and FP8 copies of a calibrated model: numerics against its fake quantization (``fake``:
         on the mixed-timestep probe; the one-timestep probe is run here), then timed."""
         fake_one_t = forward(net, probe_one_t)
-        for backend, fuse_mlp, name in (("int8", True, f"int8{label}_compiled"), ("fp8", True, f"fp8{label}_compiled"),
-                                        ("fp8", False, f"fp8{label}_unfused_compiled")):
-            if name in args.skip or name not in RUNS:  # (no unfused run for TQ-DiT, whose fc2 input is MRQ: nothing fuses)
+        for backend, fuse_mlp, name in (
+            ("int8", True, f"int8{label}_compiled"),
+            ("fp8", True, f"fp8{label}_compiled"),
+            ("fp8", False, f"fp8{label}_unfused_compiled"),
+        ):
+            if (
+                name in args.skip or name not in RUNS
+            ):  # (no unfused run for TQ-DiT, whose fc2 input is MRQ: nothing fuses)
                 continue
             real = copy.deepcopy(net)
             results["lowbit"][name] = to_low_bit(real, backend, fuse_mlp=fuse_mlp)
@@ -212,7 +274,11 @@ def main() -> None:
             results["numerics"][f"{name}_vs_fake_quant_over_its_error"] = round(
                 ((forward(real) - fake).norm() / (fake - fp_out).norm()).item(), 4)
             results["numerics"][f"{name}_vs_fake_quant_over_its_error_one_timestep"] = round(
-                ((forward(real, probe_one_t) - fake_one_t).norm() / (fake_one_t - fp_out_one_t).norm()).item(), 4)
+                (
+                    (forward(real, probe_one_t) - fake_one_t).norm() / (fake_one_t - fp_out_one_t).norm()
+                ).item(),
+                4,
+            )
             timed(name, compiled(real))
             uncompile(real)
             del real
@@ -224,10 +290,14 @@ def main() -> None:
 
         def compare(name: str, out: torch.Tensor, reference: torch.Tensor) -> None:
             """‖out − reference‖ over ‖W8A8 fake quantization − FP‖ (how far apart, in quantization errors)."""
-            results["numerics"][name] = round(((out - reference).norm() / (fake_out - fp_out).norm()).item(), 4)
+            results["numerics"][name] = round(
+                ((out - reference).norm() / (fake_out - fp_out).norm()).item(), 4
+            )
             save()
 
-        results["numerics"]["w8a8_error_relative_to_fp"] = round(((fake_out - fp_out).norm() / fp_out.norm()).item(), 4)
+        results["numerics"]["w8a8_error_relative_to_fp"] = round(
+            ((fake_out - fp_out).norm() / fp_out.norm()).item(), 4
+        )
         if fp_compiled_out is not None:
             compare("fp_compiled_vs_fp_eager", fp_compiled_out, fp_out)
         timed("fake_quant_eager", quantized)
@@ -242,7 +312,9 @@ def main() -> None:
         compare("fused_compiled_vs_explicit_eager", forward(quantized), fake_out)
         uncompile(quantized)
 
-        for block in quantized.blocks:  # compiled, the explicit attention is the faster (quant.attention=auto)
+        for (
+            block
+        ) in quantized.blocks:  # compiled, the explicit attention is the faster (quant.attention=auto)
             block.attn.kernel = None
         real_low_bit(quantized, "", fake_out)
         del quantized
@@ -250,14 +322,26 @@ def main() -> None:
     # (groups were assigned on the 250-step schedule; the --steps timesteps map to the nearest ones)
     if run_tq_dit:
         tq_dit_section()
-    for scope, label, names in (("blocks", "_tgq", ["int8_tgq_compiled", "fp8_tgq_compiled", "fp8_tgq_unfused_compiled"]),
-                               ("linears", "_tgq_linears", ["fake_quant_tgq_linears_compiled", "int8_tgq_linears_compiled",
-                                                            "fp8_tgq_linears_compiled", "fp8_tgq_linears_unfused_compiled"])):
+    for scope, label, names in (
+        ("blocks", "_tgq", ["int8_tgq_compiled", "fp8_tgq_compiled", "fp8_tgq_unfused_compiled"]),
+        (
+            "linears",
+            "_tgq_linears",
+            [
+                "fake_quant_tgq_linears_compiled",
+                "int8_tgq_linears_compiled",
+                "fp8_tgq_linears_compiled",
+                "fp8_tgq_linears_unfused_compiled",
+            ],
+        ),
+    ):
         if not asked(*names):
             continue
         tgq = prepare_for_compile(calibrate("tgq", scope))
         tgq_fake_out = forward(tgq)
-        results["numerics"][f"{label[1:]}_w8a8_error_relative_to_fp"] = round(((tgq_fake_out - fp_out).norm() / fp_out.norm()).item(), 4)
+        results["numerics"][f"{label[1:]}_w8a8_error_relative_to_fp"] = round(
+            ((tgq_fake_out - fp_out).norm() / fp_out.norm()).item(), 4
+        )
         if scope == "linears":
             timed(f"fake_quant{label}_compiled", compiled(tgq))
             uncompile(tgq)

@@ -35,7 +35,9 @@ CONFIGS = [  # the fastest four of an earlier sweep of nine tilings
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -91,8 +93,14 @@ def main() -> None:
     context.set_timesteps(torch.randint(0, 1000, (args.batch,), device="cuda"))
     # where the kernel's time goes, at the default tiling: the same kernel with operands left unquantized
     params, modes, qkv_range, p_range = fused_attention.kernel_arguments(attn, args.batch, q.device)
-    for name, variant in [("fused_no_qkv_quantization", [0, 0, 0, modes[3]]), ("fused_no_quantization", [0, 0, 0, 0])]:
-        bench(name, lambda: torch.ops.tqdit.quant_attention(q, k, v, params, attn.scale, variant, qkv_range, p_range))
+    for name, variant in [
+        ("fused_no_qkv_quantization", [0, 0, 0, modes[3]]),
+        ("fused_no_quantization", [0, 0, 0, 0]),
+    ]:
+        bench(
+            name,
+            lambda: torch.ops.tqdit.quant_attention(q, k, v, params, attn.scale, variant, qkv_range, p_range),
+        )
     results["configs"] = []
     for config in CONFIGS:
         fused_attention.KERNEL_CONFIG.update(config)
@@ -101,7 +109,9 @@ def main() -> None:
             with torch.no_grad():
                 diff = ((fused().float() - reference).norm() / quantization_error).item()
             bench(name, fused)
-            results["configs"].append({**config, "ms": results["ms"][name], "diff_over_quantization_error": round(diff, 4)})
+            results["configs"].append(
+                {**config, "ms": results["ms"][name], "diff_over_quantization_error": round(diff, 4)}
+            )
         except Exception as error:  # a configuration that does not fit (shared memory, registers)
             print(name, "failed:", str(error).splitlines()[0][:200], flush=True)
     print(json.dumps(results, indent=1))

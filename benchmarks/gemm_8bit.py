@@ -46,7 +46,9 @@ SHAPES = {"qkv": (1152, 3456), "proj": (1152, 1152), "fc1": (1152, 4608), "fc2":
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--fc1-gelu-only", action="store_true", help="only the fc1 → GELU → FP8 comparison")
     parser.add_argument("--out")
@@ -87,15 +89,27 @@ def main() -> None:
                          weight_scale=torch.rand(n, device="cuda") * 1e-3 + 1e-4, weight_offset=None,
                          weight_sum=w_int.to(torch.int32).sum(dim=1, dtype=torch.int32),
                          bias=bias, rows_per_sample=256, out_dtype=torch.bfloat16)
-        asymmetric = dict(int8_args, weight_offset=torch.randint(-127, 129, (n,), device="cuda", dtype=torch.int32))
+        asymmetric = dict(
+            int8_args, weight_offset=torch.randint(-127, 129, (n,), device="cuda", dtype=torch.int32)
+        )
 
-        runs = {"bf16": lambda: a @ w.t(), "bf16_bias": lambda: torch.nn.functional.linear(a, w, bias), "fp8_rowwise": rowwise,
-                "fp8_rowwise_bias": rowwise_bias, "fp8_rowwise_plus_bias": lambda: rowwise() + bias, "fp8_tensorwise_plus_scaling": tensorwise,
-                "fp8_tensorwise_bias": lambda: torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, bias=bias, out_dtype=torch.bfloat16),
-                "fp8_tensorwise_gemm_only": lambda: torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
-                "int8_int_mm": lambda: torch._int_mm(a_int, w_int.t()),
-                "int8_tqdit": lambda: torch.ops.tqdit.int8_linear(**int8_args),
-                "int8_tqdit_asymmetric_weights": lambda: torch.ops.tqdit.int8_linear(**asymmetric)}
+        runs = {
+            "bf16": lambda: a @ w.t(),
+            "bf16_bias": lambda: torch.nn.functional.linear(a, w, bias),
+            "fp8_rowwise": rowwise,
+            "fp8_rowwise_bias": rowwise_bias,
+            "fp8_rowwise_plus_bias": lambda: rowwise() + bias,
+            "fp8_tensorwise_plus_scaling": tensorwise,
+            "fp8_tensorwise_bias": lambda: torch._scaled_mm(
+                a8, w8.t(), scale_a=one, scale_b=one, bias=bias, out_dtype=torch.bfloat16
+            ),
+            "fp8_tensorwise_gemm_only": lambda: torch._scaled_mm(
+                a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16
+            ),
+            "int8_int_mm": lambda: torch._int_mm(a_int, w_int.t()),
+            "int8_tqdit": lambda: torch.ops.tqdit.int8_linear(**int8_args),
+            "int8_tqdit_asymmetric_weights": lambda: torch.ops.tqdit.int8_linear(**asymmetric),
+        }
         torch.testing.assert_close(rowwise(), tensorwise(), rtol=2e-2, atol=1e-1)
         torch.testing.assert_close(rowwise_bias(), rowwise() + bias, rtol=2e-2, atol=1e-1)
         layer = {"int8_vs_reference": {}}
@@ -107,11 +121,19 @@ def main() -> None:
             ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
             layer[label] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
         # the autotuner's choice per (N, K, weight offsets)
-        layer["int8_tqdit_config"] = {str(key): str(config) for key, config in getattr(int8_gemm._autotuned_kernel, "cache", {}).items()
-                                      if key[:2] == (n, k)}
+        layer["int8_tqdit_config"] = {
+            str(key): str(config)
+            for key, config in getattr(int8_gemm._autotuned_kernel, "cache", {}).items()
+            if key[:2] == (n, k)
+        }
         results["layers"][name] = layer
-        print(name, {label: v["tflops"] for label, v in layer.items() if isinstance(v, dict) and "tflops" in v},
-              layer["int8_vs_reference"], layer["int8_tqdit_config"], flush=True)
+        print(
+            name,
+            {label: v["tflops"] for label, v in layer.items() if isinstance(v, dict) and "tflops" in v},
+            layer["int8_vs_reference"],
+            layer["int8_tqdit_config"],
+            flush=True,
+        )
         if args.out:
             atomic_write_json(args.out, results)
     results["fc1_gelu_to_fp8"] = fc1_gelu_to_fp8(m, do_bench)
@@ -135,12 +157,20 @@ def fc1_gelu_to_fp8(m: int, do_bench) -> dict:
 
     @torch.compile
     def gelu_to_fp8(h: torch.Tensor) -> torch.Tensor:
-        per_sample = gelu_tanh(h.reshape(samples, 256, n)).float() * ops["out_inv_scale"].reshape(samples, 1, 1)
+        per_sample = gelu_tanh(h.reshape(samples, 256, n)).float() * ops["out_inv_scale"].reshape(
+            samples, 1, 1
+        )
         return per_sample.clamp(-fp8_gemm.FP8_MAX, fp8_gemm.FP8_MAX).to(fp8_gemm.FP8).reshape(m, n)
 
     def unfused():
-        h = torch._scaled_mm(ops["a"], ops["weight"].t(), scale_a=row_scale, scale_b=ops["weight_scale"][None, :],
-                             bias=ops["bias"], out_dtype=torch.bfloat16)
+        h = torch._scaled_mm(
+            ops["a"],
+            ops["weight"].t(),
+            scale_a=row_scale,
+            scale_b=ops["weight_scale"][None, :],
+            bias=ops["bias"],
+            out_dtype=torch.bfloat16,
+        )
         return gelu_to_fp8(h)
 
     def fused(config=None):
@@ -153,14 +183,20 @@ def fc1_gelu_to_fp8(m: int, do_bench) -> dict:
     for label, codes in (("fused", fused()), ("unfused", unfused())):
         differ = codes.float() != reference
         result[f"{label}_codes_differing_from_reference"] = differ.float().mean().item()
-        result[f"{label}_max_relative_difference"] = ((codes.float() - reference).abs() / reference.abs().clamp(min=2**-6)).max().item()
+        result[f"{label}_max_relative_difference"] = (
+            ((codes.float() - reference).abs() / reference.abs().clamp(min=2**-6)).max().item()
+        )
     flops = 2 * m * n * k
     for label, fn in (("unfused", unfused), ("fused", fused)):
         ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
         result[label] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1)}
-    result["fused_config"] = {str(key): str(config) for key, config in getattr(fp8_gemm._autotuned_kernel, "cache", {}).items()}
-    result["fused_per_config_ms"] = {str(c): round(do_bench(lambda c=c: fused(c), warmup=10, rep=100, return_mode="median"), 4)
-                                     for c in fp8_gemm.GPU_CONFIGS}
+    result["fused_config"] = {
+        str(key): str(config) for key, config in getattr(fp8_gemm._autotuned_kernel, "cache", {}).items()
+    }
+    result["fused_per_config_ms"] = {
+        str(c): round(do_bench(lambda c=c: fused(c), warmup=10, rep=100, return_mode="median"), 4)
+        for c in fp8_gemm.GPU_CONFIGS
+    }
     print("fc1_gelu_to_fp8", result, flush=True)
     return result
 

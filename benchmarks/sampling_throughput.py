@@ -38,8 +38,12 @@ def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", help="checkout of facebookresearch/DiT (needs timm); omit to time tqdit only")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--reference", help="checkout of facebookresearch/DiT (needs timm); omit to time tqdit only"
+    )
     parser.add_argument("--model", default="DiT-XL/2")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=256)
@@ -69,7 +73,10 @@ def main() -> None:
         rate = args.batch * args.steps / seconds
         results["runs"][name] = {"seconds": round(seconds, 3), "image_steps_per_s": round(rate, 1),
                                  "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-        print(f"{name:28s} {rate:8.1f} image-steps/s  ({seconds:.2f} s, peak {results['runs'][name]['peak_gib']} GiB)", flush=True)
+        print(
+            f"{name:28s} {rate:8.1f} image-steps/s  ({seconds:.2f} s, peak {results['runs'][name]['peak_gib']} GiB)",
+            flush=True,
+        )
         torch.cuda.reset_peak_memory_stats()
 
     reference_samples = None
@@ -86,8 +93,14 @@ def main() -> None:
         def run_reference():
             torch.manual_seed(1)
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                out = ref_diffusion.p_sample_loop(reference.forward_with_cfg, (2 * args.batch, 4, latent, latent),
-                                                  torch.cat([z, z]), clip_denoised=False, model_kwargs=kwargs, device="cuda")
+                out = ref_diffusion.p_sample_loop(
+                    reference.forward_with_cfg,
+                    (2 * args.batch, 4, latent, latent),
+                    torch.cat([z, z]),
+                    clip_denoised=False,
+                    model_kwargs=kwargs,
+                    device="cuda",
+                )
             return out[: args.batch]
 
         seconds, reference_samples = timed(run_reference, args.repeats)
@@ -110,7 +123,9 @@ def main() -> None:
         record("tqdit (bf16, torch.compile)", seconds, samples)
     if "reference (bf16 autocast)" in results["runs"]:
         base = results["runs"]["reference (bf16 autocast)"]["image_steps_per_s"]
-        results["speedup_vs_reference"] = {k: round(v["image_steps_per_s"] / base, 3) for k, v in results["runs"].items()}
+        results["speedup_vs_reference"] = {
+            k: round(v["image_steps_per_s"] / base, 3) for k, v in results["runs"].items()
+        }
         print("speed-up vs reference:", results["speedup_vs_reference"])
     if args.out:
         atomic_write_json(args.out, results)

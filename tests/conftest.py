@@ -23,7 +23,12 @@ def reference():
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
     state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
-    return {"state": state, "config": json.loads(metadata["config"]), "spacings": json.loads(metadata["spacings"]), **tensors}
+    return {
+        "state": state,
+        "config": json.loads(metadata["config"]),
+        "spacings": json.loads(metadata["spacings"]),
+        **tensors,
+    }
 
 
 @pytest.fixture(autouse=True)

@@ -15,17 +15,34 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tqdit"
 FRAMEWORKS = ("hydra", "omegaconf", "wandb", "submitit")
-CALIBRATION_STACK = ("tqdit.quant.calibrate", "tqdit.quant.capture", "tqdit.quant.config", "tqdit.quant.search",
-                     "tqdit.quant.reconstruct", "tqdit.quant.methods", "tqdit.quant.wrapping", "tqdit.quant.state")
+CALIBRATION_STACK = (
+    "tqdit.quant.calibrate",
+    "tqdit.quant.capture",
+    "tqdit.quant.config",
+    "tqdit.quant.search",
+    "tqdit.quant.reconstruct",
+    "tqdit.quant.methods",
+    "tqdit.quant.wrapping",
+    "tqdit.quant.state",
+)
 # package -> module prefixes it must not import (anywhere in its files, at any depth of a function)
 RULES = {
-    "tqdit.models": ("tqdit.quant", "tqdit.kernels", "tqdit.pipeline", "tqdit.metrics", "tqdit.data") + FRAMEWORKS,
-    "tqdit.diffusion": ("tqdit.models", "tqdit.quant", "tqdit.kernels", "tqdit.pipeline", "tqdit.data",
-                        "tqdit.metrics") + FRAMEWORKS,
+    "tqdit.models": ("tqdit.quant", "tqdit.kernels", "tqdit.pipeline", "tqdit.metrics", "tqdit.data")
+    + FRAMEWORKS,
+    "tqdit.diffusion": (
+        "tqdit.models",
+        "tqdit.quant",
+        "tqdit.kernels",
+        "tqdit.pipeline",
+        "tqdit.data",
+        "tqdit.metrics",
+    )
+    + FRAMEWORKS,
     "tqdit.data": ("tqdit.quant", "tqdit.kernels", "tqdit.pipeline", "tqdit.metrics") + FRAMEWORKS,
     "tqdit.quant": ("tqdit.pipeline", "tqdit.metrics", "triton") + FRAMEWORKS,
     "tqdit.kernels": CALIBRATION_STACK + ("tqdit.pipeline", "tqdit.metrics") + FRAMEWORKS,
-    "tqdit.metrics": ("tqdit.quant", "tqdit.kernels", "tqdit.models", "tqdit.pipeline", "tqdit.data") + FRAMEWORKS,
+    "tqdit.metrics": ("tqdit.quant", "tqdit.kernels", "tqdit.models", "tqdit.pipeline", "tqdit.data")
+    + FRAMEWORKS,
     "tqdit.report": ("tqdit.pipeline", "tqdit.kernels", "tqdit.metrics") + FRAMEWORKS,
 }
 # imported only inside functions (looked up at call time), never at a module's top level
@@ -77,7 +94,9 @@ def test_the_algorithms_look_kernels_up_at_call_time_only():
 def test_importing_a_layer_loads_nothing_it_must_not(statement, absent):
     """The same rules at run time, in a fresh interpreter: nothing loads them indirectly either."""
     code = f"import sys; {statement}; print(sorted(m for m in sys.modules))"
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     modules = eval(loaded.stdout)
     assert [m for m in modules if any(m == a or m.startswith(a + ".") for a in absent)] == []
 

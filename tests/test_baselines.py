@@ -70,9 +70,14 @@ def test_uniform_stride_selection_covers_both_ends():
 def input_maxima(model, names, calib) -> dict:
     """max |input| per input channel over all calibration inputs, by forward hooks (independent of the method)."""
     result = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: result.__setitem__(n, torch.maximum(result.get(n, torch.zeros(a[0].shape[-1])), a[0].abs().amax(dim=(0, 1)))))
-        for n in names]
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: result.__setitem__(
+                n, torch.maximum(result.get(n, torch.zeros(a[0].shape[-1])), a[0].abs().amax(dim=(0, 1)))
+            )
+        )
+        for n in names
+    ]
     with torch.no_grad():
         model(calib.x, calib.t, calib.y)
     for h in hooks:
@@ -107,7 +112,9 @@ def test_csb_gives_both_operands_the_geometric_mean_salience(setting, layer):
     for n in names:
         target = torch.sqrt(before_x[n] * before_w[n])
         torch.testing.assert_close(after_x[n], target, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(balanced.get_submodule(n).weight.abs().amax(dim=0), target, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            balanced.get_submodule(n).weight.abs().amax(dim=0), target, rtol=1e-4, atol=1e-6
+        )
 
 
 def test_ssc_weights_steps_by_softmax_of_minus_spearman():
@@ -126,8 +133,11 @@ def test_ssc_weights_steps_by_softmax_of_minus_spearman():
     s_x = (eta[:, None] * per_step.numpy()).sum(axis=0)
     expected = np.sqrt(s_x * s_w.numpy()) / s_x
     np.testing.assert_allclose(balancing_factors(weight, per_step, ssc=True).numpy(), expected, rtol=1e-5)
-    np.testing.assert_allclose(balancing_factors(weight, per_step, ssc=False).numpy(),
-                               np.sqrt(per_step.amax(0).numpy() * s_w.numpy()) / per_step.amax(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        balancing_factors(weight, per_step, ssc=False).numpy(),
+        np.sqrt(per_step.amax(0).numpy() * s_w.numpy()) / per_step.amax(0).numpy(),
+        rtol=1e-5,
+    )
 
 
 def test_folded_adaln_equals_runtime_scaling(setting):
@@ -169,13 +179,28 @@ def test_adaround_starts_at_the_fp_weight():
 def test_reconstruction_rounds_to_floor_or_ceil_and_lowers_block_error(setting):
     model, calib = setting
     quantized = copy.deepcopy(model)
-    cfg = CalibrationConfig(w_bits=4, a_bits=8, weight_symmetric=False, num_inputs=36, search=SearchConfig(criterion="lp", candidates=20))
+    cfg = CalibrationConfig(
+        w_bits=4,
+        a_bits=8,
+        weight_symmetric=False,
+        num_inputs=36,
+        search=SearchConfig(criterion="lp", candidates=20),
+    )
     index = np.arange(len(calib))[::2]
     calibrate(quantized, calib, cfg, progress=False, index=index)
-    start = {name: (m.weight.detach().clone(), m.weight_quant.scale[0].clone(), m.weight_quant.zero_point[0].clone())
-             for name, m in quantized.named_modules() if isinstance(m, QuantLinear)}
+    start = {
+        name: (
+            m.weight.detach().clone(),
+            m.weight_quant.scale[0].clone(),
+            m.weight_quant.zero_point[0].clone(),
+        )
+        for name, m in quantized.named_modules()
+        if isinstance(m, QuantLinear)
+    }
     recon = ReconConfig(iters=300, act_iters=50, batch=16, lr=2e-2)  # few iterations: a larger step
-    reports = reconstruct_blocks(quantized, calib.x[index], calib.t[index], calib.y[index], recon, joint=False, progress=False)
+    reports = reconstruct_blocks(
+        quantized, calib.x[index], calib.t[index], calib.y[index], recon, joint=False, progress=False
+    )
     for report in reports:
         assert report["error_after"] < report["error_nearest"]
     for name, (weight, scale, zero) in start.items():
@@ -194,7 +219,18 @@ def test_reconstruction_rounds_to_floor_or_ceil_and_lowers_block_error(setting):
 
 def baseline(method, setting, bits=8, **params):
     model, calib = setting
-    cfg = config_from_settings(method, dict(w_bits=bits, a_bits=bits, num_inputs=24, capture_batch=8, search=SearchConfig(criterion="lp", candidates=20), recon=ReconConfig(iters=60, act_iters=20, batch=8)), params)
+    cfg = config_from_settings(
+        method,
+        dict(
+            w_bits=bits,
+            a_bits=bits,
+            num_inputs=24,
+            capture_batch=8,
+            search=SearchConfig(criterion="lp", candidates=20),
+            recon=ReconConfig(iters=60, act_iters=20, batch=8),
+        ),
+        params,
+    )
     quantized, cost = quantize(copy.deepcopy(model), calib, cfg)
     return model, quantized, cost, calib
 
@@ -214,8 +250,19 @@ def test_baselines_quantize_every_scoped_layer(method, setting):
 def test_reconstruction_leaves_blocks_outside_the_scope_alone(method, setting):
     # a scope of one block's layers: the other block has nothing to reconstruct and stays FP
     model, calib = setting
-    cfg = config_from_settings(method, dict(w_bits=6, a_bits=6, scope=["blocks.0.*"], num_inputs=24, capture_batch=8,
-                      search=SearchConfig(criterion="lp", candidates=20), recon=ReconConfig(iters=20, act_iters=10, batch=8)), {})
+    cfg = config_from_settings(
+        method,
+        dict(
+            w_bits=6,
+            a_bits=6,
+            scope=["blocks.0.*"],
+            num_inputs=24,
+            capture_batch=8,
+            search=SearchConfig(criterion="lp", candidates=20),
+            recon=ReconConfig(iters=20, act_iters=10, batch=8),
+        ),
+        {},
+    )
     quantized, cost = quantize(copy.deepcopy(model), calib, cfg)
     names = [name for name, _ in quantizers(quantized)]
     assert names and all(name.startswith("blocks.0.") for name in names)
@@ -254,9 +301,13 @@ def test_zero_activation_iterations_keep_the_initial_steps(setting):
     quantized = copy.deepcopy(model)
     calibrate(quantized, calib, cfg, progress=False, index=index)
     initial = {n: q.scale.clone() for n, q in quantizers(quantized) if not n.endswith("weight_quant")}
-    weights = {n: m.weight.detach().clone() for n, m in quantized.named_modules() if isinstance(m, QuantLinear)}
+    weights = {
+        n: m.weight.detach().clone() for n, m in quantized.named_modules() if isinstance(m, QuantLinear)
+    }
     recon = ReconConfig(iters=30, act_iters=0, batch=8)
-    reconstruct_blocks(quantized, calib.x[index], calib.t[index], calib.y[index], recon, joint=False, progress=False)
+    reconstruct_blocks(
+        quantized, calib.x[index], calib.t[index], calib.y[index], recon, joint=False, progress=False
+    )
     for name, q in quantizers(quantized):
         if name in initial:
             torch.testing.assert_close(q.scale, initial[name], atol=0, rtol=0)

@@ -43,7 +43,9 @@ def test_noise_control_uses_uniforms_grids_and_adds_noise_of_the_step_size(noise
     """Mutation caught: noise scaled by Δ/2 (or Δ²) instead of Δ, or rounding left in place."""
     fp, uniform, noise, calib = noise_and_uniform
     pairs = list(zip(quantizers(uniform), quantizers(noise)))
-    assert pairs and all(type(n).__name__ == "UniformNoise" and type(u) is UniformQuantizer for (_, u), (_, n) in pairs)
+    assert pairs and all(
+        type(n).__name__ == "UniformNoise" and type(u) is UniformQuantizer for (_, u), (_, n) in pairs
+    )
     for (name, u), (_, n) in pairs:
         torch.testing.assert_close(n.scale, u.scale, atol=0, rtol=0)  # the Lp rule scores each tensor alone
     weight = noise.blocks[0].mlp.fc1.weight
@@ -77,8 +79,17 @@ def sixteen_and_eight_bits():
     calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
     models = []
     for bits in (16, 8):
-        cfg = config_from_settings("uniform", dict(w_bits=bits, a_bits=bits, num_inputs=len(calib.t), capture_batch=16,
-                          search=SearchConfig(criterion="lp", candidates=20)), {})
+        cfg = config_from_settings(
+            "uniform",
+            dict(
+                w_bits=bits,
+                a_bits=bits,
+                num_inputs=len(calib.t),
+                capture_batch=16,
+                search=SearchConfig(criterion="lp", candidates=20),
+            ),
+            {},
+        )
         models.append(quantize(copy.deepcopy(fp), calib, cfg))
     return fp, calib, models
 

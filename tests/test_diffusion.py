@@ -53,7 +53,9 @@ def test_sampler_reproduces_reference_samples(reference, method, steps, eta):
 
 
 def tiny_model():
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3).eval()
+    model = DiT(
+        input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3
+    ).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn_like(param) * 0.2)
@@ -63,7 +65,13 @@ def tiny_model():
 def run(model, indices, seed=0, steps=6, method="ddpm"):
     labels = torch.as_tensor(np.asarray(indices) % 3)
     noise = PerSampleNoise(seed, indices, (1, 8, 8))
-    return sample_loop(guided_model(model, labels, 1.5, None), create_diffusion(steps), noise, method=method, clip_denoised=True)
+    return sample_loop(
+        guided_model(model, labels, 1.5, None),
+        create_diffusion(steps),
+        noise,
+        method=method,
+        clip_denoised=True,
+    )
 
 
 @pytest.mark.parametrize("method", ["ddpm", "ddim"])
@@ -114,5 +122,7 @@ def test_training_loss_is_mse_plus_vlb():
     assert loss.shape == (4,) and torch.isfinite(loss).all()
     # With the exact noise the MSE vanishes; what is left is the VLB term, non-negative for t > 0.
     assert (loss[1:] >= 0).all()
-    worse = diffusion.training_losses(perfect + torch.cat([torch.ones_like(noise), torch.zeros_like(noise)], 1), x0, x_t, t, noise)
+    worse = diffusion.training_losses(
+        perfect + torch.cat([torch.ones_like(noise), torch.zeros_like(noise)], 1), x0, x_t, t, noise
+    )
     assert (worse[1:] > loss[1:] + 0.99).all()

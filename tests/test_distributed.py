@@ -13,13 +13,31 @@ from test_pipeline import FAST_QUANT, ROOT
 
 # 5 batches of 4 over 2 processes: uneven shares (3 + 2), and a calibrated method so rank 0 calibrates
 # while rank 1 loads what it saved.
-JOB = ["num_samples=20", "batch_size=4", "sampler.steps=4", "quant=uniform", "quant.search=minmax", *FAST_QUANT]
+JOB = [
+    "num_samples=20",
+    "batch_size=4",
+    "sampler.steps=4",
+    "quant=uniform",
+    "quant.search=minmax",
+    *FAST_QUANT,
+]
 
 
 def torchrun(job_dir: Path, cache: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "run.py",
-               f"hydra.run.dir={job_dir}", f"cache_dir={cache}", "device=cpu", *JOB, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "run.py",
+        f"hydra.run.dir={job_dir}",
+        f"cache_dir={cache}",
+        "device=cpu",
+        *JOB,
+        *extra,
+    ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -54,8 +72,11 @@ def test_two_processes_resume_from_shards_drawn_by_one(tmp_path):
         images, labels = done["arr_0"], done["arr_1"]
     (job / "shards").mkdir()
     for start in (0, 4, 8):
-        np.savez(job / "shards" / f"samples_{start:07d}_{start + 4:07d}.npz", images=images[start:start + 4] // 2,
-                 labels=labels[start:start + 4])  # marked (halved) so we can see they were read, not redrawn
+        np.savez(
+            job / "shards" / f"samples_{start:07d}_{start + 4:07d}.npz",
+            images=images[start : start + 4] // 2,
+            labels=labels[start : start + 4],
+        )  # marked (halved) so we can see they were read, not redrawn
     resumed = torchrun(job, tmp_path / "cache", 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with np.load(job / "samples.npz") as merged:
@@ -68,9 +89,21 @@ def test_processes_share_one_default_output_directory(tmp_path):
     """Without hydra.run.dir, Hydra names the directory by the clock: all ranks must use rank 0's stamp."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TQDIT_RUN_STAMP", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "run.py",
-               f"hydra.run.dir={tmp_path}/run/${{oc.env:TQDIT_RUN_STAMP,unset}}", f"cache_dir={tmp_path / 'cache'}", "device=cpu",
-               "quant=fp", "num_samples=10", "batch_size=5", "sampler.steps=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "run.py",
+        f"hydra.run.dir={tmp_path}/run/${{oc.env:TQDIT_RUN_STAMP,unset}}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "device=cpu",
+        "quant=fp",
+        "num_samples=10",
+        "batch_size=5",
+        "sampler.steps=2",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     directories = list((tmp_path / "run").iterdir())

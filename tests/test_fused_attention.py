@@ -19,8 +19,15 @@ pytestmark = pytest.mark.skipif(not fused_attention.available(), reason="needs T
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def quantized_attention(dim: int, heads: int, post_softmax: str, bits: int = 8, device: str = DEVICE, dtype=torch.float32,
-                        symmetric: bool = True):
+def quantized_attention(
+    dim: int,
+    heads: int,
+    post_softmax: str,
+    bits: int = 8,
+    device: str = DEVICE,
+    dtype=torch.float32,
+    symmetric: bool = True,
+):
     """An Attention with time-grouped (2 groups) quantizers on every operand and hand-set ranges.
 
     ``symmetric=False``: q, k, v on asymmetric grids and a post-softmax grid reaching below 0, so
@@ -57,17 +64,36 @@ def explicit_and_fused(attn, x):
     return explicit.float(), fused.float()
 
 
-@pytest.mark.parametrize("post_softmax,symmetric,dtype,head_dim", [
-    ("mrq", True, torch.float32, 12), ("uniform", True, torch.float32, 12), ("off", True, torch.float32, 12),
-    ("mrq", False, torch.float32, 12), ("uniform", False, torch.float32, 12), ("mrq", True, torch.float16, 12),
-    ("mrq", False, torch.float32, 20), ("off", True, torch.float32, 20)])
+@pytest.mark.parametrize(
+    "post_softmax,symmetric,dtype,head_dim",
+    [
+        ("mrq", True, torch.float32, 12),
+        ("uniform", True, torch.float32, 12),
+        ("off", True, torch.float32, 12),
+        ("mrq", False, torch.float32, 12),
+        ("uniform", False, torch.float32, 12),
+        ("mrq", True, torch.float16, 12),
+        ("mrq", False, torch.float32, 20),
+        ("off", True, torch.float32, 20),
+    ],
+)
 def test_kernel_computes_the_explicit_quantized_attention(post_softmax, symmetric, dtype, head_dim):
     # 3 samples of both time groups, 37 tokens (not a multiple of the key block), head_dim 12 or 20
     # (padded to a 16- or 32-wide tile, as DiT-XL/2's 72 to 128)
-    attn, context = quantized_attention(dim=2 * head_dim, heads=2, post_softmax=post_softmax, symmetric=symmetric, dtype=dtype)
+    attn, context = quantized_attention(
+        dim=2 * head_dim, heads=2, post_softmax=post_softmax, symmetric=symmetric, dtype=dtype
+    )
     if not symmetric:  # every uniform operand's grid is offset
-        uniform = [m for m in (attn.qk_matmul.a_quant, attn.qk_matmul.b_quant, attn.av_matmul.a_quant, attn.av_matmul.b_quant)
-                   if isinstance(m, UniformQuantizer)]
+        uniform = [
+            m
+            for m in (
+                attn.qk_matmul.a_quant,
+                attn.qk_matmul.b_quant,
+                attn.av_matmul.a_quant,
+                attn.av_matmul.b_quant,
+            )
+            if isinstance(m, UniformQuantizer)
+        ]
         assert len(uniform) >= 3 and all((m.zero_point != 0).all() for m in uniform)
     x = torch.randn(3, 37, 2 * head_dim, device=DEVICE, dtype=dtype)
     context.set_timesteps(torch.tensor([10, 900, 499], device=DEVICE))
@@ -86,7 +112,9 @@ def test_kernel_computes_the_explicit_quantized_attention(post_softmax, symmetri
 @pytest.mark.parametrize("head_dim", [12, 20, 32])
 def test_kernel_without_quantizers_is_softmax_attention(head_dim):
     q, k = torch.randn(2, 2, 3, 37, head_dim, device=DEVICE).unbind(0)
-    v = torch.randn(2, 3, head_dim, 37, device=DEVICE).transpose(-2, -1)  # a strided head dimension is accepted too
+    v = torch.randn(2, 3, head_dim, 37, device=DEVICE).transpose(
+        -2, -1
+    )  # a strided head dimension is accepted too
     params = torch.zeros(2, fused_attention.PARAMS_PER_SAMPLE, device=DEVICE)
     out = torch.ops.tqdit.quant_attention(q, k, v, params, head_dim**-0.5, [0, 0, 0, 0], [0, 0], [0, 0])
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)

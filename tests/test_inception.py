@@ -20,7 +20,13 @@ from scipy import linalg
 from test_metrics import UInt8Images, adm_inception_score
 from tqdit.errors import TqditError
 from tqdit.metrics import all_metrics, build_extractor, extract_features, load_reference
-from tqdit.metrics.inception import INCEPTION_FILE, INCEPTION_URL, InceptionWeightsError, inception_weights, save_random_weights
+from tqdit.metrics.inception import (
+    INCEPTION_FILE,
+    INCEPTION_URL,
+    InceptionWeightsError,
+    inception_weights,
+    save_random_weights,
+)
 from tqdit.pipeline.job import evaluate
 
 
@@ -48,14 +54,22 @@ def image_sets(count: int = 24, size: int = 64) -> tuple[np.ndarray, np.ndarray]
 
 def hooked_features(weights, images: np.ndarray) -> dict[str, np.ndarray]:
     """pool3, unbiased logits and Mixed_6d.branch1x1 (NHWC, 7 channels) from torch-fidelity's own module."""
-    net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights))
+    net = tf_inception.FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
+    )
     seen = []
-    net.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: seen.append(output.detach().clone()))
+    net.Mixed_6d.branch1x1.register_forward_hook(
+        lambda module, inputs, output: seen.append(output.detach().clone())
+    )
     with torch.no_grad():
         pool, logits = net(torch.tensor(images).permute(0, 3, 1, 2))
     spatial = seen[0].numpy()  # (N, 192, 17, 17)
     spatial = np.transpose(spatial, (0, 2, 3, 1))[..., :7].reshape(len(images), -1)
-    return {"pool": pool.double().numpy(), "logits": logits.double().numpy(), "spatial": spatial.astype(np.float64)}
+    return {
+        "pool": pool.double().numpy(),
+        "logits": logits.double().numpy(),
+        "spatial": spatial.astype(np.float64),
+    }
 
 
 def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,25 +82,42 @@ def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
 def test_fid_equals_torch_fidelity(weights, extractor):
     fake, real = image_sets()
     theirs = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(fake), input2=UInt8Images(real), feature_extractor="inception-v3-compat",
-        feature_extractor_weights_path=str(weights), fid=True, cuda=False, cache=False, verbose=False, batch_size=12,
+        input1=UInt8Images(fake),
+        input2=UInt8Images(real),
+        feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=str(weights),
+        fid=True,
+        cuda=False,
+        cache=False,
+        verbose=False,
+        batch_size=12,
     )
-    ours = all_metrics(extract_features(fake, extractor, progress=False), extract_features(real, extractor, progress=False), split_size=12)
+    ours = all_metrics(
+        extract_features(fake, extractor, progress=False),
+        extract_features(real, extractor, progress=False),
+        split_size=12,
+    )
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5)
     assert ours["fid"] > 1e-3  # the two sets differ: the comparison is not trivially zero
 
 
 def test_sfid_and_is_equal_hand_computations(weights, extractor):
     fake, real = image_sets()
-    ours_fake, ours_real = extract_features(fake, extractor, progress=False), extract_features(real, extractor, progress=False)
+    ours_fake, ours_real = extract_features(fake, extractor, progress=False), extract_features(
+        real, extractor, progress=False
+    )
     hand_fake, hand_real = hooked_features(weights, fake), hooked_features(weights, real)
     assert ours_fake["spatial"].shape == (len(fake), 2023)  # 17 × 17 × 7, as the ADM evaluator
     np.testing.assert_allclose(ours_fake["spatial"], hand_fake["spatial"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ours_fake["logits"], hand_fake["logits"], rtol=1e-5, atol=1e-5)
     metrics = all_metrics(ours_fake, ours_real, split_size=10)
     # near-singular covariances of 24 samples in 2023 dims: scipy's sqrtm and the eigenvalue form agree to ~1e-4
-    assert metrics["sfid"] == pytest.approx(scipy_frechet(hand_fake["spatial"], hand_real["spatial"]), rel=1e-3)
-    assert metrics["is"] == pytest.approx(adm_inception_score(hand_fake["logits"], 10), rel=1e-6)  # parts 10, 10, 4
+    assert metrics["sfid"] == pytest.approx(
+        scipy_frechet(hand_fake["spatial"], hand_real["spatial"]), rel=1e-3
+    )
+    assert metrics["is"] == pytest.approx(
+        adm_inception_score(hand_fake["logits"], 10), rel=1e-6
+    )  # parts 10, 10, 4
     assert metrics["is"] > 1.0
 
 
@@ -95,20 +126,47 @@ def test_adm_reference_batch_through_the_job_evaluation(weights, tmp_path):
     """FID and sFID use the batch's stored statistics (as the ADM evaluator); precision/recall its images."""
     fake, real = image_sets()
     _, other = image_sets(count=30, size=48)  # the stored statistics come from other images than arr_0
-    hand_real, hand_other, hand_fake = hooked_features(weights, real), hooked_features(weights, other), hooked_features(weights, fake)
-    np.savez(tmp_path / "VIRTUAL_test.npz", arr_0=real, mu=hand_other["pool"].mean(0), sigma=np.cov(hand_other["pool"], rowvar=False),
-             mu_s=hand_other["spatial"].mean(0), sigma_s=np.cov(hand_other["spatial"], rowvar=False))
-    eval_cfg = OmegaConf.create({"feature_extractor": "tqdit-inception-v3", "weights": str(weights), "reference": str(tmp_path / "VIRTUAL_test.npz"),
-                                 "batch_size": 16, "is_split_size": 5000, "pr_k": 3, "cache_dir": str(tmp_path / "cache")})
+    hand_real, hand_other, hand_fake = (
+        hooked_features(weights, real),
+        hooked_features(weights, other),
+        hooked_features(weights, fake),
+    )
+    np.savez(
+        tmp_path / "VIRTUAL_test.npz",
+        arr_0=real,
+        mu=hand_other["pool"].mean(0),
+        sigma=np.cov(hand_other["pool"], rowvar=False),
+        mu_s=hand_other["spatial"].mean(0),
+        sigma_s=np.cov(hand_other["spatial"], rowvar=False),
+    )
+    eval_cfg = OmegaConf.create(
+        {
+            "feature_extractor": "tqdit-inception-v3",
+            "weights": str(weights),
+            "reference": str(tmp_path / "VIRTUAL_test.npz"),
+            "batch_size": 16,
+            "is_split_size": 5000,
+            "pr_k": 3,
+            "cache_dir": str(tmp_path / "cache"),
+        }
+    )
     metrics = evaluate(fake, eval_cfg, torch.device("cpu"))
     assert metrics["fid"] == pytest.approx(scipy_frechet(hand_fake["pool"], hand_other["pool"]), rel=1e-3)
-    assert metrics["sfid"] == pytest.approx(scipy_frechet(hand_fake["spatial"], hand_other["spatial"]), rel=1e-3)
-    assert metrics["fid"] != pytest.approx(scipy_frechet(hand_fake["pool"], hand_real["pool"]), rel=1e-2)  # not arr_0's
+    assert metrics["sfid"] == pytest.approx(
+        scipy_frechet(hand_fake["spatial"], hand_other["spatial"]), rel=1e-3
+    )
+    assert metrics["fid"] != pytest.approx(
+        scipy_frechet(hand_fake["pool"], hand_real["pool"]), rel=1e-2
+    )  # not arr_0's
     assert metrics["is"] == pytest.approx(adm_inception_score(hand_fake["logits"], 5000), rel=1e-6)
     from tqdit.metrics import precision_recall
 
-    assert (metrics["precision"], metrics["recall"]) == pytest.approx(precision_recall(hand_fake["pool"], hand_real["pool"]), abs=1e-6)
-    assert len(list((tmp_path / "cache").glob("reference-*.npz"))) == 1  # the batch's images' features, for precision/recall
+    assert (metrics["precision"], metrics["recall"]) == pytest.approx(
+        precision_recall(hand_fake["pool"], hand_real["pool"]), abs=1e-6
+    )
+    assert (
+        len(list((tmp_path / "cache").glob("reference-*.npz"))) == 1
+    )  # the batch's images' features, for precision/recall
 
 
 def test_reference_cache_invalidates_when_images_change(extractor, tmp_path):
@@ -130,9 +188,19 @@ def test_reference_cache_invalidates_when_images_change(extractor, tmp_path):
 def test_reference_errors_name_the_problem(extractor, tmp_path):
     _, real = image_sets(count=4)
     np.savez(tmp_path / "ref.npz", arr_0=real)
-    with pytest.raises(TqditError, match="reference images are 64×64 but samples are 256×256.*VIRTUAL_imagenet256_labeled.npz"):
+    with pytest.raises(
+        TqditError,
+        match="reference images are 64×64 but samples are 256×256.*VIRTUAL_imagenet256_labeled.npz",
+    ):
         load_reference(tmp_path / "ref.npz", extractor, (256, 256, 3), None)
-    np.savez(tmp_path / "bad.npz", arr_0=real, mu=np.zeros(128), sigma=np.eye(128), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    np.savez(
+        tmp_path / "bad.npz",
+        arr_0=real,
+        mu=np.zeros(128),
+        sigma=np.eye(128),
+        mu_s=np.zeros(2023),
+        sigma_s=np.eye(2023),
+    )
     with pytest.raises(TqditError, match="'mu' is \\(128,\\), not \\(2048,\\)"):
         load_reference(tmp_path / "bad.npz", extractor, real.shape[1:], None)
     with pytest.raises(TqditError, match="not found.*ref_batches/imagenet/256"):
@@ -164,7 +232,11 @@ def test_missing_weights_say_which_file_and_where(tmp_path, monkeypatch):
     with pytest.raises(InceptionWeightsError) as error:
         inception_weights(None)
     message = str(error.value)
-    assert INCEPTION_FILE in message and INCEPTION_URL in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert (
+        INCEPTION_FILE in message
+        and INCEPTION_URL in message
+        and str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    )
     assert "eval.weights=" in message
     with pytest.raises(InceptionWeightsError, match="file not found"):
         inception_weights(tmp_path / "nowhere.pth")

@@ -41,11 +41,31 @@ def files(tmp_path_factory):
 
 
 def job(files, job_dir, *extra, env=None, tiny=True):
-    model = ["model.arch=DiT-S/2", "model.input_size=4", f"model.checkpoint={files / 'dit.safetensors'}"] if tiny else []
-    command = [sys.executable, "run.py", f"hydra.run.dir={job_dir}", f"cache_dir={files / 'cache'}", "model=dit_xl_2_256", *model,
-               f"model.vae.path={files / 'vae'}", "model.vae.decode_batch=3", "eval=imagenet256", f"eval.weights={files / 'inception.pth'}",
-               f"eval.reference={files / 'VIRTUAL_tiny.npz'}", "eval.batch_size=8", "num_samples=10", "batch_size=5",
-               "sampler.steps=3", "quant=fp", "device=cpu", *extra]
+    model = (
+        ["model.arch=DiT-S/2", "model.input_size=4", f"model.checkpoint={files / 'dit.safetensors'}"]
+        if tiny
+        else []
+    )
+    command = [
+        sys.executable,
+        "run.py",
+        f"hydra.run.dir={job_dir}",
+        f"cache_dir={files / 'cache'}",
+        "model=dit_xl_2_256",
+        *model,
+        f"model.vae.path={files / 'vae'}",
+        "model.vae.decode_batch=3",
+        "eval=imagenet256",
+        f"eval.weights={files / 'inception.pth'}",
+        f"eval.reference={files / 'VIRTUAL_tiny.npz'}",
+        "eval.batch_size=8",
+        "num_samples=10",
+        "batch_size=5",
+        "sampler.steps=3",
+        "quant=fp",
+        "device=cpu",
+        *extra,
+    ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -76,10 +96,18 @@ def test_latent_job_decodes_with_the_vae_and_evaluates_with_inception(files, tmp
     with torch.no_grad():
         indices = np.arange(10)
         noise = PerSampleNoise(0, indices, (4, 4, 4), torch.device("cpu"))
-        latents = sample_loop(guided_model(model, torch.as_tensor(labels), 1.5, 3), diffusion, noise, method="ddpm", clip_denoised=False)
+        latents = sample_loop(
+            guided_model(model, torch.as_tensor(labels), 1.5, 3),
+            diffusion,
+            noise,
+            method="ddpm",
+            clip_denoised=False,
+        )
         pixels = vae.decode(latents / LATENT_SCALE).sample
     expected = to_uint8(pixels).numpy()
-    assert (np.abs(expected.astype(int) - images.astype(int)) > 1).mean() < 1e-3  # batch shapes differ: round-off only
+    assert (
+        np.abs(expected.astype(int) - images.astype(int)) > 1
+    ).mean() < 1e-3  # batch shapes differ: round-off only
     assert images.std() > 1  # the random decoder drew something
 
 
@@ -87,9 +115,22 @@ def test_missing_latent_files_fail_with_one_line_naming_them(files, tmp_path):
     offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = job(files, tmp_path / "a", tiny=False)  # the real DiT-XL/2 config without its checkpoint
     assert result.returncode == 2
-    assert "DiT-XL-2-256x256.pt" in result.stderr and "dl.fbaipublicfiles.com" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "DiT-XL-2-256x256.pt" in result.stderr
+        and "dl.fbaipublicfiles.com" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     result = job(files, tmp_path / "b", "eval.reference=null", tiny=False)
-    assert result.returncode == 2 and "eval.reference is not set" in result.stderr and "VIRTUAL_imagenet256_labeled.npz" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2
+        and "eval.reference is not set" in result.stderr
+        and "VIRTUAL_imagenet256_labeled.npz" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     result = job(files, tmp_path / "c", "model.vae.path=null", env=offline)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "stabilityai/sd-vae-ft-ema" in result.stderr and "model.vae.path=" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "stabilityai/sd-vae-ft-ema" in result.stderr
+        and "model.vae.path=" in result.stderr
+        and "Traceback" not in result.stderr
+    )

@@ -38,7 +38,17 @@ def test_readme_library_example_runs_and_quantizes():
 
 
 def test_one_record_per_method_says_what_it_does():
-    assert set(METHODS) == {"fp", "noise", "uniform", "ptq4dm", "qdiffusion", "ptq4dit", "mrq", "tgq", "mrq_tgq"}
+    assert set(METHODS) == {
+        "fp",
+        "noise",
+        "uniform",
+        "ptq4dm",
+        "qdiffusion",
+        "ptq4dit",
+        "mrq",
+        "tgq",
+        "mrq_tgq",
+    }
     assert {n for n, m in METHODS.items() if m.uses_time_groups} == {"tgq", "mrq_tgq"}
     assert {n for n, m in METHODS.items() if m.reconstructs} == {"qdiffusion", "ptq4dit"}
     assert {n: m.fixed_search for n, m in METHODS.items() if m.fixed_search} == {
@@ -60,17 +70,26 @@ def test_paper_defaults():
     assert tqdit.TQDiTConfig().time_groups == 10 and tqdit.TQDiTConfig().search.criterion == "hessian"
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda: tqdit.PTQ4DMConfig(search=SearchConfig(criterion="hessian")), "chooses its scales by lp"),
-    (lambda: tqdit.QDiffusionConfig(search=SearchConfig(criterion="lp", p=3.0)), r"search.p=3.0 conflicts with p=2.4"),
-    (lambda: tqdit.TQDiTConfig(a_bits=2), "multi-region quantization needs at least 3 bits"),
-    (lambda: tqdit.MRQConfig(a_bits=2), "multi-region quantization needs at least 3 bits"),
-    (lambda: tqdit.UniformConfig(w_bits=9), "w_bits=9 must be an integer bit width"),
-    (lambda: tqdit.TGQConfig(time_groups=0), "time_groups=0 must be a positive integer"),
-    (lambda: tqdit.TGQConfig(grouped=["post_sofmax"]), r"grouped has unknown positions \['post_sofmax'\]"),
-    (lambda: tqdit.PTQ4DiTConfig(layers=["mlp.fc2"]), "balances only"),
-    (lambda: tqdit.QDiffusionConfig(recon=tqdit.ReconConfig(iters=-1)), "recon.iters"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: tqdit.PTQ4DMConfig(search=SearchConfig(criterion="hessian")), "chooses its scales by lp"),
+        (
+            lambda: tqdit.QDiffusionConfig(search=SearchConfig(criterion="lp", p=3.0)),
+            r"search.p=3.0 conflicts with p=2.4",
+        ),
+        (lambda: tqdit.TQDiTConfig(a_bits=2), "multi-region quantization needs at least 3 bits"),
+        (lambda: tqdit.MRQConfig(a_bits=2), "multi-region quantization needs at least 3 bits"),
+        (lambda: tqdit.UniformConfig(w_bits=9), "w_bits=9 must be an integer bit width"),
+        (lambda: tqdit.TGQConfig(time_groups=0), "time_groups=0 must be a positive integer"),
+        (
+            lambda: tqdit.TGQConfig(grouped=["post_sofmax"]),
+            r"grouped has unknown positions \['post_sofmax'\]",
+        ),
+        (lambda: tqdit.PTQ4DiTConfig(layers=["mlp.fc2"]), "balances only"),
+        (lambda: tqdit.QDiffusionConfig(recon=tqdit.ReconConfig(iters=-1)), "recon.iters"),
+    ],
+)
 def test_a_config_refuses_what_its_method_cannot_honour(build, message):
     with pytest.raises(ValueError, match=message):
         build()

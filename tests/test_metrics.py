@@ -7,7 +7,14 @@ import torch
 import torch_fidelity
 
 from tqdit.data import load_digits
-from tqdit.metrics import build_extractor, extract_features, frechet_distance, gaussian_statistics, inception_score, precision_recall
+from tqdit.metrics import (
+    build_extractor,
+    extract_features,
+    frechet_distance,
+    gaussian_statistics,
+    inception_score,
+    precision_recall,
+)
 from tqdit.metrics.reference import reference_features, reference_key
 
 from test_adm_formulas import reference_fid, reference_inception_score
@@ -47,8 +54,12 @@ def test_inception_score_equals_adm_formula():
     rng = np.random.default_rng(1)
     logits = rng.normal(scale=3, size=(1003, 12))
     for split_size in (100, 250, 1003):  # 11 parts with a short last one; 5 parts; one part
-        assert inception_score(logits, split_size) == pytest.approx(adm_inception_score(logits, split_size), rel=1e-9)
-    assert inception_score(logits, 250) != pytest.approx(inception_score(logits, 100), rel=1e-3)  # the split matters
+        assert inception_score(logits, split_size) == pytest.approx(
+            adm_inception_score(logits, split_size), rel=1e-9
+        )
+    assert inception_score(logits, 250) != pytest.approx(
+        inception_score(logits, 100), rel=1e-3
+    )  # the split matters
     # no split size: 10 parts of N // 10, the remainder dropped (the embedded evaluation)
     assert inception_score(logits) == pytest.approx(adm_inception_score(logits[:1000], 100), rel=1e-9)
     assert inception_score(logits[:15]) == pytest.approx(adm_inception_score(logits[:10], 1), rel=1e-9)
@@ -79,7 +90,11 @@ def extractor():
 def test_classifier_features_shapes_and_accuracy(extractor):
     images, labels = load_digits()
     feats = extract_features(images[:500, ..., None], extractor, progress=False)
-    assert feats["pool"].shape == (500, 128) and feats["spatial"].shape == (500, 256) and feats["logits"].shape == (500, 10)
+    assert (
+        feats["pool"].shape == (500, 128)
+        and feats["spatial"].shape == (500, 256)
+        and feats["logits"].shape == (500, 10)
+    )
     assert (feats["logits"].argmax(1) == labels[:500]).mean() > 0.95
     rgb = extract_features(np.repeat(images[:10, ..., None], 3, axis=-1), extractor, progress=False)
     np.testing.assert_allclose(rgb["pool"], feats["pool"][:10], rtol=1e-6, atol=1e-6)
@@ -109,8 +124,17 @@ def test_registered_with_torch_fidelity(extractor, tmp_path):
     fake = np.clip(images[:500].astype(int) + noise, 0, 255).astype(np.uint8)
     real = images[1000:2000]
     theirs = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(fake), input2=UInt8Images(real), feature_extractor="tqdit-mnist", fid=True, isc=True,
-        cuda=False, cache=False, verbose=False, samples_shuffle=False, save_cpu_ram=True, batch_size=250,
+        input1=UInt8Images(fake),
+        input2=UInt8Images(real),
+        feature_extractor="tqdit-mnist",
+        fid=True,
+        isc=True,
+        cuda=False,
+        cache=False,
+        verbose=False,
+        samples_shuffle=False,
+        save_cpu_ram=True,
+        batch_size=250,
     )
     ours_fake = extract_features(fake, extractor, progress=False)
     ours_real = extract_features(real, extractor, progress=False)

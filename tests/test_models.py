@@ -58,7 +58,10 @@ def functional_dit(state: dict, cfg: dict, x: torch.Tensor, t: torch.Tensor, y: 
     freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
     tf = torch.cat([torch.cos(t.float()[:, None] * freqs), torch.sin(t.float()[:, None] * freqs)], dim=1)
     lin = lambda v, name: v @ state[f"{name}.weight"].T + state[f"{name}.bias"]  # noqa: E731
-    cond = lin(F.silu(lin(tf, "t_embedder.mlp.0")), "t_embedder.mlp.2") + state["y_embedder.embedding_table.weight"][y]
+    cond = (
+        lin(F.silu(lin(tf, "t_embedder.mlp.0")), "t_embedder.mlp.2")
+        + state["y_embedder.embedding_table.weight"][y]
+    )
     norm = lambda v: F.layer_norm(v, (hidden,), eps=1e-6)  # noqa: E731
     head_dim = hidden // heads
     for b in range(cfg["depth"]):
@@ -81,7 +84,9 @@ def functional_dit(state: dict, cfg: dict, x: torch.Tensor, t: torch.Tensor, y: 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_forward_equals_independent_computation(fused):
-    cfg = dict(input_size=16, patch_size=4, in_channels=3, hidden_size=96, depth=3, num_heads=6, num_classes=7)
+    cfg = dict(
+        input_size=16, patch_size=4, in_channels=3, hidden_size=96, depth=3, num_heads=6, num_classes=7
+    )
     model = DiT(**cfg).eval()
     with torch.no_grad():  # randomise every weight, including the zero-initialised ones
         for param in model.parameters():
@@ -96,7 +101,11 @@ def test_forward_equals_independent_computation(fused):
 def test_compiled_gelu_is_the_tanh_approximation():
     """Compiled, GELU(tanh) is written x·σ(2u): the same function up to float32 rounding."""
     x = torch.linspace(-12, 12, 20001)
-    expected = 0.5 * x.double() * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x.double() + 0.044715 * x.double() ** 3)))
+    expected = (
+        0.5
+        * x.double()
+        * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x.double() + 0.044715 * x.double() ** 3)))
+    )
     torch.testing.assert_close(gelu_tanh(x).double(), expected, atol=2e-6, rtol=1e-6)
     torch.testing.assert_close(torch.compile(gelu_tanh)(x).double(), expected, atol=2e-6, rtol=1e-6)
 
@@ -111,7 +120,9 @@ def test_official_configurations():
     assert state["y_embedder.embedding_table.weight"].shape == (1001, 1152)
     assert state["final_layer.linear.weight"].shape == (2 * 2 * 8, 1152)
     assert state["pos_embed"].shape == (1, 256, 1152)
-    assert sum(v.numel() for v in state.values()) == 675_129_632  # "675M" in the DiT paper, pos_embed included
+    assert (
+        sum(v.numel() for v in state.values()) == 675_129_632
+    )  # "675M" in the DiT paper, pos_embed included
     assert len(s8.blocks) == 12 and s8.x_embedder.num_patches == 16
     with pytest.raises(ValueError, match="unknown DiT configuration 'DiT-XXL/2'"):
         build_dit("DiT-XXL/2", input_size=32)

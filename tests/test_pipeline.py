@@ -14,7 +14,13 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-FAST_QUANT = ["quant.candidates=10", "quant.rounds=1", "quant.num_inputs=8", "quant.calib.num_samples=4", "groups=2"]
+FAST_QUANT = [
+    "quant.candidates=10",
+    "quant.rounds=1",
+    "quant.num_inputs=8",
+    "quant.calib.num_samples=4",
+    "groups=2",
+]
 
 
 def run_job(tmp_path: Path, name: str, *overrides: str) -> Path:
@@ -56,10 +62,18 @@ def test_job_is_deterministic_and_independent_of_batch_size(tmp_path):
 
 
 def test_missing_checkpoint_fails_with_one_clear_line(tmp_path):
-    result = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path}", "model.checkpoint=/nonexistent/dit.pt"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "run.py", f"hydra.run.dir={tmp_path}", "model.checkpoint=/nonexistent/dit.pt"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: model.checkpoint=/nonexistent/dit.pt: file not found; give the path of the weights file"
+    assert (
+        result.stderr.strip()
+        == "error: model.checkpoint=/nonexistent/dit.pt: file not found; give the path of the weights file"
+    )
 
 
 def compose(*overrides: str):
@@ -69,26 +83,40 @@ def compose(*overrides: str):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("sampler.steps=ddim600", "no integer stride gives exactly 600"),
-    ("num_samples=5", "num_samples=5 must be an integer of at least 10"),
-    ("model.arch=DiT-XXL/2", "model.arch=DiT-XXL/2 is unknown"),
-    ("dtype=fp64", "unknown dtype 'fp64'"),
-    ("bits=9", "w_bits=9 must be an integer bit width from 2 to 8"),
-    ("a_bits=1.5", "a_bits=1.5 must be an integer bit width"),
-    ("groups=51", "groups=51 must be an integer from 1 to the number of sampling steps (50)"),
-    ("quant=mrq a_bits=2", "multi-region quantization needs at least 3 bits"),
-    ("quant.search=newton", "quant.search=newton is unknown"),
-    ("quant.load=/nonexistent.safetensors", "quant.load=/nonexistent.safetensors: file not found"),
-    ("quant=ptq4dm quant.search=hessian", "quant.search=hessian: ptq4dm chooses its scales by lp as its paper does"),
-    ("quant=qdiffusion +quant.params.iterations=5", "quant.params has unknown keys ['iterations'] for quant=qdiffusion"),
-    ("quant=mrq_tgq +quant.params.mean=0.3", "quant=mrq_tgq takes no method parameters"),
-    ("quant=qdiffusion quant.recon.iters=-1", "quant.recon.iters, act_iters must be integers"),
-    ("quant=qdiffusion quant.recon.precision=fp16",
-     "quant.recon.precision=fp16 is unknown: use one of fp32, bf16"),
-    ("quant.attention=flash", "quant.attention=flash is unknown: use auto, fused or explicit"),
-    ("device=cpu quant=mrq_tgq quant.attention=fused", "quant.attention=fused runs a Triton kernel on a CUDA GPU; device=cpu is not one"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("sampler.steps=ddim600", "no integer stride gives exactly 600"),
+        ("num_samples=5", "num_samples=5 must be an integer of at least 10"),
+        ("model.arch=DiT-XXL/2", "model.arch=DiT-XXL/2 is unknown"),
+        ("dtype=fp64", "unknown dtype 'fp64'"),
+        ("bits=9", "w_bits=9 must be an integer bit width from 2 to 8"),
+        ("a_bits=1.5", "a_bits=1.5 must be an integer bit width"),
+        ("groups=51", "groups=51 must be an integer from 1 to the number of sampling steps (50)"),
+        ("quant=mrq a_bits=2", "multi-region quantization needs at least 3 bits"),
+        ("quant.search=newton", "quant.search=newton is unknown"),
+        ("quant.load=/nonexistent.safetensors", "quant.load=/nonexistent.safetensors: file not found"),
+        (
+            "quant=ptq4dm quant.search=hessian",
+            "quant.search=hessian: ptq4dm chooses its scales by lp as its paper does",
+        ),
+        (
+            "quant=qdiffusion +quant.params.iterations=5",
+            "quant.params has unknown keys ['iterations'] for quant=qdiffusion",
+        ),
+        ("quant=mrq_tgq +quant.params.mean=0.3", "quant=mrq_tgq takes no method parameters"),
+        ("quant=qdiffusion quant.recon.iters=-1", "quant.recon.iters, act_iters must be integers"),
+        (
+            "quant=qdiffusion quant.recon.precision=fp16",
+            "quant.recon.precision=fp16 is unknown: use one of fp32, bf16",
+        ),
+        ("quant.attention=flash", "quant.attention=flash is unknown: use auto, fused or explicit"),
+        (
+            "device=cpu quant=mrq_tgq quant.attention=fused",
+            "quant.attention=fused runs a Triton kernel on a CUDA GPU; device=cpu is not one",
+        ),
+    ],
+)
 def test_bad_config_is_refused_before_any_work(override, message):
     from tqdit.errors import TqditError
     from tqdit.pipeline.job import validate
@@ -105,24 +133,41 @@ def test_quantized_attention_is_fused_only_where_it_is_faster():
     cuda, cpu, bf16, fp32 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16, torch.float32
     # eager bf16 on a GPU: the Triton kernel (where Triton is installed)
     assert fused_attention_wanted("auto", cuda, bf16, compiled=False) == fused_attention.available()
-    assert not fused_attention_wanted("auto", cuda, bf16, compiled=True)  # compiled: inductor's kernels are faster
+    assert not fused_attention_wanted(
+        "auto", cuda, bf16, compiled=True
+    )  # compiled: inductor's kernels are faster
     assert not fused_attention_wanted("auto", cuda, fp32, compiled=False)  # not measured in float32
     assert not fused_attention_wanted("auto", cpu, bf16, compiled=False)
-    assert fused_attention_wanted("fused", cuda, fp32, compiled=True) and not fused_attention_wanted("explicit", cuda, bf16, compiled=False)
+    assert fused_attention_wanted("fused", cuda, fp32, compiled=True) and not fused_attention_wanted(
+        "explicit", cuda, bf16, compiled=False
+    )
 
 
 def test_default_and_sweep_values_validate():
     from tqdit.pipeline.job import validate
 
-    for overrides in ([], ["bits=6"], ["w_bits=4", "a_bits=8"], ["groups=5"], ["groups=25"], ["quant=uniform", "groups=99"],
-                      ["quant=ptq4dm"], ["quant=qdiffusion", "quant/recon=quick"], ["quant=ptq4dit", "quant.params.ssc=false"]):
+    for overrides in (
+        [],
+        ["bits=6"],
+        ["w_bits=4", "a_bits=8"],
+        ["groups=5"],
+        ["groups=25"],
+        ["quant=uniform", "groups=99"],
+        ["quant=ptq4dm"],
+        ["quant=qdiffusion", "quant/recon=quick"],
+        ["quant=ptq4dit", "quant.params.ssc=false"],
+    ):
         validate(compose(*overrides))  # groups are ignored by methods without time groups
 
 
 def test_unknown_method_is_a_hydra_error_naming_the_options(tmp_path):
     result = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path}", "quant=nope"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "Could not find 'quant/nope'" in result.stderr and "mrq_tgq" in result.stderr
+    assert (
+        result.returncode == 1
+        and "Could not find 'quant/nope'" in result.stderr
+        and "mrq_tgq" in result.stderr
+    )
 
 
 def test_quantized_job_records_method_and_reloads_its_calibration(tmp_path):
@@ -131,21 +176,48 @@ def test_quantized_job_records_method_and_reloads_its_calibration(tmp_path):
     quant = results["quant"]
     assert (quant["method"], quant["w_bits"], quant["a_bits"], quant["groups"]) == ("mrq_tgq", 4, 8, 2)
     assert quant["quantized_layers"] == 28 and len(quant["scope_layers"]) == 28 and quant["scope"] == "blocks"
-    assert quant["calibration_s"] > 0 and quant["peak_memory_bytes"] > 0 and quant["calibration_set_cached"] is False
+    assert (
+        quant["calibration_s"] > 0
+        and quant["peak_memory_bytes"] > 0
+        and quant["calibration_set_cached"] is False
+    )
     assert (job / "quant_params.safetensors").is_file()
-    again = run_job(tmp_path, "reload", "quant=mrq_tgq", "w_bits=4", "a_bits=8", f"quant.load={job / 'quant_params.safetensors'}")
+    again = run_job(
+        tmp_path,
+        "reload",
+        "quant=mrq_tgq",
+        "w_bits=4",
+        "a_bits=8",
+        f"quant.load={job / 'quant_params.safetensors'}",
+    )
     reloaded = json.loads((again / "results.json").read_text())
-    assert reloaded["quant"]["loaded_from"].endswith("quant_params.safetensors") and "calibration_s" not in reloaded["quant"]
+    assert (
+        reloaded["quant"]["loaded_from"].endswith("quant_params.safetensors")
+        and "calibration_s" not in reloaded["quant"]
+    )
     with np.load(job / "samples.npz") as a, np.load(again / "samples.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])  # same parameters, same samples
     # a file calibrated under another setting would be filed under this job's row: refused, one line.
     # Mutation caught: quant.load checking the method only (this W4A8 file then samples as "W6A6").
-    command = [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'other'}", f"cache_dir={tmp_path / 'cache'}",
-               "num_samples=20", "batch_size=8", "sampler.steps=4", *FAST_QUANT, "quant=mrq_tgq", "bits=6",
-               f"quant.load={job / 'quant_params.safetensors'}"]
+    command = [
+        sys.executable,
+        "run.py",
+        f"hydra.run.dir={tmp_path / 'other'}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "num_samples=20",
+        "batch_size=8",
+        "sampler.steps=4",
+        *FAST_QUANT,
+        "quant=mrq_tgq",
+        "bits=6",
+        f"quant.load={job / 'quant_params.safetensors'}",
+    ]
     refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
-    assert "was calibrated under another setting (a_bits=8 there, 6 here, w_bits=4 there, 6 here)" in refused.stderr
+    assert (
+        "was calibrated under another setting (a_bits=8 there, 6 here, w_bits=4 there, 6 here)"
+        in refused.stderr
+    )
     cached = run_job(tmp_path, "uniform", "quant=uniform", "bits=6")
     record = json.loads((cached / "results.json").read_text())["quant"]
     assert record["calibration_set_cached"] is True  # the sweep's second job reuses the captured set
@@ -157,7 +229,9 @@ def test_int8_job_runs_the_integer_path_and_records_it(tmp_path):
     quant = json.loads((job / "results.json").read_text())["quant"]
     # every Linear of the 4 blocks has a uniform input under TGQ: all 20 run as int8 matmuls
     assert quant["lowbit"] == {"int8_linear": 20, "int8_weight_linear": 0, "simulated": 0}
-    model_bytes = sum(t.numel() * t.element_size() for t in load_file(ROOT / "tqdit/assets/dit_mnist.safetensors").values())
+    model_bytes = sum(
+        t.numel() * t.element_size() for t in load_file(ROOT / "tqdit/assets/dit_mnist.safetensors").values()
+    )
     assert quant["weight_bytes"] < 0.5 * model_bytes
 
 
@@ -169,7 +243,14 @@ def test_ptq4dit_job_saves_folded_weights_and_reloads_them(tmp_path):
     quant = json.loads((job / "results.json").read_text())["quant"]
     assert quant["method"] == "ptq4dit" and quant["recon"]["iters"] == 20 and quant["recon"]["p"] == 2.0
     assert quant["params"]["ssc"] is True and len(quant["reconstruction"]["error_after"]) == 4
-    again = run_job(tmp_path, "reload", "quant=ptq4dit", "bits=6", *RECON_FAST, f"quant.load={job / 'quant_params.safetensors'}")
+    again = run_job(
+        tmp_path,
+        "reload",
+        "quant=ptq4dit",
+        "bits=6",
+        *RECON_FAST,
+        f"quant.load={job / 'quant_params.safetensors'}",
+    )
     assert json.loads((again / "results.json").read_text())["quant"]["parameters_loaded"] > 0
     with np.load(job / "samples.npz") as a, np.load(again / "samples.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
@@ -177,19 +258,39 @@ def test_ptq4dit_job_saves_folded_weights_and_reloads_them(tmp_path):
 
 def test_sweeping_groups_runs_a_method_without_time_groups_once(tmp_path):
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", "num_samples=20",
-               "batch_size=10", "sampler.steps=4", *FAST_QUANT[:-1], "quant=ptq4dm", "groups=2,3,4"]
+    command = [
+        sys.executable,
+        "run.py",
+        "-m",
+        f"hydra.sweep.dir={sweep}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "num_samples=20",
+        "batch_size=10",
+        "sampler.steps=4",
+        *FAST_QUANT[:-1],
+        "quant=ptq4dm",
+        "groups=2,3,4",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
-    assert len(jobs) == 3 and sum("metrics" in j for j in jobs) == 1 and sum("duplicate_of" in j for j in jobs) == 2
+    assert (
+        len(jobs) == 3
+        and sum("metrics" in j for j in jobs) == 1
+        and sum("duplicate_of" in j for j in jobs) == 2
+    )
     assert result.stdout.count("skipped: groups has no effect on quant=ptq4dm") == 2
     from tqdit.report import load_results
     assert len(load_results([sweep])) == 1
     fp_sweep = tmp_path / "fp"
     command = [c for c in command if not c.startswith(("hydra.sweep.dir=", "quant=", "groups="))]
-    result = subprocess.run([*command, f"hydra.sweep.dir={fp_sweep}", "quant=fp", "bits=6,8"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [*command, f"hydra.sweep.dir={fp_sweep}", "quant=fp", "bits=6,8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("skipped: bit widths and groups have no effect on quant=fp") == 1
 

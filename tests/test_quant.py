@@ -36,7 +36,9 @@ def test_uniform_values_on_grid_and_error_within_half_step(bits, symmetric):
     lo_edge, hi_edge = (q.qmin - zero) * scale, (q.qmax - zero) * scale
     inside = (x >= lo_edge) & (x <= hi_edge)
     assert (out[inside] - x[inside]).abs().max() <= scale / 2 + 1e-6  # round-to-nearest inside the range
-    assert torch.allclose(out[x > hi_edge], torch.tensor(hi_edge)) and torch.allclose(out[x < lo_edge], torch.tensor(lo_edge))
+    assert torch.allclose(out[x > hi_edge], torch.tensor(hi_edge)) and torch.allclose(
+        out[x < lo_edge], torch.tensor(lo_edge)
+    )
     expected = (high - low) / (2**bits - 1) if not symmetric else high.abs() / (2 ** (bits - 1) - 1)
     assert scale == pytest.approx(expected.item(), rel=1e-6)
 
@@ -74,7 +76,9 @@ def test_softmax_mrq_quantizes_each_region_with_its_own_step_and_no_offset():
     assert torch.allclose(out[below], torch.round(x[below] / step_lo) * step_lo)
     assert torch.allclose(out[~below], torch.round(x[~below] / step_hi) * step_hi)
     assert step_hi / step_lo == 2**exponent  # power-of-two ratio
-    assert (out[~below] - x[~below]).abs().max() <= step_hi / 2 + 1e-6  # no +s offset (the released code's bug)
+    assert (
+        out[~below] - x[~below]
+    ).abs().max() <= step_hi / 2 + 1e-6  # no +s offset (the released code's bug)
     assert (out[below] - x[below]).abs().max() <= step_lo / 2 + 1e-7
     assert (out != x).any() and below.any() and (~below).any()
 
@@ -95,7 +99,9 @@ def test_gelu_mrq_negative_region_fixed_positive_searched():
 
 
 def tiny_dit(depth=2):
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=depth, num_heads=2, num_classes=3).eval()
+    model = DiT(
+        input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=depth, num_heads=2, num_classes=3
+    ).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn_like(param) * 0.3)
@@ -139,7 +145,11 @@ def test_a_copy_of_a_time_grouped_model_follows_its_own_timesteps():
     torch.manual_seed(0)
     fp = tiny_dit()
     calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
-    cfg = config_from_settings("tgq", dict(time_groups=2, num_inputs=12, capture_batch=8, search=SearchConfig(criterion="minmax")), {})
+    cfg = config_from_settings(
+        "tgq",
+        dict(time_groups=2, num_inputs=12, capture_batch=8, search=SearchConfig(criterion="minmax")),
+        {},
+    )
     quantized, _ = quantize(copy.deepcopy(fp), calib, cfg)
     clean, noisy = calib.step == 0, calib.step == 5  # time groups 0 and 1
     x, t, y = calib.x, calib.t, calib.y
@@ -148,13 +158,17 @@ def test_a_copy_of_a_time_grouped_model_follows_its_own_timesteps():
         copied = copy.deepcopy(quantized)
         assert copied.quant_context is not quantized.quant_context
         for pick in (clean, noisy, clean | noisy):
-            torch.testing.assert_close(copied(x[pick], t[pick], y[pick]), quantized(x[pick], t[pick], y[pick]), rtol=0, atol=0)
+            torch.testing.assert_close(
+                copied(x[pick], t[pick], y[pick]), quantized(x[pick], t[pick], y[pick]), rtol=0, atol=0
+            )
     grouped = [q for _, q in quantizers(quantized) if isinstance(q, UniformQuantizer) and q.groups == 2]
     assert any(q.scale[0, 0] != q.scale[1, 0] for q in grouped)  # so a wrong group would change outputs
 
 
 def test_groups_outside_the_schedule_are_refused():
-    with pytest.raises(ValueError, match="groups=51 must be between 1 and the number of sampling steps \\(50\\)"):
+    with pytest.raises(
+        ValueError, match="groups=51 must be between 1 and the number of sampling steps \\(50\\)"
+    ):
         group_table(create_diffusion(50).timesteps, 51)
 
 
@@ -176,7 +190,9 @@ def test_hessian_search_beats_minmax_on_a_constructed_layer():
     groups = torch.zeros(64, dtype=torch.long)
 
     def weighted_error(search: str) -> float:
-        q = QuantLinear(linear, UniformQuantizer(4, symmetric=False), UniformQuantizer(8, True, channels=12, axis=0))
+        q = QuantLinear(
+            linear, UniformQuantizer(4, symmetric=False), UniformQuantizer(8, True, channels=12, axis=0)
+        )
         search_layer(linear_problem(q, list(inputs), grads, groups), SearchConfig(criterion=search, rounds=2))
         with torch.no_grad():
             error = q(inputs) - linear(inputs)
@@ -192,8 +208,18 @@ def calibrated(method: str, bits: int = 8, groups: int = 2, search: str = "hessi
     model = tiny_dit()
     diffusion = create_diffusion(6)
     calib = capture(model, diffusion, CalibrationSpec(num_samples=4, cfg_scale=1.5))
-    cfg = config_from_settings(method, dict(w_bits=bits, a_bits=bits, time_groups=groups, num_inputs=12, capture_batch=8,
-                      search=SearchConfig(criterion=search, candidates=20, rounds=2)), {})
+    cfg = config_from_settings(
+        method,
+        dict(
+            w_bits=bits,
+            a_bits=bits,
+            time_groups=groups,
+            num_inputs=12,
+            capture_batch=8,
+            search=SearchConfig(criterion=search, candidates=20, rounds=2),
+        ),
+        {},
+    )
     quantized, cost = quantize(copy.deepcopy(model), calib, cfg)
     return model, quantized, cost, calib, diffusion
 
@@ -290,7 +316,11 @@ def test_methods_quantize_every_scoped_layer(method):
     check_layers_use_their_quantizers(quantized, calib)
     kinds = {type(q).__name__ for _, q in quantizers(quantized)}
     assert ("SoftmaxMRQ" in kinds and "GeluMRQ" in kinds) == method.startswith("mrq")
-    grouped = {q.groups for _, q in quantizers(quantized) if not (isinstance(q, UniformQuantizer) and q.scale.shape[1] > 1)}
+    grouped = {
+        q.groups
+        for _, q in quantizers(quantized)
+        if not (isinstance(q, UniformQuantizer) and q.scale.shape[1] > 1)
+    }
     assert grouped == ({2} if "tgq" in method else {1})
 
 
@@ -327,8 +357,16 @@ def test_scope_is_shared_and_resolvable():
 
 
 # ~17 s each on a 2-core CPU: the default suite keeps TQ-DiT and PTQ4DiT (its folded weights), the rest run with -m slow
-@pytest.mark.parametrize("method", [pytest.param("uniform", marks=pytest.mark.slow), "mrq_tgq", pytest.param("ptq4dm", marks=pytest.mark.slow),
-                                    pytest.param("qdiffusion", marks=pytest.mark.slow), "ptq4dit"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param("uniform", marks=pytest.mark.slow),
+        "mrq_tgq",
+        pytest.param("ptq4dm", marks=pytest.mark.slow),
+        pytest.param("qdiffusion", marks=pytest.mark.slow),
+        "ptq4dit",
+    ],
+)
 def test_compile_ready_quantization_computes_the_same_outputs(method):
     """prepare_for_compile: per-sample device gathers instead of Python group lookups — same numbers,
     eagerly and under torch.compile (whole graph, every method); single-group batches (sampling) and
@@ -339,8 +377,19 @@ def test_compile_ready_quantization_computes_the_same_outputs(method):
     torch.manual_seed(0)
     fp = tiny_dit()
     calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
-    cfg = config_from_settings(method, dict(w_bits=6, a_bits=6, time_groups=2, num_inputs=12, capture_batch=8, recon=ReconConfig(iters=20, act_iters=10, batch=8),
-                      search=SearchConfig(criterion=METHODS[method].fixed_search or "hessian", candidates=20, rounds=1)), {})
+    cfg = config_from_settings(
+        method,
+        dict(
+            w_bits=6,
+            a_bits=6,
+            time_groups=2,
+            num_inputs=12,
+            capture_batch=8,
+            recon=ReconConfig(iters=20, act_iters=10, batch=8),
+            search=SearchConfig(criterion=METHODS[method].fixed_search or "hessian", candidates=20, rounds=1),
+        ),
+        {},
+    )
     quantized, _ = quantize(copy.deepcopy(fp), calib, cfg)
     one_step = calib.t == calib.t[0]
     with torch.no_grad():

@@ -65,8 +65,18 @@ def grouped_calibration():
     torch.manual_seed(0)
     fp = tiny_dit()
     calib = capture(fp, create_diffusion(STEPS), CalibrationSpec(num_samples=4, cfg_scale=1.5))
-    cfg = config_from_settings("tgq", dict(w_bits=BITS, a_bits=BITS, time_groups=GROUPS, num_inputs=len(calib), capture_batch=16,
-                      search=SearchConfig(criterion="minmax")), {})
+    cfg = config_from_settings(
+        "tgq",
+        dict(
+            w_bits=BITS,
+            a_bits=BITS,
+            time_groups=GROUPS,
+            num_inputs=len(calib),
+            capture_batch=16,
+            search=SearchConfig(criterion="minmax"),
+        ),
+        {},
+    )
     quantized, cost = quantize(copy.deepcopy(fp), calib, cfg)
     assert cost["calibration_inputs"] == len(calib)
     return fp, quantized, calib

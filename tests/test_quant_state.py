@@ -72,7 +72,9 @@ def test_wrapping_twice_changes_nothing_and_other_settings_are_refused(tgq_model
     hooks = len(quantized._forward_pre_hooks)
     names = wrap(quantized, quantized.quant_config, diffusion.timesteps)
     assert len(quantized._forward_pre_hooks) == hooks == 1
-    assert names == [n for n, m in quantized.named_modules() if type(m).__name__ in ("QuantLinear", "QuantMatMul")]
+    assert names == [
+        n for n, m in quantized.named_modules() if type(m).__name__ in ("QuantLinear", "QuantMatMul")
+    ]
     other = copy.deepcopy(quantized.quant_config)
     other.a_bits = 8
     with pytest.raises(ValueError, match="already quantized with other settings"):
@@ -96,7 +98,9 @@ def test_a_saved_file_lacking_a_quantizer_names_it_and_fails(tgq_model, tmp_path
     del tensors[dropped]
     partial = tmp_path / "partial.safetensors"
     save_file(tensors, str(partial), metadata=metadata)
-    with pytest.raises(TqditError, match=r"lacks parameters of 1 quantizer buffers.*blocks\.1\.mlp\.fc2\.act\.positive_scale"):
+    with pytest.raises(
+        TqditError, match=r"lacks parameters of 1 quantizer buffers.*blocks\.1\.mlp\.fc2\.act\.positive_scale"
+    ):
         load_quant_state(copy.deepcopy(fp), partial)
     fresh = copy.deepcopy(fp)
     _, _, info = load_quant_state(fresh, path)

@@ -46,7 +46,9 @@ def test_job_killed_mid_sampling_resumes_to_identical_samples_and_metrics(tmp_pa
     subprocess.run(job_command(reference, cache), cwd=ROOT, check=True, capture_output=True, timeout=300)
 
     job = tmp_path / "job"
-    process = subprocess.Popen(job_command(job, cache), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        job_command(job, cache), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     kill_when(process, lambda: len(list((job / "shards").glob("samples_*.npz"))) >= 2)
     assert not (job / "results.json").exists()
     finished_before = sorted(p.name for p in (job / "shards").glob("samples_*.npz"))
@@ -114,8 +116,14 @@ def test_quantized_job_killed_after_calibration_resumes_from_its_saved_calibrati
     assert metrics[0] == metrics[1]
 
 
-RECONSTRUCTING = ["quant=qdiffusion", "quant/recon=quick", "quant.recon.iters=200", "quant.recon.act_iters=60",
-                  "quant.num_inputs=32", "quant.calib.num_samples=4"]
+RECONSTRUCTING = [
+    "quant=qdiffusion",
+    "quant/recon=quick",
+    "quant.recon.iters=200",
+    "quant.recon.act_iters=60",
+    "quant.num_inputs=32",
+    "quant.calib.num_samples=4",
+]
 
 
 @pytest.mark.slow  # three calibrations with reconstruction: 2.5 min on 2 cores
@@ -129,7 +137,9 @@ def test_calibration_killed_mid_reconstruction_resumes_after_its_last_finished_b
     from safetensors.torch import load_file
 
     cache = tmp_path / "cache"
-    command = lambda job: [c for c in job_command(job, cache) if c != "quant=fp"] + RECONSTRUCTING  # noqa: E731
+    command = (
+        lambda job: [c for c in job_command(job, cache) if c != "quant=fp"] + RECONSTRUCTING
+    )  # noqa: E731
     reference = tmp_path / "reference"
     subprocess.run(command(reference), cwd=ROOT, check=True, capture_output=True, timeout=600)
 
@@ -146,7 +156,9 @@ def test_calibration_killed_mid_reconstruction_resumes_after_its_last_finished_b
     quant = json.loads((job / "results.json").read_text())["quant"]
     assert quant["reconstruction"]["resumed_blocks"] == len(finished)
     assert not blocks.exists()
-    saved, expected = load_file(job / "quant_params.safetensors"), load_file(reference / "quant_params.safetensors")
+    saved, expected = load_file(job / "quant_params.safetensors"), load_file(
+        reference / "quant_params.safetensors"
+    )
     assert saved.keys() == expected.keys()
     for key in expected:
         assert torch.equal(saved[key], expected[key]), key
@@ -154,7 +166,15 @@ def test_calibration_killed_mid_reconstruction_resumes_after_its_last_finished_b
 
 def test_killed_sweep_rerun_skips_finished_jobs(tmp_path):
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "run.py", "-m", f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}", *SMALL, "seed=0,1,2"]
+    command = [
+        sys.executable,
+        "run.py",
+        "-m",
+        f"hydra.sweep.dir={sweep}",
+        f"cache_dir={tmp_path / 'cache'}",
+        *SMALL,
+        "seed=0,1,2",
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when(process, lambda: len(list(sweep.rglob("results.json"))) >= 1)
     first = next(sweep.rglob("results.json"))
@@ -164,15 +184,24 @@ def test_killed_sweep_rerun_skips_finished_jobs(tmp_path):
     assert first.stat().st_mtime_ns == stamp  # the finished job was not run again
     assert result.stdout.count("already complete, not run again") == 1
     table = [line for line in (sweep / "report.md").read_text().splitlines() if line.startswith("|")]
-    assert len(table) == 3 and table[2].startswith("| fp | FP | – | 10 |") and table[2].endswith("| 3 |")  # all three seeds
+    assert (
+        len(table) == 3 and table[2].startswith("| fp | FP | – | 10 |") and table[2].endswith("| 3 |")
+    )  # all three seeds
 
 
 def test_job_directory_of_another_configuration_is_refused(tmp_path):
     job = tmp_path / "job"
-    subprocess.run(job_command(job, tmp_path / "cache"), cwd=ROOT, check=True, capture_output=True, timeout=300)
-    result = subprocess.run(job_command(job, tmp_path / "cache", "seed=5"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        job_command(job, tmp_path / "cache"), cwd=ROOT, check=True, capture_output=True, timeout=300
+    )
+    result = subprocess.run(
+        job_command(job, tmp_path / "cache", "seed=5"), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: ") and "holds a job with a different configuration (differs in seed)" in result.stderr
+    assert (
+        result.stderr.strip().startswith("error: ")
+        and "holds a job with a different configuration (differs in seed)" in result.stderr
+    )
 
 
 def test_damaged_shard_is_detected_and_sampled_again(tmp_path):
@@ -184,7 +213,9 @@ def test_damaged_shard_is_detected_and_sampled_again(tmp_path):
     generate(model, diffusion, 8, 4, seed=0, progress=False, shard_dir=shards)
     (shards / "samples_0000000_0000004.npz").write_bytes(b"PK\x03\x04 truncated")  # damaged
     with np.load(shards / "samples_0000004_0000008.npz") as shard:  # another batch's content
-        np.savez(shards / "samples_0000004_0000008.npz", images=shard["images"][:3], labels=shard["labels"][:3])
+        np.savez(
+            shards / "samples_0000004_0000008.npz", images=shard["images"][:3], labels=shard["labels"][:3]
+        )
     with pytest.warns(UserWarning) as caught:
         images, labels = generate(model, diffusion, 8, 4, seed=0, progress=False, shard_dir=shards)
     assert {"is damaged" in str(w.message) for w in caught} == {True, False}
@@ -199,20 +230,44 @@ def test_nan_in_calibration_names_the_layer_and_time_group():
     calib = capture(model, diffusion, CalibrationSpec(num_samples=4, cfg_scale=1.5))
     poisoned = calib.step == 5  # the noisiest step: time group 1 of 2
     calib.x[poisoned] = float("nan")
-    cfg = config_from_settings("tgq", dict(time_groups=2, num_inputs=48, search=SearchConfig(criterion="mse", candidates=5, rounds=1)), {})
+    cfg = config_from_settings(
+        "tgq",
+        dict(time_groups=2, num_inputs=48, search=SearchConfig(criterion="mse", candidates=5, rounds=1)),
+        {},
+    )
     with pytest.raises(FloatingPointError, match=r"blocks\.0\.attn\.qkv sees NaN/Inf values \(time group 1"):
         quantize(copy.deepcopy(model), calib, cfg)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("bits=9", "error: w_bits=9 must be an integer bit width from 2 to 8 (or 16 as a no-op check); set bits= or w_bits="),
-    ("quant=mrq_tgq groups=0", "error: groups=0 must be an integer from 1 to the number of sampling steps (10)"),
-    ("quant=ptq4dm +quant.params.mu=0.3", "error: quant.params has unknown keys ['mu'] for quant=ptq4dm; known keys: mean, p, std"),
-    ("quant.backend=fp8 device=cpu", "error: quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device=cpu does not: use quant.backend=simulated"),
-    ("quant=tgq bits=6 quant.backend=int8", "error: quant.backend=int8 runs W8A8 only, not W6A6: use bits=8 or quant.backend=simulated"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "bits=9",
+            "error: w_bits=9 must be an integer bit width from 2 to 8 (or 16 as a no-op check); set bits= or w_bits=",
+        ),
+        (
+            "quant=mrq_tgq groups=0",
+            "error: groups=0 must be an integer from 1 to the number of sampling steps (10)",
+        ),
+        (
+            "quant=ptq4dm +quant.params.mu=0.3",
+            "error: quant.params has unknown keys ['mu'] for quant=ptq4dm; known keys: mean, p, std",
+        ),
+        (
+            "quant.backend=fp8 device=cpu",
+            "error: quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device=cpu does not: use quant.backend=simulated",
+        ),
+        (
+            "quant=tgq bits=6 quant.backend=int8",
+            "error: quant.backend=int8 runs W8A8 only, not W6A6: use bits=8 or quant.backend=simulated",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_without_traceback(tmp_path, override, message):
-    command = [c for c in job_command(tmp_path / "job", tmp_path / "cache") if c != "quant=fp"] + override.split()
+    command = [
+        c for c in job_command(tmp_path / "job", tmp_path / "cache") if c != "quant=fp"
+    ] + override.split()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == message
     assert not (tmp_path / "job" / "config.json").exists()  # refused before any work

@@ -28,20 +28,36 @@ def resolved_config(overrides: tuple[str, ...]) -> str:
     return json.dumps(OmegaConf.to_container(cfg, resolve=True))
 
 
-def write_job(root: Path, overrides: list[str], fid: float, device: str = "cuda:0", failed: bool = False) -> Path:
+def write_job(
+    root: Path, overrides: list[str], fid: float, device: str = "cuda:0", failed: bool = False
+) -> Path:
     config = json.loads(resolved_config(tuple(overrides)))
     job = root / ",".join(overrides)
     job.mkdir(parents=True)
     method = config["quant"]["name"]
     if failed:
-        result = {"status": "failed", "error": "RuntimeError: boom", "config": config, "environment": {"device": device}}
+        result = {
+            "status": "failed",
+            "error": "RuntimeError: boom",
+            "config": config,
+            "environment": {"device": device},
+        }
     else:
         quant = {"method": method}
         if method != "fp":
-            quant.update(calibration_s=10.0 + config["seed"], peak_memory_bytes=2e9, peak_memory_kind="cuda_max_allocated")
-        result = {"config": config, "quant": quant, "num_samples": config["num_samples"], "seed": config["seed"],
-                  "environment": {"device": device},
-                  "metrics": {"fid": fid, "sfid": 2 * fid, "is": 9.0, "precision": 0.8, "recall": 0.7}}
+            quant.update(
+                calibration_s=10.0 + config["seed"],
+                peak_memory_bytes=2e9,
+                peak_memory_kind="cuda_max_allocated",
+            )
+        result = {
+            "config": config,
+            "quant": quant,
+            "num_samples": config["num_samples"],
+            "seed": config["seed"],
+            "environment": {"device": device},
+            "metrics": {"fid": fid, "sfid": 2 * fid, "is": 9.0, "precision": 0.8, "recall": 0.7},
+        }
     (job / "results.json").write_text(json.dumps(result))
     return job
 
@@ -56,7 +72,9 @@ def make_sweep(root: Path) -> None:
         write_job(root / "a", ["quant=fp", f"seed={seed}"], FP[seed])
         write_job(root / "b", ["quant=uniform", "bits=6", f"seed={seed}"], UNIFORM_6[seed])
         write_job(root / "b", ["quant=mrq_tgq", "bits=6", "groups=10", f"seed={seed}"], MRQ_TGQ_6[seed])
-    write_job(root / "b", ["quant=mrq_tgq", "bits=8", "groups=10", "seed=0"], 14.5)  # one seed only: no spread
+    write_job(
+        root / "b", ["quant=mrq_tgq", "bits=8", "groups=10", "seed=0"], 14.5
+    )  # one seed only: no spread
 
 
 def test_summary_means_spreads_and_paired_delta(tmp_path):
@@ -66,7 +84,9 @@ def test_summary_means_spreads_and_paired_delta(tmp_path):
     assert list(table["seeds"]) == [3, 1, 3, 3]
     assert list(table["seed_list"]) == ["0 1 2", "0", "0 1 2", "0 1 2"]
     row = table[(table["method"] == "uniform")].iloc[0]
-    assert np.isclose(row["fid"], np.mean(UNIFORM_6)) and np.isclose(row["fid_std"], np.std(UNIFORM_6, ddof=1))
+    assert np.isclose(row["fid"], np.mean(UNIFORM_6)) and np.isclose(
+        row["fid_std"], np.std(UNIFORM_6, ddof=1)
+    )
     paired = np.subtract(UNIFORM_6, FP)
     assert np.isclose(row["dfid"], paired.mean()) and np.isclose(row["dfid_std"], paired.std(ddof=1))
     # the paired spread is smaller than the spread of either FID: that is the point of pairing
@@ -83,7 +103,11 @@ def test_jobs_that_differ_in_any_setting_are_separate_rows_with_that_setting_as_
     for seed, (hessian, mse) in enumerate([(13.0, 15.0), (12.0, 14.5), (14.0, 16.0)]):
         write_job(tmp_path, ["quant=mrq_tgq", "bits=6", "quant.search=hessian", f"seed={seed}"], hessian)
         write_job(tmp_path, ["quant=mrq_tgq", "bits=6", "quant.search=mse", f"seed={seed}"], mse)
-        write_job(tmp_path, ["quant=mrq_tgq", "bits=6", "quant.search=mse", "sampler.cfg_scale=1.25", f"seed={seed}"], 30.0)
+        write_job(
+            tmp_path,
+            ["quant=mrq_tgq", "bits=6", "quant.search=mse", "sampler.cfg_scale=1.25", f"seed={seed}"],
+            30.0,
+        )
     table = summarize(load_results([tmp_path]))
     assert len(table) == 3 and list(table["seeds"]) == [3, 3, 3]
     by_setting = {(r["quant.search"], r["sampler.cfg_scale"]): r["fid"] for _, r in table.iterrows()}
@@ -162,8 +186,22 @@ def test_cpu_peak_is_marked_as_process_rss(tmp_path):
 def test_command_line_writes_csv_and_latex(tmp_path):
     make_sweep(tmp_path / "sweep")
     csv, latex = tmp_path / "t.csv", tmp_path / "t.tex"
-    result = subprocess.run([sys.executable, "-m", "tqdit.report", str(tmp_path / "sweep"), "--csv", str(csv), "--latex", str(latex)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tqdit.report",
+            str(tmp_path / "sweep"),
+            "--csv",
+            str(csv),
+            "--latex",
+            str(latex),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "| uniform | W6A6 | – | 50 | 20.17 ± 3.25 | +6.17 ± 1.26 |" in result.stdout
     assert len(pd.read_csv(csv)) == 4 and "\\begin{tabular}" in latex.read_text()

@@ -18,7 +18,15 @@ TINY = ["num_samples=20", "batch_size=20", "sampler.steps=25", "quant.candidates
 
 
 def sweep(tmp: Path, *arguments: str, expect: int = 0) -> subprocess.CompletedProcess:
-    command = [sys.executable, "run.py", "-m", *arguments, f"hydra.sweep.dir={tmp}", f"cache_dir={tmp.parent / 'cache'}", *TINY]
+    command = [
+        sys.executable,
+        "run.py",
+        "-m",
+        *arguments,
+        f"hydra.sweep.dir={tmp}",
+        f"cache_dir={tmp.parent / 'cache'}",
+        *TINY,
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == expect, result.stderr[-3000:]
     return result
@@ -37,7 +45,9 @@ def test_mission_command_makes_six_jobs_and_a_six_row_table(mission):
     jobs = sorted(p.parent for p in directory.rglob("results.json"))
     assert len(jobs) == 6
     names = {p.name for p in jobs}
-    assert any({"bits=6", "groups=25", "quant=mrq_tgq"} <= set(n.split(",")) for n in names)  # named by the overrides
+    assert any(
+        {"bits=6", "groups=25", "quant=mrq_tgq"} <= set(n.split(",")) for n in names
+    )  # named by the overrides
     table = [line for line in (directory / "report.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == 2 + 6  # header, rule, one row per setting (a caption follows)
     assert "\n".join(table) in result.stdout  # printed at the end of the sweep
@@ -46,13 +56,17 @@ def test_mission_command_makes_six_jobs_and_a_six_row_table(mission):
     fid = {(r["w_bits"], r["groups"]): r["fid"] for _, r in csv.iterrows()}
     for job in jobs:  # every row is the job's own number
         result_json = json.loads((job / "results.json").read_text())
-        assert fid[(result_json["quant"]["w_bits"], result_json["quant"]["groups"])] == pytest.approx(result_json["metrics"]["fid"])
+        assert fid[(result_json["quant"]["w_bits"], result_json["quant"]["groups"])] == pytest.approx(
+            result_json["metrics"]["fid"]
+        )
     assert "\\begin{tabular}" in (directory / "report.tex").read_text()
     for plot in ("fid_vs_bits.png", "fid_vs_groups.png"):
         assert (directory / plot).stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("notebook", ["fid_vs_groups", "method_bits_heatmap", "activation_ranges", "cost_vs_quality"])
+@pytest.mark.parametrize(
+    "notebook", ["fid_vs_groups", "method_bits_heatmap", "activation_ranges", "cost_vs_quality"]
+)
 def test_analysis_notebooks_run_top_to_bottom(mission, notebook, monkeypatch):
     directory, _ = mission
     monkeypatch.setenv("TQDIT_SWEEP", str(directory))
@@ -73,7 +87,10 @@ def test_failed_job_is_shown_as_failed_without_hiding_the_others(tmp_path):
     result = sweep(tmp_path / "sweep", "quant=fp,mrq", "bits=2", expect=1)  # mrq needs ≥ 3 activation bits
     table = (tmp_path / "sweep" / "report.md").read_text()
     assert "| fp | FP |" in table
-    assert "| mrq | W2A2 |" in table and "**failed**: TqditError: a_bits=2: multi-region quantization needs at least 3 bits" in table
+    assert (
+        "| mrq | W2A2 |" in table
+        and "**failed**: TqditError: a_bits=2: multi-region quantization needs at least 3 bits" in table
+    )
     assert "1 job(s) failed" in result.stderr
     failed = next(p for p in (tmp_path / "sweep").rglob("results.json") if "quant=mrq" in str(p))
     assert json.loads(failed.read_text())["status"] == "failed" and (failed.parent / "error.log").is_file()
@@ -91,7 +108,9 @@ def test_local_gpus_launcher_runs_one_job_per_gpu():
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["launcher=local_gpus", "gpu_slots=4"], return_hydra_config=True)
+        cfg = compose(
+            config_name="config", overrides=["launcher=local_gpus", "gpu_slots=4"], return_hydra_config=True
+        )
     assert cfg.gpu_slots == 4 and cfg.hydra.launcher.n_jobs == 4 and "Joblib" in cfg.hydra.launcher._target_
 
 
@@ -125,7 +144,11 @@ def test_local_gpus_launcher_runs_cpu_jobs_in_separate_joblib_workers(tmp_path):
 
 
 def test_gpu_slots_are_exclusive(tmp_path):
-    with claimed_gpu(3, tmp_path) as first, claimed_gpu(3, tmp_path) as second, claimed_gpu(3, tmp_path) as third:
+    with (
+        claimed_gpu(3, tmp_path) as first,
+        claimed_gpu(3, tmp_path) as second,
+        claimed_gpu(3, tmp_path) as third,
+    ):
         assert sorted([first, second, third]) == [0, 1, 2]
     with claimed_gpu(3, tmp_path) as again:
         assert again == 0  # released when the jobs ended
@@ -144,22 +167,40 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
     for value in (results["metrics"]["fid"], results["metrics"]["is"], results["quant"]["calibration_s"]):
         assert json.dumps(value).encode() in data  # the summary as W&B stores it
     assert b"tgq" in data  # job_type = method
-    assert list(run_dir.glob("files/media/images/samples_*.png")) and list(run_dir.glob("files/media/table/activation_ranges_*.json"))
+    assert list(run_dir.glob("files/media/images/samples_*.png")) and list(
+        run_dir.glob("files/media/table/activation_ranges_*.json")
+    )
 
 
 def test_wandb_failure_never_loses_local_results(tmp_path):
     job = tmp_path / "job"
     env = {**os.environ, "WANDB_MODE": "not-a-mode"}
-    command = [sys.executable, "run.py", "logger=wandb", "quant=fp", f"hydra.run.dir={job}", f"cache_dir={tmp_path / 'cache'}",
-               *TINY[:2], "sampler.steps=4"]
+    command = [
+        sys.executable,
+        "run.py",
+        "logger=wandb",
+        "quant=fp",
+        f"hydra.run.dir={job}",
+        f"cache_dir={tmp_path / 'cache'}",
+        *TINY[:2],
+        "sampler.steps=4",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "warning: W&B logging failed" in result.stdout
     assert "metrics" in json.loads((job / "results.json").read_text())
 
 
-@pytest.mark.parametrize("name, arch_size, samples", [("imagenet_main", 32, 10000), ("imagenet_ablation", 32, 10000), ("imagenet_groups", 32, 10000),
-                                                      ("imagenet_steps", 32, 10000), ("imagenet512_main", 64, 5000)])
+@pytest.mark.parametrize(
+    "name, arch_size, samples",
+    [
+        ("imagenet_main", 32, 10000),
+        ("imagenet_ablation", 32, 10000),
+        ("imagenet_groups", 32, 10000),
+        ("imagenet_steps", 32, 10000),
+        ("imagenet512_main", 64, 5000),
+    ],
+)
 def test_imagenet_experiments_compose_the_paper_setting(name, arch_size, samples):
     from hydra import compose, initialize_config_dir
 
@@ -169,6 +210,14 @@ def test_imagenet_experiments_compose_the_paper_setting(name, arch_size, samples
         ptq4dm = compose("config", overrides=[f"experiment={name}", "quant=ptq4dm"])
     assert cfg.model.arch == "DiT-XL/2" and cfg.model.input_size == arch_size and cfg.model.latent
     assert cfg.eval.feature_extractor == "tqdit-inception-v3" and cfg.eval.is_split_size == 5000
-    assert cfg.num_samples == samples and cfg.sampler.steps == 250 and cfg.sampler.cfg_scale == 1.5 and cfg.dtype == "bf16" and cfg.compile
+    assert (
+        cfg.num_samples == samples
+        and cfg.sampler.steps == 250
+        and cfg.sampler.cfg_scale == 1.5
+        and cfg.dtype == "bf16"
+        and cfg.compile
+    )
     assert "bits" in cfg.hydra.sweeper.params
-    assert mrq_tgq.quant.num_inputs == 256 and ptq4dm.quant.num_inputs == 1024  # the search size per model; papers' own sizes kept
+    assert (
+        mrq_tgq.quant.num_inputs == 256 and ptq4dm.quant.num_inputs == 1024
+    )  # the search size per model; papers' own sizes kept

@@ -14,15 +14,25 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "quantize": "tqdit.quant.methods", "METHODS": "tqdit.quant.methods",
-    "FPConfig": "tqdit.quant.methods", "NoiseConfig": "tqdit.quant.methods", "UniformConfig": "tqdit.quant.methods",
-    "PTQ4DMConfig": "tqdit.quant.methods", "QDiffusionConfig": "tqdit.quant.methods",
-    "PTQ4DiTConfig": "tqdit.quant.methods", "MRQConfig": "tqdit.quant.methods", "TGQConfig": "tqdit.quant.methods",
+    "quantize": "tqdit.quant.methods",
+    "METHODS": "tqdit.quant.methods",
+    "FPConfig": "tqdit.quant.methods",
+    "NoiseConfig": "tqdit.quant.methods",
+    "UniformConfig": "tqdit.quant.methods",
+    "PTQ4DMConfig": "tqdit.quant.methods",
+    "QDiffusionConfig": "tqdit.quant.methods",
+    "PTQ4DiTConfig": "tqdit.quant.methods",
+    "MRQConfig": "tqdit.quant.methods",
+    "TGQConfig": "tqdit.quant.methods",
     "TQDiTConfig": "tqdit.quant.methods",
-    "SearchConfig": "tqdit.quant.search", "ReconConfig": "tqdit.quant.reconstruct",
-    "save_quant_state": "tqdit.quant.state", "load_quant_state": "tqdit.quant.state",
-    "capture": "tqdit.data.calibration", "CalibrationSpec": "tqdit.data.calibration",
-    "create_diffusion": "tqdit.diffusion", "load_model": "tqdit.models",
+    "SearchConfig": "tqdit.quant.search",
+    "ReconConfig": "tqdit.quant.reconstruct",
+    "save_quant_state": "tqdit.quant.state",
+    "load_quant_state": "tqdit.quant.state",
+    "capture": "tqdit.data.calibration",
+    "CalibrationSpec": "tqdit.data.calibration",
+    "create_diffusion": "tqdit.diffusion",
+    "load_model": "tqdit.models",
 }
 __all__ = sorted(_EXPORTS)
 

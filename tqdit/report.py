@@ -36,13 +36,39 @@ NAMED = {"method": "quant.name", "w_bits": "w_bits", "a_bits": "a_bits", "groups
 # search_inputs only the defaults of sampler.* and quant.num_inputs, which are the settings.
 # ``quant.load`` reuses a calibration of the same setting (the job refuses a file calibrated under
 # another one); its path is provenance, not a setting.
-NOT_SETTINGS = ("seed", "bits", "batch_size", "device", "cache_dir", "gpu_slots", "eval.cache_dir", "eval.batch_size",
-                "quant.load", "quant.search_batch", "quant.capture_batch", "model.vae.decode_batch",
-                "model.cfg_scale", "model.cfg_channels", "model.clip_denoised", "model.search_inputs",
-                "quant.recon.engine", "quant.recon.log_every")
+NOT_SETTINGS = (
+    "seed",
+    "bits",
+    "batch_size",
+    "device",
+    "cache_dir",
+    "gpu_slots",
+    "eval.cache_dir",
+    "eval.batch_size",
+    "quant.load",
+    "quant.search_batch",
+    "quant.capture_batch",
+    "model.vae.decode_batch",
+    "model.cfg_scale",
+    "model.cfg_channels",
+    "model.clip_denoised",
+    "model.search_inputs",
+    "quant.recon.engine",
+    "quant.recon.log_every",
+)
 NOT_SETTING_PREFIXES = ("logger.", "hydra.")
 QUANT_KEYS = ("w_bits", "a_bits", "groups")  # with every quant.* key: the quantization side of a setting
-METHOD_ORDER = ["fp", "noise", "uniform", "ptq4dm", "qdiffusion", "ptq4dit", "mrq", "tgq", "mrq_tgq"]  # controls, baselines, TQ-DiT
+METHOD_ORDER = [
+    "fp",
+    "noise",
+    "uniform",
+    "ptq4dm",
+    "qdiffusion",
+    "ptq4dit",
+    "mrq",
+    "tgq",
+    "mrq_tgq",
+]  # controls, baselines, TQ-DiT
 BLANK = "–"  # a setting that does not apply to the row's method
 
 
@@ -125,11 +151,17 @@ def _row(result: dict, path: Path) -> dict:
     peak = quant.get("peak_memory_bytes")
     device = setting.get("device")
     return {
-        **row, **setting, "seed": config.get("seed", result.get("seed")), **metrics,
-        "calibration_s": quant.get("calibration_s"), "peak_gb": peak / 1e9 if peak else None,
-        "peak_kind": quant.get("peak_memory_kind") or (("cuda_max_allocated" if device == "cuda" else "process_max_rss")
-                                                      if peak else None),
-        "status": result.get("status", "ok"), "error": result.get("error"), "job_dir": str(path.parent),
+        **row,
+        **setting,
+        "seed": config.get("seed", result.get("seed")),
+        **metrics,
+        "calibration_s": quant.get("calibration_s"),
+        "peak_gb": peak / 1e9 if peak else None,
+        "peak_kind": quant.get("peak_memory_kind")
+        or (("cuda_max_allocated" if device == "cuda" else "process_max_rss") if peak else None),
+        "status": result.get("status", "ok"),
+        "error": result.get("error"),
+        "job_dir": str(path.parent),
     }
 
 
@@ -143,19 +175,37 @@ def load_results(directories: list[str | Path]) -> pd.DataFrame:
     for directory in directories:
         for path in sorted(Path(directory).rglob("results.json")):
             result = json.loads(path.read_text())
-            if "duplicate_of" in result:  # a job its method did not need (see pipeline.job.identical_finished_job)
+            if (
+                "duplicate_of" in result
+            ):  # a job its method did not need (see pipeline.job.identical_finished_job)
                 continue
             rows.append(_row(result, path))
     if not rows:
         raise FileNotFoundError(f"no results.json below {', '.join(map(str, directories))}")
     frame = pd.DataFrame(rows)
     settings = setting_columns(frame)
-    frame[settings] = frame[settings].astype(object).where(frame[settings].notna(), BLANK)  # a key a job lacks
+    frame[settings] = (
+        frame[settings].astype(object).where(frame[settings].notna(), BLANK)
+    )  # a key a job lacks
     return frame
 
 
-RESULT_COLUMNS = ("seed", *METRICS, "calibration_s", "peak_gb", "peak_kind", "status", "error", "job_dir", "dfid",
-                  "dfid_pairs", "seeds", "seed_list", "failed", "label")
+RESULT_COLUMNS = (
+    "seed",
+    *METRICS,
+    "calibration_s",
+    "peak_gb",
+    "peak_kind",
+    "status",
+    "error",
+    "job_dir",
+    "dfid",
+    "dfid_pairs",
+    "seeds",
+    "seed_list",
+    "failed",
+    "label",
+)
 SHOWN = ("method", "w_bits", "a_bits", "groups", "steps")  # columns of every markdown table
 
 
@@ -227,13 +277,29 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     seeds = grouped["status"].apply(lambda s: int((s == "ok").sum())).rename("seeds")
     pairs = grouped["dfid"].count().rename("dfid_pairs")
     seed_list = grouped["seed_list"].apply(lambda s: " ".join(str(int(v)) for v in sorted(s.dropna())))
-    errors = grouped["error"].apply(lambda e: next((x for x in e if isinstance(x, str)), None)).rename("error")
+    errors = (
+        grouped["error"].apply(lambda e: next((x for x in e if isinstance(x, str)), None)).rename("error")
+    )
     kind = grouped["peak_kind"].first().rename("peak_kind")
-    table = table.join(spread).join(seeds).join(pairs).join(seed_list).join(grouped["failed"].sum()).join(errors).join(kind).reset_index()
+    table = (
+        table.join(spread)
+        .join(seeds)
+        .join(pairs)
+        .join(seed_list)
+        .join(grouped["failed"].sum())
+        .join(errors)
+        .join(kind)
+        .reset_index()
+    )
     order = ["model", "steps", "num_samples", "w_bits", "a_bits", "method", "groups"]
     order += [c for c in varying_columns(table, exclude=tuple(order))]
-    return table.sort_values(by=order, key=_sort_key, ascending=[c not in ("w_bits", "a_bits") for c in order],
-                             kind="stable", ignore_index=True)
+    return table.sort_values(
+        by=order,
+        key=_sort_key,
+        ascending=[c not in ("w_bits", "a_bits") for c in order],
+        kind="stable",
+        ignore_index=True,
+    )
 
 
 def _sort_key(column: pd.Series) -> pd.Series:
@@ -261,31 +327,79 @@ def to_markdown(table: pd.DataFrame) -> str:
         if pd.isna(row[metric]):
             return BLANK
         std = row.get(f"{metric}_std")
-        text = f"{row[metric]:{sign}.{digits}f}" + (f" ± {std:.{digits}f}" if pd.notna(std) and row["seeds"] > 1 else "")
-        if metric == "dfid" and row["dfid_pairs"] < row["seeds"]:  # never let a partial pairing pass as the row's
+        text = f"{row[metric]:{sign}.{digits}f}" + (
+            f" ± {std:.{digits}f}" if pd.notna(std) and row["seeds"] > 1 else ""
+        )
+        if (
+            metric == "dfid" and row["dfid_pairs"] < row["seeds"]
+        ):  # never let a partial pairing pass as the row's
             text += f" ({int(row['dfid_pairs'])} of {row['seeds']} seeds paired)"
         return text
 
     extra = varying_columns(table)
-    header = ["method", "bits", "G", "steps", *extra, "FID", "ΔFID", "sFID", "IS", "precision", "recall", "calib s",
-              "peak GB", "seeds"]
+    header = [
+        "method",
+        "bits",
+        "G",
+        "steps",
+        *extra,
+        "FID",
+        "ΔFID",
+        "sFID",
+        "IS",
+        "precision",
+        "recall",
+        "calib s",
+        "peak GB",
+        "seeds",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
         calib = BLANK if pd.isna(row["calibration_s"]) else f"{row['calibration_s']:.0f}"
-        peak = BLANK if pd.isna(row["peak_gb"]) else f"{row['peak_gb']:.2f}" + (" RSS" if row["peak_kind"] == "process_max_rss" else "")
+        peak = (
+            BLANK
+            if pd.isna(row["peak_gb"])
+            else f"{row['peak_gb']:.2f}" + (" RSS" if row["peak_kind"] == "process_max_rss" else "")
+        )
         seeds = str(row["seeds"]) + (f" (+{row['failed']} failed)" if row["failed"] else "")
         fid = cell(row, "fid", 2) if row["seeds"] else f"**failed**: {row['error']}"
-        cells = [row["method"], bits_label(row), _integer(row["groups"]), str(row["steps"]), *(str(row[c]) for c in extra),
-                 fid, cell(row, "dfid", 2, "+"), cell(row, "sfid", 1), cell(row, "is", 2), cell(row, "precision", 3),
-                 cell(row, "recall", 3), calib, peak, seeds]
+        cells = [
+            row["method"],
+            bits_label(row),
+            _integer(row["groups"]),
+            str(row["steps"]),
+            *(str(row[c]) for c in extra),
+            fid,
+            cell(row, "dfid", 2, "+"),
+            cell(row, "sfid", 1),
+            cell(row, "is", 2),
+            cell(row, "precision", 3),
+            cell(row, "recall", 3),
+            calib,
+            peak,
+            seeds,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + caption(table)
 
 
 # Settings worth naming under a table (the full list of shared settings is in report.csv).
-CAPTION_KEYS = ("model", "sampler.method", "steps", "sampler.cfg_scale", "num_samples", "labels", "dtype", "device",
-                "eval.feature_extractor", "quant.search", "quant.scope", "quant.backend", "quant.calib.num_samples",
-                "quant.num_inputs")
+CAPTION_KEYS = (
+    "model",
+    "sampler.method",
+    "steps",
+    "sampler.cfg_scale",
+    "num_samples",
+    "labels",
+    "dtype",
+    "device",
+    "eval.feature_extractor",
+    "quant.search",
+    "quant.scope",
+    "quant.backend",
+    "quant.calib.num_samples",
+    "quant.num_inputs",
+)
 
 
 def caption(table: pd.DataFrame) -> str:
@@ -294,9 +408,11 @@ def caption(table: pd.DataFrame) -> str:
     by_method = method_specific(table)
     per_method = (f" Settings that differ only between methods (each method's own; values in report.csv): "
                   f"{', '.join(by_method)}." if by_method else "")
-    return (f"One row per setting (resolved configuration minus the seed; mean ± std over the seeds listed in "
-            f"report.csv); shared by every row: {named}.{per_method} ΔFID: minus the FP job of the same protocol "
-            "and seed. G is fixed by each job's configuration, never chosen on an evaluation metric.")
+    return (
+        f"One row per setting (resolved configuration minus the seed; mean ± std over the seeds listed in "
+        f"report.csv); shared by every row: {named}.{per_method} ΔFID: minus the FP job of the same protocol "
+        "and seed. G is fixed by each job's configuration, never chosen on an evaluation metric."
+    )
 
 
 def line_label(row, varying: list[str]) -> str:
@@ -323,8 +439,14 @@ def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     lines = pd.Series([line_label(row, others) for _, row in quantized.iterrows()], index=quantized.index)
     for line, rows in quantized.groupby(lines, sort=False):
         rows = rows.set_index("label").reindex(order).dropna(subset=["fid"])
-        axis.errorbar([order.index(b) for b in rows.index], rows["fid"], yerr=rows["fid_std"].fillna(0), marker="o",
-                      capsize=3, label=line)
+        axis.errorbar(
+            [order.index(b) for b in rows.index],
+            rows["fid"],
+            yerr=rows["fid_std"].fillna(0),
+            marker="o",
+            capsize=3,
+            label=line,
+        )
     for _, row in fp.iterrows():
         axis.axhline(row["fid"], color="black", linestyle="--", linewidth=1, label=line_label(row, others))
     axis.set_xticks(range(len(order)), order)
@@ -337,16 +459,22 @@ def plot(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     grouped = ok[ok["groups"] != BLANK]
     others = varying_columns(ok, exclude=("method", "w_bits", "a_bits", "groups"))
     figure, axis = plt.subplots(figsize=(7, 4))
-    lines = pd.Series([f"{line_label(row, others)} {row['label']}" for _, row in grouped.iterrows()], index=grouped.index)
+    lines = pd.Series(
+        [f"{line_label(row, others)} {row['label']}" for _, row in grouped.iterrows()], index=grouped.index
+    )
     for line, rows in grouped.groupby(lines, sort=False):
         rows = rows.assign(g=rows["groups"].astype(int)).sort_values("g")
-        axis.errorbar(rows["g"], rows["fid"], yerr=rows["fid_std"].fillna(0), marker="o", capsize=3, label=line)
+        axis.errorbar(
+            rows["g"], rows["fid"], yerr=rows["fid_std"].fillna(0), marker="o", capsize=3, label=line
+        )
     for _, row in fp.iterrows():
         axis.axhline(row["fid"], color="black", linestyle="--", linewidth=1, label=line_label(row, others))
     axis.set_xlabel("time groups G"), axis.set_ylabel("FID"), axis.grid(alpha=0.3)
     if len(grouped):
         ticks = sorted(grouped["groups"].astype(int).unique())
-        axis.set_xscale("log"), axis.set_xticks(ticks, [str(t) for t in ticks]), axis.minorticks_off(), axis.legend(fontsize=7)
+        axis.set_xscale("log"), axis.set_xticks(
+            ticks, [str(t) for t in ticks]
+        ), axis.minorticks_off(), axis.legend(fontsize=7)
     figure.tight_layout()
     paths.append(out_dir / "fid_vs_groups.png")
     figure.savefig(paths[-1], dpi=120)
@@ -358,7 +486,17 @@ def write_tables(table: pd.DataFrame, csv: str | Path | None = None, latex: str 
     if csv:
         table.to_csv(csv, index=False)
     if latex:
-        columns = ["method", "w_bits", "a_bits", "groups", "steps", *varying_columns(table), *METRICS, "dfid", "seeds"]
+        columns = [
+            "method",
+            "w_bits",
+            "a_bits",
+            "groups",
+            "steps",
+            *varying_columns(table),
+            *METRICS,
+            "dfid",
+            "seeds",
+        ]
         table[columns].to_latex(latex, index=False, float_format="%.3f", na_rep="--")
 
 
@@ -375,7 +513,9 @@ def write_report(directories: list[str | Path], out_dir: str | Path) -> tuple[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("directories", nargs="+")
     parser.add_argument("--out", help="also write report.md/.csv/.tex and the plots into this directory")
     parser.add_argument("--csv", help="also write the table as CSV")

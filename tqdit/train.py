@@ -53,7 +53,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.compile:
         model.compile()  # after the EMA copy, so the saved weights come from a plain module
     diffusion = create_diffusion(None, learn_sigma=model.learn_sigma)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
 
     model.train()
@@ -61,7 +63,11 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     bar = tqdm(range(cfg.steps), desc="train DiT", mininterval=5)
     for step in bar:
         elapsed = time.time() - start
-        progress = step / cfg.steps if cfg.time_limit_s is None else max(step / cfg.steps, elapsed / cfg.time_limit_s)
+        progress = (
+            step / cfg.steps
+            if cfg.time_limit_s is None
+            else max(step / cfg.steps, elapsed / cfg.time_limit_s)
+        )
         if progress >= 1.0:
             break
         for group in optimizer.param_groups:
@@ -82,18 +88,38 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         steps_done += 1
         running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
         if step % cfg.log_every == 0:
-            history.append({"step": step, "loss": running, "lr": optimizer.param_groups[0]["lr"], "seconds": round(elapsed, 1)})
+            history.append(
+                {
+                    "step": step,
+                    "loss": running,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": round(elapsed, 1),
+                }
+            )
             bar.set_postfix(loss=f"{running:.4f}")
     seconds = time.time() - start
 
     weights = {k: v.detach().float().cpu().contiguous() for k, v in ema.module.state_dict().items()}
-    metadata = {"arch": cfg.model.arch, "input_size": str(cfg.model.input_size), "steps": str(steps_done),
-                "train_seconds": f"{seconds:.0f}", "config": json.dumps(OmegaConf.to_container(cfg, resolve=True))}
+    metadata = {
+        "arch": cfg.model.arch,
+        "input_size": str(cfg.model.input_size),
+        "steps": str(steps_done),
+        "train_seconds": f"{seconds:.0f}",
+        "config": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
+    }
     save_file(weights, str(out_dir / "dit.safetensors"), metadata=metadata)
-    summary = {"steps": steps_done, "seconds": round(seconds, 1), "final_loss": running, "device": str(device),
-               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "history": history}
+    summary = {
+        "steps": steps_done,
+        "seconds": round(seconds, 1),
+        "final_loss": running,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "history": history,
+    }
     atomic_write_json(out_dir / "train_log.json", summary)
-    print(f"trained {steps_done} steps in {seconds:.0f} s on {device}; loss {running:.4f}; weights: {out_dir / 'dit.safetensors'}")
+    print(
+        f"trained {steps_done} steps in {seconds:.0f} s on {device}; loss {running:.4f}; weights: {out_dir / 'dit.safetensors'}"
+    )
     return summary
 
 

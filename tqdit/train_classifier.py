@@ -31,7 +31,9 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     padded = F.pad(x, (max_shift,) * 4, value=-1.0)
     shifts = torch.randint(0, 2 * max_shift + 1, (len(x), 2), generator=generator)
     size = x.shape[-1]
-    return torch.stack([padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(shifts.tolist())])
+    return torch.stack(
+        [padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(shifts.tolist())]
+    )
 
 
 @torch.no_grad()
@@ -68,11 +70,23 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             scheduler.step()
     held_accuracy = accuracy(model, x_held, y_held)
     train_accuracy = accuracy(model, x_train.to(device), y_train.to(device))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out_dir / "mnist_classifier.safetensors"))
-    summary = {"held_out_accuracy": held_accuracy, "train_accuracy": train_accuracy, "held_out": len(held_idx),
-               "train": len(train_idx), "epochs": cfg.epochs, "seconds": round(time.time() - start, 1), "device": str(device)}
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        str(out_dir / "mnist_classifier.safetensors"),
+    )
+    summary = {
+        "held_out_accuracy": held_accuracy,
+        "train_accuracy": train_accuracy,
+        "held_out": len(held_idx),
+        "train": len(train_idx),
+        "epochs": cfg.epochs,
+        "seconds": round(time.time() - start, 1),
+        "device": str(device),
+    }
     atomic_write_json(out_dir / "train_log.json", summary)
-    print(f"held-out accuracy {held_accuracy:.4f} ({len(held_idx)} digits), train accuracy {train_accuracy:.4f}")
+    print(
+        f"held-out accuracy {held_accuracy:.4f} ({len(held_idx)} digits), train accuracy {train_accuracy:.4f}"
+    )
     return summary
 
 

@@ -21,7 +21,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} was requested but CUDA is not available here; use device=cpu or device=auto")
+        raise ValueError(
+            f"device={name} was requested but CUDA is not available here; use device=cpu or device=auto"
+        )
     return device
 
 

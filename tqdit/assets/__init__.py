@@ -16,10 +16,14 @@ def asset_path(name: str) -> Path:
     manifest = json.loads(_MANIFEST.read_text()) if _MANIFEST.exists() else {}
     path = ASSET_DIR / name
     if name not in manifest or not path.is_file():
-        raise FileNotFoundError(f"shipped asset {name} is missing from {ASSET_DIR}; reinstall tqdit or retrain it (see its model card)")
+        raise FileNotFoundError(
+            f"shipped asset {name} is missing from {ASSET_DIR}; reinstall tqdit or retrain it (see its model card)"
+        )
     actual = sha256_file(path)
     if actual != manifest[name]:
-        raise ValueError(f"shipped asset {name} is damaged (sha256 {actual[:12]}…, expected {manifest[name][:12]}…); reinstall tqdit")
+        raise ValueError(
+            f"shipped asset {name} is damaged (sha256 {actual[:12]}…, expected {manifest[name][:12]}…); reinstall tqdit"
+        )
     return path
 
 

@@ -72,7 +72,9 @@ def kept_steps(spec: CalibrationSpec, num_steps: int) -> list[int]:
     if spec.policy == "uniform":
         count = spec.num_steps or num_steps
         if not 1 <= count <= num_steps:
-            raise ValueError(f"calibration num_steps={count} must be between 1 and the {num_steps} sampling steps")
+            raise ValueError(
+                f"calibration num_steps={count} must be between 1 and the {num_steps} sampling steps"
+            )
         return uniform_stride(num_steps, count)
     raise ValueError(f"unknown calibration policy '{spec.policy}': use all or uniform")
 
@@ -85,12 +87,16 @@ def select_per_group(step: np.ndarray, group_of_step: np.ndarray, per_group: int
     for g in np.unique(group_of_step):
         pool = np.flatnonzero(step_group == g)
         if len(pool) == 0:
-            raise ValueError(f"the calibration set has no inputs from time group {g}; capture all steps (policy=all)")
+            raise ValueError(
+                f"the calibration set has no inputs from time group {g}; capture all steps (policy=all)"
+            )
         chosen.append(np.sort(rng.choice(pool, min(per_group, len(pool)), replace=False)))
     return np.concatenate(chosen)
 
 
-def select_uniform_steps(step: np.ndarray, num_steps: int, steps: int, per_step: int, seed: int) -> np.ndarray:
+def select_uniform_steps(
+    step: np.ndarray, num_steps: int, steps: int, per_step: int, seed: int
+) -> np.ndarray:
     """Q-Diffusion's time step-aware calibration: ``steps`` sampling steps at a uniform stride over the
     whole trajectory (clean end and noisy end included), ``per_step`` random inputs at each."""
     steps = min(steps, num_steps)
@@ -99,7 +105,9 @@ def select_uniform_steps(step: np.ndarray, num_steps: int, steps: int, per_step:
     for s in uniform_stride(num_steps, steps):
         pool = np.flatnonzero(step == s)
         if len(pool) == 0:
-            raise ValueError(f"the calibration set has no inputs from sampling step {s}; capture all steps (policy=all)")
+            raise ValueError(
+                f"the calibration set has no inputs from sampling step {s}; capture all steps (policy=all)"
+            )
         chosen.append(np.sort(rng.choice(pool, min(per_step, len(pool)), replace=False)))
     return np.concatenate(chosen)
 
@@ -111,7 +119,9 @@ def ndtc_steps(num_steps: int, count: int, mean: float, std: float, rng: np.rand
     return np.clip(np.floor(fraction * num_steps), 0, num_steps - 1).astype(np.int64)
 
 
-def select_ndtc(step: np.ndarray, num_steps: int, count: int, mean: float, std: float, seed: int) -> np.ndarray:
+def select_ndtc(
+    step: np.ndarray, num_steps: int, count: int, mean: float, std: float, seed: int
+) -> np.ndarray:
     """Indices of ``count`` inputs whose steps follow NDTC; each draw takes a random input of that step
     (from a different trajectory while the step has unused ones)."""
     rng = np.random.default_rng(seed)
@@ -120,7 +130,9 @@ def select_ndtc(step: np.ndarray, num_steps: int, count: int, mean: float, std: 
     for s, n in zip(*np.unique(wanted, return_counts=True)):
         pool = np.flatnonzero(step == s)
         if len(pool) == 0:
-            raise ValueError(f"the calibration set has no inputs from sampling step {s}; capture all steps (policy=all)")
+            raise ValueError(
+                f"the calibration set has no inputs from sampling step {s}; capture all steps (policy=all)"
+            )
         chosen.append(rng.choice(pool, n, replace=n > len(pool)))
     return np.sort(np.concatenate(chosen))
 
@@ -136,15 +148,31 @@ def capture(model, diffusion: GaussianDiffusion, spec: CalibrationSpec) -> Calib
 
     def on_step(index, x, t):
         if index in keep:
-            both = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, model.null_class)])) if use_cfg else (x, t, labels)
+            both = (
+                (
+                    torch.cat([x, x]),
+                    torch.cat([t, t]),
+                    torch.cat([labels, torch.full_like(labels, model.null_class)]),
+                )
+                if use_cfg
+                else (x, t, labels)
+            )
             xs.append(both[0].cpu()), ts.append(both[1].cpu()), ys.append(both[2].cpu())
             steps.append(torch.full((len(both[1]),), index, dtype=torch.long))
 
-    noise = PerSampleNoise(spec.seed, indices, (model.in_channels, model.input_size, model.input_size), device)
+    noise = PerSampleNoise(
+        spec.seed, indices, (model.in_channels, model.input_size, model.input_size), device
+    )
     sample_loop(guided_model(model, labels, spec.cfg_scale, spec.cfg_channels), diffusion, noise,
                 method=spec.method, clip_denoised=spec.clip_denoised, on_step=on_step,
                 model_dtype=next(model.parameters()).dtype)  # a bf16 model captures in bf16, as it samples
-    return CalibrationSet(torch.cat(xs).float(), torch.cat(ts), torch.cat(ys), torch.cat(steps), torch.as_tensor(diffusion.timesteps))
+    return CalibrationSet(
+        torch.cat(xs).float(),
+        torch.cat(ts),
+        torch.cat(ys),
+        torch.cat(steps),
+        torch.as_tensor(diffusion.timesteps),
+    )
 
 
 def model_fingerprint(model) -> str:
@@ -156,19 +184,44 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def cached_capture(model, diffusion: GaussianDiffusion, spec: CalibrationSpec, cache_dir: str | Path | None) -> tuple[CalibrationSet, bool]:
+def cached_capture(
+    model, diffusion: GaussianDiffusion, spec: CalibrationSpec, cache_dir: str | Path | None
+) -> tuple[CalibrationSet, bool]:
     """(calibration set, whether it came from the cache). The key covers weights, schedule and spec."""
-    key_source = json.dumps({"v": CACHE_VERSION, "model": model_fingerprint(model), "timesteps": diffusion.timesteps.tolist(),
-                             "spec": asdict(spec)}, sort_keys=True)
+    key_source = json.dumps(
+        {
+            "v": CACHE_VERSION,
+            "model": model_fingerprint(model),
+            "timesteps": diffusion.timesteps.tolist(),
+            "spec": asdict(spec),
+        },
+        sort_keys=True,
+    )
     key = hashlib.sha256(key_source.encode()).hexdigest()[:24]
     path = Path(cache_dir).expanduser() / f"calibration-{key}.safetensors" if cache_dir else None
     if path is not None and path.is_file():
         try:
             tensors = load(path.read_bytes())
-            return CalibrationSet(tensors["x"], tensors["t"], tensors["y"], tensors["step"], tensors["timesteps"]), True
+            return (
+                CalibrationSet(
+                    tensors["x"], tensors["t"], tensors["y"], tensors["step"], tensors["timesteps"]
+                ),
+                True,
+            )
         except Exception:  # damaged entry: capture again
             path.unlink(missing_ok=True)
     calib = capture(model, diffusion, spec)
     if path is not None:
-        atomic_write_bytes(path, save({"x": calib.x.contiguous(), "t": calib.t, "y": calib.y, "step": calib.step, "timesteps": calib.timesteps}))
+        atomic_write_bytes(
+            path,
+            save(
+                {
+                    "x": calib.x.contiguous(),
+                    "t": calib.t,
+                    "y": calib.y,
+                    "step": calib.step,
+                    "timesteps": calib.timesteps,
+                }
+            ),
+        )
     return calib, False

@@ -30,7 +30,9 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 def holdout_split(labels: np.ndarray, per_class: int = 100, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, held_out): ``per_class`` random digits of every class are held out."""
     rng = np.random.default_rng(seed)
-    held = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in np.unique(labels)])
+    held = np.concatenate(
+        [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in np.unique(labels)]
+    )
     train = np.setdiff1d(np.arange(len(labels)), held)
     return train, np.sort(held)
 

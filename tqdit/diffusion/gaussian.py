@@ -34,7 +34,9 @@ def space_timesteps(num_train_steps: int, spec: int | str) -> list[int]:
             kept = list(range(0, num_train_steps, stride))
             if len(kept) == wanted:
                 return kept
-        raise ValueError(f"sampler steps '{text}': no integer stride gives exactly {wanted} of {num_train_steps} steps")
+        raise ValueError(
+            f"sampler steps '{text}': no integer stride gives exactly {wanted} of {num_train_steps} steps"
+        )
     counts = [int(part) for part in text.split(",")]
     if any(count < 1 for count in counts):
         raise ValueError(f"sampler steps '{text}': every step count must be at least 1")
@@ -52,14 +54,18 @@ def space_timesteps(num_train_steps: int, spec: int | str) -> list[int]:
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
+) -> torch.Tensor:
     """Log-likelihood of data in [-1, 1] quantised to 256 bins under N(mean, e^(2·log_scale)), in nats."""
     centered = x - mean
     inv_std = torch.exp(-log_scale)
@@ -96,11 +102,17 @@ class GaussianDiffusion:
         self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # The posterior variance is 0 at the first step; its log is clipped to the second step's value.
         if len(self.betas) > 1:
-            self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+            self.posterior_log_variance_clipped = np.log(
+                np.append(self.posterior_variance[1], self.posterior_variance[1:])
+            )
         else:
             self.posterior_log_variance_clipped = np.log(self.betas)
-        self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = (
+            self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        )
 
     @property
     def num_steps(self) -> int:
@@ -116,21 +128,34 @@ class GaussianDiffusion:
         return float(np.float32(array[index]))
 
     def predict_x0(self, x: torch.Tensor, index, eps: torch.Tensor) -> torch.Tensor:
-        return self._coef(self.sqrt_recip_alphas_cumprod, index) * x - self._coef(self.sqrt_recipm1_alphas_cumprod, index) * eps
+        return (
+            self._coef(self.sqrt_recip_alphas_cumprod, index) * x
+            - self._coef(self.sqrt_recipm1_alphas_cumprod, index) * eps
+        )
 
     def predict_eps(self, x: torch.Tensor, index, x0: torch.Tensor) -> torch.Tensor:
-        return (self._coef(self.sqrt_recip_alphas_cumprod, index) * x - x0) / self._coef(self.sqrt_recipm1_alphas_cumprod, index)
+        return (self._coef(self.sqrt_recip_alphas_cumprod, index) * x - x0) / self._coef(
+            self.sqrt_recipm1_alphas_cumprod, index
+        )
 
     def q_sample(self, x0: torch.Tensor, index, noise: torch.Tensor) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) with the given standard-normal noise."""
-        return self._coef(self.sqrt_alphas_cumprod, index) * x0 + self._coef(self.sqrt_one_minus_alphas_cumprod, index) * noise
+        return (
+            self._coef(self.sqrt_alphas_cumprod, index) * x0
+            + self._coef(self.sqrt_one_minus_alphas_cumprod, index) * noise
+        )
 
     def q_posterior(self, x0: torch.Tensor, x: torch.Tensor, index):
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = self._coef(self.posterior_mean_coef1, index) * x0 + self._coef(self.posterior_mean_coef2, index) * x
+        mean = (
+            self._coef(self.posterior_mean_coef1, index) * x0
+            + self._coef(self.posterior_mean_coef2, index) * x
+        )
         return mean, self._coef(self.posterior_log_variance_clipped, index)
 
-    def p_mean_variance(self, model_output: torch.Tensor, x: torch.Tensor, index, clip_denoised: bool = False):
+    def p_mean_variance(
+        self, model_output: torch.Tensor, x: torch.Tensor, index, clip_denoised: bool = False
+    ):
         """Mean, log-variance and x_0 prediction of p(x_{t-1} | x_t) from the model's raw output.
 
         With learned-range variance the extra output channels v ∈ [-1, 1] interpolate the log-variance
@@ -156,7 +181,14 @@ class GaussianDiffusion:
 
     # -- training --
 
-    def training_losses(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, index: torch.Tensor, noise: torch.Tensor):
+    def training_losses(
+        self,
+        model_output: torch.Tensor,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        index: torch.Tensor,
+        noise: torch.Tensor,
+    ):
         """Per-sample loss of the reference: MSE on eps plus, for learned sigma, the VLB term.
 
         The VLB term (in bits per dim) sees the eps prediction detached, so it trains only the
@@ -171,12 +203,16 @@ class GaussianDiffusion:
         mean, log_variance, _ = self.p_mean_variance(frozen, x_t, index)
         true_mean, true_log_variance = self.q_posterior(x0, x_t, index)
         kl = normal_kl(true_mean, true_log_variance, mean, log_variance).mean(dim=(1, 2, 3)) / np.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_variance).mean(dim=(1, 2, 3)) / np.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_variance).mean(dim=(1, 2, 3)) / np.log(
+            2.0
+        )
         vb = torch.where(index == 0, nll, kl)
         return mse + vb
 
 
-def create_diffusion(steps: int | str | None = None, num_train_steps: int = 1000, learn_sigma: bool = True) -> GaussianDiffusion:
+def create_diffusion(
+    steps: int | str | None = None, num_train_steps: int = 1000, learn_sigma: bool = True
+) -> GaussianDiffusion:
     """The reference's ``create_diffusion``: linear schedule, respaced to ``steps`` (None = all)."""
     betas = linear_betas(num_train_steps)
     if steps is None or str(steps) == str(num_train_steps):

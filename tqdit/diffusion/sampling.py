@@ -28,7 +28,9 @@ def sample_seed(seed: int, index: int) -> int:
 class PerSampleNoise:
     """Standard-normal draws where row r always comes from sample ``indices[r]``'s own generator."""
 
-    def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"):
+    def __init__(
+        self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"
+    ):
         self.generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
         self.shape = tuple(shape)
         self.device = torch.device(device)
@@ -50,7 +52,9 @@ def guided_model(model, labels: torch.Tensor, cfg_scale: float, guided_channels:
     both_labels = torch.cat([labels, null])
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), both_labels, cfg_scale, guided_channels)
+        out = model.forward_with_cfg(
+            torch.cat([x, x]), torch.cat([t, t]), both_labels, cfg_scale, guided_channels
+        )
         return out[: len(x)]
 
     return denoise
@@ -98,7 +102,14 @@ def sample_loop(
     return x
 
 
-def _ddim_step(diffusion: GaussianDiffusion, x: torch.Tensor, index: int, x0: torch.Tensor, eta: float, noise: torch.Tensor) -> torch.Tensor:
+def _ddim_step(
+    diffusion: GaussianDiffusion,
+    x: torch.Tensor,
+    index: int,
+    x0: torch.Tensor,
+    eta: float,
+    noise: torch.Tensor,
+) -> torch.Tensor:
     """DDIM update (Song et al., eq. 12) from the x_0 prediction; eps is re-derived from it."""
     eps = diffusion.predict_eps(x, index, x0)
     alpha_bar = diffusion._coef(diffusion.alphas_cumprod, index)

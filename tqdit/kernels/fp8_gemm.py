@@ -87,7 +87,9 @@ if triton is not None:
         globals, which Triton's interpreter in turn cannot multiply with a tensor."""
         if HARDWARE_TANH:
             u = 0.7978845608028654 * (h + 0.044715 * h * h * h)  # √(2/π)·(h + 0.044715·h³)
-            tanh_u = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=tl.float32, is_pure=True, pack=1)
+            tanh_u = tl.inline_asm_elementwise(
+                "tanh.approx.f32 $0, $1;", "=f,f", [u], dtype=tl.float32, is_pure=True, pack=1
+            )
             half = 0.5 * h
             return half + half * tanh_u
         else:
@@ -138,11 +140,14 @@ if triton is not None:
         arguments["w_desc"].block_shape = [arguments["BLOCK_N"], arguments["BLOCK_K"]]
         arguments["out_desc"].block_shape = [arguments["BLOCK_M"], arguments["BLOCK_N"]]
 
-    _autotuned_kernel = triton_gemm.autotuned(_fp8_linear_gelu_kernel, GPU_CONFIGS, key=["N", "K", "HAS_BIAS", "ROUND"],
-                                              pre_hook=_set_block_shapes)
+    _autotuned_kernel = triton_gemm.autotuned(
+        _fp8_linear_gelu_kernel, GPU_CONFIGS, key=["N", "K", "HAS_BIAS", "ROUND"], pre_hook=_set_block_shapes
+    )
 
 
-def check_operands(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample: int, model_dtype) -> None:
+def check_operands(
+    a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample: int, model_dtype
+) -> None:
     """Shapes and dtypes the kernel relies on (it reads memory by them), else a ValueError naming the mismatch."""
     m, k = a.shape
     n = weight.shape[0]
@@ -152,12 +157,21 @@ def check_operands(a, weight, input_scale, weight_scale, bias, out_inv_scale, ro
     if weight.shape[1] != k:
         problems.append(f"input has K={k} but the weight {tuple(weight.shape)}")
     if k % 16 or n % 16:
-        problems.append(f"K={k} and N={n} must be multiples of 16 (the rows the kernel's TMA reads and writes "
-                        "must start 16-byte aligned, as for cuBLAS's FP8 GEMM)")
+        problems.append(
+            f"K={k} and N={n} must be multiples of 16 (the rows the kernel's TMA reads and writes "
+            "must start 16-byte aligned, as for cuBLAS's FP8 GEMM)"
+        )
     samples = m // max(rows_per_sample, 1)
-    if rows_per_sample < 1 or m % rows_per_sample or input_scale.shape != (samples,) or out_inv_scale.shape != (samples,):
-        problems.append(f"per-sample scales {tuple(input_scale.shape)}/{tuple(out_inv_scale.shape)} do not give one value "
-                        f"per {rows_per_sample} of the {m} rows")
+    if (
+        rows_per_sample < 1
+        or m % rows_per_sample
+        or input_scale.shape != (samples,)
+        or out_inv_scale.shape != (samples,)
+    ):
+        problems.append(
+            f"per-sample scales {tuple(input_scale.shape)}/{tuple(out_inv_scale.shape)} do not give one value "
+            f"per {rows_per_sample} of the {m} rows"
+        )
     if weight_scale.shape != (n,) or (bias is not None and bias.shape != (n,)):
         problems.append(f"per-channel weight scale and bias must each be ({n},)")
     if model_dtype not in ROUNDING:
@@ -166,8 +180,18 @@ def check_operands(a, weight, input_scale, weight_scale, bias, out_inv_scale, ro
         raise ValueError("fp8_linear_gelu: " + "; ".join(problems))
 
 
-def launch(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample: int, model_dtype: torch.dtype,
-           out_dtype: torch.dtype = FP8, config: dict | None = None) -> torch.Tensor:
+def launch(
+    a,
+    weight,
+    input_scale,
+    weight_scale,
+    bias,
+    out_inv_scale,
+    rows_per_sample: int,
+    model_dtype: torch.dtype,
+    out_dtype: torch.dtype = FP8,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Run the Triton kernel, autotuned where ``config`` is None, else with that one tiling (e.g.
     :data:`INTERPRETER_CONFIG`): one program per SM on the GPU, :data:`INTERPRETER_PROGRAMS` on the CPU.
 
@@ -180,15 +204,23 @@ def launch(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_s
     m, k = a.shape
     n = weight.shape[0]
     out = torch.empty(m, n, device=a.device, dtype=out_dtype)
-    programs = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else INTERPRETER_PROGRAMS
-    descriptors = [TensorDescriptor.from_tensor(t, [1, 1]) for t in (a, weight, out)]  # block shapes: _set_block_shapes
+    programs = (
+        torch.cuda.get_device_properties(a.device).multi_processor_count
+        if a.is_cuda
+        else INTERPRETER_PROGRAMS
+    )
+    descriptors = [
+        TensorDescriptor.from_tensor(t, [1, 1]) for t in (a, weight, out)
+    ]  # block shapes: _set_block_shapes
     args = (*descriptors, input_scale, weight_scale, weight_scale if bias is None else bias, out_inv_scale,
             m, n, k, rows_per_sample)
     flags = dict(HAS_BIAS=bias is not None, ROUND=ROUNDING[model_dtype], HARDWARE_TANH=a.is_cuda,
                  OUT_FP8=out_dtype == FP8, PROGRAMS=programs)
     if config is not None:
         _set_block_shapes(dict(zip(("a_desc", "w_desc", "out_desc"), descriptors), **config))
-    triton_gemm.run(_fp8_linear_gelu_kernel, _autotuned_kernel, m, n, args, flags, config, max_programs=programs)
+    triton_gemm.run(
+        _fp8_linear_gelu_kernel, _autotuned_kernel, m, n, args, flags, config, max_programs=programs
+    )
     return out
 
 
@@ -198,8 +230,17 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def reference(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample: int, model_dtype: torch.dtype,
-              out_dtype: torch.dtype = FP8) -> torch.Tensor:
+def reference(
+    a,
+    weight,
+    input_scale,
+    weight_scale,
+    bias,
+    out_inv_scale,
+    rows_per_sample: int,
+    model_dtype: torch.dtype,
+    out_dtype: torch.dtype = FP8,
+) -> torch.Tensor:
     """The kernel's arithmetic in PyTorch ops (the CPU path; the tests' independent check of the kernel)."""
     check_operands(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample, model_dtype)
     acc = a.float() @ weight.float().t()  # e4m3 × e4m3 products are exact in float32
@@ -208,14 +249,23 @@ def reference(a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_pe
         h = h + bias.float()[None, :]
     h = h.to(torch.bfloat16).float()
     gelu = torch.nn.functional.gelu(h, approximate="tanh").to(model_dtype).float()
-    scaled = (gelu * out_inv_scale.float().repeat_interleave(rows_per_sample)[:, None]).clamp(-FP8_MAX, FP8_MAX)
+    scaled = (gelu * out_inv_scale.float().repeat_interleave(rows_per_sample)[:, None]).clamp(
+        -FP8_MAX, FP8_MAX
+    )
     return scaled.to(out_dtype)
 
 
 @torch.library.custom_op("tqdit::fp8_linear_gelu", mutates_args=())
-def fp8_linear_gelu(a: torch.Tensor, weight: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor,
-                    bias: torch.Tensor | None, out_inv_scale: torch.Tensor, rows_per_sample: int,
-                    model_dtype: torch.dtype) -> torch.Tensor:
+def fp8_linear_gelu(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    input_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_inv_scale: torch.Tensor,
+    rows_per_sample: int,
+    model_dtype: torch.dtype,
+) -> torch.Tensor:
     """(M, K) e4m3 input × (N, K) e4m3 weight → (M, N) e4m3 codes of GELU(linear) on the next scale.
 
     ``input_scale`` and ``out_inv_scale`` (float32) hold one value per sample, row r belonging to

@@ -81,8 +81,22 @@ if triton is not None:
         return codes * scale
 
     @triton.jit
-    def _load_operand(base, rows, cols, stride_row, n_rows, head_dim, params, column: tl.constexpr, MODE: tl.constexpr,
-                      qmin, qmax, multiplier, SCALED: tl.constexpr, DTYPE: tl.constexpr):
+    def _load_operand(
+        base,
+        rows,
+        cols,
+        stride_row,
+        n_rows,
+        head_dim,
+        params,
+        column: tl.constexpr,
+        MODE: tl.constexpr,
+        qmin,
+        qmax,
+        multiplier,
+        SCALED: tl.constexpr,
+        DTYPE: tl.constexpr,
+    ):
         mask = (rows[:, None] < n_rows) & (cols[None, :] < head_dim)
         x = tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if SCALED:  # q · d^-½ in the model dtype, as the explicit path computes it
@@ -119,13 +133,43 @@ if triton is not None:
         q_base = Q + sample * stride_qb + head * stride_qh
         k_base = K + sample * stride_kb + head * stride_kh
         v_base = V + sample * stride_vb + head * stride_vh
-        q = _load_operand(q_base, rows, dims, stride_qn, n_ctx, HEAD_DIM, params, 0, Q_MODE, qkv_qmin, qkv_qmax, sm_scale, True, DTYPE)
+        q = _load_operand(
+            q_base,
+            rows,
+            dims,
+            stride_qn,
+            n_ctx,
+            HEAD_DIM,
+            params,
+            0,
+            Q_MODE,
+            qkv_qmin,
+            qkv_qmax,
+            sm_scale,
+            True,
+            DTYPE,
+        )
 
         # pass 1: each row's max and sum of exponentials
         row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         row_sum = tl.zeros((BLOCK_M,), tl.float32)
         for start in range(0, n_ctx, BLOCK_N):
-            k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+            k = _load_operand(
+                k_base,
+                start + cols_in_block,
+                dims,
+                stride_kn,
+                n_ctx,
+                HEAD_DIM,
+                params,
+                3,
+                K_MODE,
+                qkv_qmin,
+                qkv_qmax,
+                1.0,
+                False,
+                DTYPE,
+            )
             s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
             new_max = tl.maximum(row_max, tl.max(s, 1))
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
@@ -135,7 +179,22 @@ if triton is not None:
         inv_row_sum = 1.0 / row_sum
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start in range(0, n_ctx, BLOCK_N):
-            k = _load_operand(k_base, start + cols_in_block, dims, stride_kn, n_ctx, HEAD_DIM, params, 3, K_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+            k = _load_operand(
+                k_base,
+                start + cols_in_block,
+                dims,
+                stride_kn,
+                n_ctx,
+                HEAD_DIM,
+                params,
+                3,
+                K_MODE,
+                qkv_qmin,
+                qkv_qmax,
+                1.0,
+                False,
+                DTYPE,
+            )
             s = _scores(q, k, n_ctx, start, cols_in_block, DTYPE, PRECISION)
             p = (tl.exp(s - row_max[:, None]) * inv_row_sum[:, None]).to(DTYPE).to(tl.float32)
             if P_MODE == 1:  # UNIFORM
@@ -145,7 +204,22 @@ if triton is not None:
                 step = tl.where(below, tl.load(params + 10), tl.load(params + 11))
                 inv_step = tl.where(below, 1.0 / tl.load(params + 10), 1.0 / tl.load(params + 11))
                 p = tl.minimum(tl.maximum(_round_half_even(p * inv_step), p_qmin), p_qmax) * step
-            v = _load_operand(v_base, start + cols_in_block, dims, stride_vn, n_ctx, HEAD_DIM, params, 6, V_MODE, qkv_qmin, qkv_qmax, 1.0, False, DTYPE)
+            v = _load_operand(
+                v_base,
+                start + cols_in_block,
+                dims,
+                stride_vn,
+                n_ctx,
+                HEAD_DIM,
+                params,
+                6,
+                V_MODE,
+                qkv_qmin,
+                qkv_qmax,
+                1.0,
+                False,
+                DTYPE,
+            )
             acc += tl.dot(p.to(DTYPE), v, input_precision=PRECISION)
 
         out_base = Out + sample * stride_ob + head * stride_oh
@@ -163,7 +237,9 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: t
     Returns (batch, heads, tokens, head_dim), laid out as (batch, tokens, heads, head_dim) so the
     caller's merge of the heads is free.
     """
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))  # the kernel reads rows of head_dim
+    q, k, v = (
+        x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v)
+    )  # the kernel reads rows of head_dim
     batch, heads, tokens, head_dim = q.shape
     out = torch.empty(batch, tokens, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -174,16 +250,44 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: t
     grid = (batch * heads, triton.cdiv(tokens, config["block_m"]))
     dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[q.dtype]
     _quant_attention_kernel[grid](
-        q, k, v, out, params.contiguous(),
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        heads, tokens, sm_scale, qkv_range[0], qkv_range[1], p_range[0], p_range[1],
-        Q_MODE=modes[0], K_MODE=modes[1], V_MODE=modes[2], P_MODE=modes[3],
-        HEAD_DIM=head_dim, DTYPE=dtype, PARAMS=PARAMS_PER_SAMPLE,
+        q,
+        k,
+        v,
+        out,
+        params.contiguous(),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        heads,
+        tokens,
+        sm_scale,
+        qkv_range[0],
+        qkv_range[1],
+        p_range[0],
+        p_range[1],
+        Q_MODE=modes[0],
+        K_MODE=modes[1],
+        V_MODE=modes[2],
+        P_MODE=modes[3],
+        HEAD_DIM=head_dim,
+        DTYPE=dtype,
+        PARAMS=PARAMS_PER_SAMPLE,
         # float32 operands: TF32 tensor cores when PyTorch's matmuls use them (jobs enable it), as the explicit path
         PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
-        BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_D=block_d,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        BLOCK_M=config["block_m"],
+        BLOCK_N=config["block_n"],
+        BLOCK_D=block_d,
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return out
 
@@ -211,11 +315,18 @@ def _uniform_columns(quantizer, batch: int) -> torch.Tensor:
 def _mrq_columns(quantizer, batch: int) -> torch.Tensor:
     """(batch, 3): split 2^-i, Δ_lo = split / levels, Δ_hi = 1 / levels of each sample's time group."""
     split = torch.pow(2.0, -_per_sample(quantizer, quantizer.split_exponent, batch).float())
-    return torch.stack([split, split / quantizer.levels, torch.full_like(split, 1.0 / quantizer.levels)], dim=1)
+    return torch.stack(
+        [split, split / quantizer.levels, torch.full_like(split, 1.0 / quantizer.levels)], dim=1
+    )
 
 
 def _quantizers(attn):
-    return attn.qk_matmul.a_quant, attn.qk_matmul.b_quant, attn.av_matmul.b_quant, attn.av_matmul.a_quant  # q, k, v, P
+    return (
+        attn.qk_matmul.a_quant,
+        attn.qk_matmul.b_quant,
+        attn.av_matmul.b_quant,
+        attn.av_matmul.a_quant,
+    )  # q, k, v, P
 
 
 def supports(attn) -> bool:
@@ -224,19 +335,28 @@ def supports(attn) -> bool:
     if not (isinstance(attn.qk_matmul, QuantMatMul) and isinstance(attn.av_matmul, QuantMatMul)):
         return False
     *qkv, post_softmax = _quantizers(attn)
-    if any(isinstance(q, UniformNoise) for q in (*qkv, post_softmax)):  # the noise control: the kernel would round
+    if any(
+        isinstance(q, UniformNoise) for q in (*qkv, post_softmax)
+    ):  # the noise control: the kernel would round
         return False
     if not all(isinstance(q, UniformQuantizer) and q.scale.shape[1] == 1 for q in qkv):
         return False
     if len({(q.qmin, q.qmax) for q in qkv}) != 1:
         return False
-    return isinstance(post_softmax, SoftmaxMRQ) or (isinstance(post_softmax, UniformQuantizer) and post_softmax.scale.shape[1] == 1)
+    return isinstance(post_softmax, SoftmaxMRQ) or (
+        isinstance(post_softmax, UniformQuantizer) and post_softmax.scale.shape[1] == 1
+    )
 
 
-def kernel_arguments(attn, batch: int, device: torch.device) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
+def kernel_arguments(
+    attn, batch: int, device: torch.device
+) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
     """``quant_attention``'s (params, modes, qkv_range, p_range) for this attention's quantizers."""
     *qkv, post_softmax = _quantizers(attn)
-    columns = [_uniform_columns(quantizer, batch) if quantizer.enabled else torch.zeros(batch, 3, device=device) for quantizer in qkv]
+    columns = [
+        _uniform_columns(quantizer, batch) if quantizer.enabled else torch.zeros(batch, 3, device=device)
+        for quantizer in qkv
+    ]
     modes = [UNIFORM if quantizer.enabled else OFF for quantizer in qkv]
     if not post_softmax.enabled:
         columns.append(torch.zeros(batch, 3, device=device))
@@ -264,7 +384,9 @@ def use_fused_attention(model) -> int:
     """Route every quantized attention whose quantizers the kernel supports through it (after
     calibration: calibration reads the explicit path's matmul inputs). Returns how many blocks."""
     if not available():
-        raise RuntimeError("the fused quantized attention needs Triton (it ships with CUDA builds of PyTorch)")
+        raise RuntimeError(
+            "the fused quantized attention needs Triton (it ships with CUDA builds of PyTorch)"
+        )
     count = 0
     for block in getattr(model, "blocks", []):
         if supports(block.attn):

@@ -99,7 +99,9 @@ if triton is not None:
         out_ptr = Out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
         tl.store(out_ptr, y.to(Out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    _autotuned_kernel = triton_gemm.autotuned(_int8_linear_kernel, GPU_CONFIGS, key=["N", "K", "WEIGHT_OFFSET"])
+    _autotuned_kernel = triton_gemm.autotuned(
+        _int8_linear_kernel, GPU_CONFIGS, key=["N", "K", "WEIGHT_OFFSET"]
+    )
 
 
 def check_operands(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias,
@@ -116,8 +118,10 @@ def check_operands(a, weight, sample_scale, sample_offset, weight_scale, weight_
         problems.append(f"K={k} could overflow the int32 sums (at most {MAX_EXACT_K})")
     if rows_per_sample < 1 or m % rows_per_sample or sample_scale.shape != (m // max(rows_per_sample, 1),) \
             or sample_offset.shape != sample_scale.shape or sample_offset.dtype != torch.int32:
-        problems.append(f"per-sample scale/offset {tuple(sample_scale.shape)}/{tuple(sample_offset.shape)} (int32 offsets) "
-                        f"do not give one value per {rows_per_sample} of the {m} rows")
+        problems.append(
+            f"per-sample scale/offset {tuple(sample_scale.shape)}/{tuple(sample_offset.shape)} (int32 offsets) "
+            f"do not give one value per {rows_per_sample} of the {m} rows"
+        )
     per_channel = [weight_scale, weight_sum] + [t for t in (weight_offset, bias) if t is not None]
     if any(t.shape != (n,) for t in per_channel) or weight_sum.dtype != torch.int32 or \
             (weight_offset is not None and weight_offset.dtype != torch.int32):
@@ -126,26 +130,67 @@ def check_operands(a, weight, sample_scale, sample_offset, weight_scale, weight_
         raise ValueError("int8_linear: " + "; ".join(problems))
 
 
-def launch(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample: int,
-           out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+def launch(
+    a,
+    weight,
+    sample_scale,
+    sample_offset,
+    weight_scale,
+    weight_offset,
+    weight_sum,
+    bias,
+    rows_per_sample: int,
+    out_dtype: torch.dtype,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Run the Triton kernel (``config``: one fixed tiling, e.g. :data:`INTERPRETER_CONFIG`; None: autotuned)."""
-    check_operands(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample)
+    check_operands(
+        a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample
+    )
     a, weight = a.contiguous(), weight.contiguous()  # the kernel steps along K with unit stride
     m, k = a.shape
     n = weight.shape[0]
     out = torch.empty(m, n, device=a.device, dtype=out_dtype)
     unused = weight_scale  # a placeholder pointer for the absent optional tensors (never read)
-    args = (a, weight, out, sample_scale, sample_offset, weight_scale, unused if weight_offset is None else weight_offset,
-            weight_sum, unused if bias is None else bias, m, n, k, rows_per_sample, a.stride(0), weight.stride(0), out.stride(0))
+    args = (
+        a,
+        weight,
+        out,
+        sample_scale,
+        sample_offset,
+        weight_scale,
+        unused if weight_offset is None else weight_offset,
+        weight_sum,
+        unused if bias is None else bias,
+        m,
+        n,
+        k,
+        rows_per_sample,
+        a.stride(0),
+        weight.stride(0),
+        out.stride(0),
+    )
     flags = dict(HAS_BIAS=bias is not None, WEIGHT_OFFSET=weight_offset is not None)
     triton_gemm.run(_int8_linear_kernel, _autotuned_kernel, m, n, args, flags, config)
     return out
 
 
-def reference(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample: int,
-              out_dtype: torch.dtype) -> torch.Tensor:
+def reference(
+    a,
+    weight,
+    sample_scale,
+    sample_offset,
+    weight_scale,
+    weight_offset,
+    weight_sum,
+    bias,
+    rows_per_sample: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """The kernel's arithmetic in PyTorch ops (the CPU path; the tests' independent check of the kernel)."""
-    check_operands(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample)
+    check_operands(
+        a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample
+    )
     k = a.shape[1]
     wide = torch.float32 if k <= 1024 else torch.float64  # integer partial sums stay exact in either
     acc = (a.to(wide) @ weight.to(wide).t()).to(torch.int32)
@@ -162,9 +207,18 @@ def reference(a, weight, sample_scale, sample_offset, weight_scale, weight_offse
 
 
 @torch.library.custom_op("tqdit::int8_linear", mutates_args=())
-def int8_linear(a: torch.Tensor, weight: torch.Tensor, sample_scale: torch.Tensor, sample_offset: torch.Tensor,
-                weight_scale: torch.Tensor, weight_offset: torch.Tensor | None, weight_sum: torch.Tensor, bias: torch.Tensor | None,
-                rows_per_sample: int, out_dtype: torch.dtype) -> torch.Tensor:
+def int8_linear(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    sample_scale: torch.Tensor,
+    sample_offset: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_offset: torch.Tensor | None,
+    weight_sum: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows_per_sample: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """(M, K) int8 input codes × (N, K) int8 weight codes → (M, N) ``out_dtype`` (see module docstring).
 
     ``sample_scale`` (float32) and ``sample_offset`` (int32, cx) hold one value per sample, row r
@@ -180,5 +234,16 @@ def int8_linear(a: torch.Tensor, weight: torch.Tensor, sample_scale: torch.Tenso
 
 
 @int8_linear.register_fake
-def _(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample, out_dtype):
+def _(
+    a,
+    weight,
+    sample_scale,
+    sample_offset,
+    weight_scale,
+    weight_offset,
+    weight_sum,
+    bias,
+    rows_per_sample,
+    out_dtype,
+):
     return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)

@@ -54,8 +54,14 @@ def _rowwise_fp8_matmul_correct(device: torch.device, with_bias: bool) -> bool:
         a = torch.ones(16, 32, device=device).to(FP8)
         b = torch.ones(16, 32, device=device).to(FP8).t()
         bias = torch.arange(16, device=device, dtype=torch.bfloat16) if with_bias else None
-        out = torch._scaled_mm(a, b, scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
-                               bias=bias, out_dtype=torch.bfloat16)
+        out = torch._scaled_mm(
+            a,
+            b,
+            scale_a=torch.ones(16, 1, device=device),
+            scale_b=torch.ones(1, 16, device=device),
+            bias=bias,
+            out_dtype=torch.bfloat16,
+        )
         expected = torch.full((16, 16), 32.0, device=device) + (0 if bias is None else bias.float())
         return bool(torch.allclose(out.float(), expected))
     except (RuntimeError, TypeError, NotImplementedError):
@@ -66,7 +72,11 @@ def fp8_supported(device: torch.device | str = "cuda") -> bool:
     """Whether row-wise scaled FP8 matmuls run here: checked by running one (the capability alone
     is not enough: row-wise scaling came to some GPUs in later PyTorch versions than others)."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available() or torch.cuda.get_device_capability(device) < (8, 9):
+    if (
+        device.type != "cuda"
+        or not torch.cuda.is_available()
+        or torch.cuda.get_device_capability(device) < (8, 9)
+    ):
         return False
     return _rowwise_fp8_matmul_correct(device, with_bias=False)
 
@@ -92,7 +102,11 @@ class Fp8Linear(nn.Module):
         weight_scale = weight.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
         self.register_buffer("weight_fp8", (weight / weight_scale[:, None]).to(FP8))
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).contiguous())
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(torch.bfloat16), requires_grad=False)
+        self.bias = (
+            None
+            if layer.bias is None
+            else nn.Parameter(layer.bias.detach().to(torch.bfloat16), requires_grad=False)
+        )
         low, high = (bound[:, 0].float() for bound in act.represented_range())
         self.register_buffer("act_scale", (torch.maximum(low.abs(), high.abs()) / FP8_MAX).clamp(min=1e-12))
         self.register_buffer("act_inv_scale", 1.0 / self.act_scale)
@@ -103,7 +117,12 @@ class Fp8Linear(nn.Module):
 
     def row_scales(self, batch: int, rows: int) -> torch.Tensor:
         """(rows, 1) activation scales: the calibrated scale of each row's sample (its time group)."""
-        return per_sample(self.context, self.act_scale, batch).repeat_interleave(rows // batch).reshape(rows, 1).contiguous()
+        return (
+            per_sample(self.context, self.act_scale, batch)
+            .repeat_interleave(rows // batch)
+            .reshape(rows, 1)
+            .contiguous()
+        )
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) e4m3 codes of x on its calibrated per-sample scale."""
@@ -117,9 +136,17 @@ class Fp8Linear(nn.Module):
     def matmul(self, x_fp8: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) input codes → (rows, out_features) bf16 output, bias added."""
         bias = self.bias if self.bias_in_matmul else None
-        out = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=row_scales, scale_b=self.weight_scale, bias=bias,
-                               out_dtype=torch.bfloat16)
-        if self.bias is not None and not self.bias_in_matmul:  # where the GEMM cannot add it (fp8_bias_supported)
+        out = torch._scaled_mm(
+            x_fp8,
+            self.weight_fp8.t(),
+            scale_a=row_scales,
+            scale_b=self.weight_scale,
+            bias=bias,
+            out_dtype=torch.bfloat16,
+        )
+        if (
+            self.bias is not None and not self.bias_in_matmul
+        ):  # where the GEMM cannot add it (fp8_bias_supported)
             out = out + self.bias
         return out
 
@@ -143,9 +170,15 @@ class Fp8Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, rows = x.shape[0], x.numel() // self.fc1.in_features
         codes = torch.ops.tqdit.fp8_linear_gelu(
-            self.fc1.quantize_input(x), self.fc1.weight_fp8, per_sample(self.fc1.context, self.fc1.act_scale, batch).contiguous(),
-            self.fc1.weight_scale.reshape(-1), self.fc1.bias, per_sample(self.fc2.context, self.fc2.act_inv_scale, batch).contiguous(),
-            rows // batch, x.dtype)
+            self.fc1.quantize_input(x),
+            self.fc1.weight_fp8,
+            per_sample(self.fc1.context, self.fc1.act_scale, batch).contiguous(),
+            self.fc1.weight_scale.reshape(-1),
+            self.fc1.bias,
+            per_sample(self.fc2.context, self.fc2.act_inv_scale, batch).contiguous(),
+            rows // batch,
+            x.dtype,
+        )
         out = self.fc2.matmul(codes, self.fc2.row_scales(batch, rows))
         return out.reshape(*x.shape[:-1], self.fc2.out_features).to(x.dtype)
 
@@ -156,7 +189,11 @@ def weight_codes(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.
     wq = layer.weight_quant
     quantized = layer.quantized_weight().detach()  # on the grid, whatever rounding the method learned
     scale, zero_point = wq.scale[0].float().reshape(-1, 1), wq.zero_point[0].float().reshape(-1, 1)
-    return torch.clamp(torch.round(quantized.float() / scale) + zero_point, wq.qmin, wq.qmax), scale, zero_point
+    return (
+        torch.clamp(torch.round(quantized.float() / scale) + zero_point, wq.qmin, wq.qmax),
+        scale,
+        zero_point,
+    )
 
 
 def code_offset(quantizer: UniformQuantizer) -> int:
@@ -173,14 +210,18 @@ class Int8Linear(nn.Module):
         codes, scale, zero_point = weight_codes(layer)
         self.out_features, self.in_features = codes.shape
         if self.in_features > int8_gemm.MAX_EXACT_K:
-            raise ValueError(f"int8 matmul with K={self.in_features} could overflow int32 (at most {int8_gemm.MAX_EXACT_K})")
+            raise ValueError(
+                f"int8 matmul with K={self.in_features} could overflow int32 (at most {int8_gemm.MAX_EXACT_K})"
+            )
         stored = (codes - code_offset(wq)).to(torch.int8)
         # one scale and offset per output channel (a per-tensor weight grid is expanded to all of them)
         offsets = (code_offset(wq) - zero_point).reshape(-1).expand(self.out_features).to(torch.int32)
         self.register_buffer("weight_codes", stored)
         self.register_buffer("weight_scale", scale.reshape(-1).expand(self.out_features).clone())
         self.register_buffer("weight_sum", stored.to(torch.int32).sum(dim=1, dtype=torch.int32))
-        self.register_buffer("weight_offset", offsets if bool((offsets != 0).any()) else None)  # None: symmetric weights
+        self.register_buffer(
+            "weight_offset", offsets if bool((offsets != 0).any()) else None
+        )  # None: symmetric weights
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
         # the input grid per time group: round(x · (1/Δ)) + z, clamped, as fake_quant rounds it
         self.register_buffer("input_inv_scale", 1.0 / act.scale[:, 0].float())
@@ -200,9 +241,17 @@ class Int8Linear(nn.Module):
         codes = torch.clamp(torch.round(per_sample_rows * inv_scale) + zero_point, self.qmin, self.qmax)
         a = (codes - self.input_code_offset).to(torch.int8).reshape(rows, self.in_features)
         out = torch.ops.tqdit.int8_linear(
-            a, self.weight_codes, per_sample(self.context, self.input_scale, batch).contiguous(),
-            per_sample(self.context, self.input_offset, batch).contiguous(), self.weight_scale, self.weight_offset, self.weight_sum,
-            self.bias, rows_per_sample, x.dtype)
+            a,
+            self.weight_codes,
+            per_sample(self.context, self.input_scale, batch).contiguous(),
+            per_sample(self.context, self.input_offset, batch).contiguous(),
+            self.weight_scale,
+            self.weight_offset,
+            self.weight_sum,
+            self.bias,
+            rows_per_sample,
+            x.dtype,
+        )
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -238,17 +287,25 @@ def to_low_bit(model: nn.Module, backend: str = "fp8", fuse_mlp: bool = True) ->
     if backend not in BACKENDS:
         raise ValueError(f"unknown low-bit backend '{backend}': use one of {', '.join(BACKENDS)}")
     if getattr(getattr(model, "quant_config", None), "error_model", "round") == "noise":
-        raise ValueError("the noise control adds noise instead of rounding: it has no low-bit form; keep it simulated")
+        raise ValueError(
+            "the noise control adds noise instead of rounding: it has no low-bit form; keep it simulated"
+        )
     fast, fast_name = (Int8Linear, "int8_linear") if backend == "int8" else (Fp8Linear, "fp8_linear")
     counts = {fast_name: 0, "int8_weight_linear": 0, "simulated": 0}
     names = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]
     for name in names:
         layer = model.get_submodule(name)
-        eight_bit = layer.weight_quant.enabled and layer.weight_quant.bits == 8 and getattr(layer.act, "bits", None) == 8
+        eight_bit = (
+            layer.weight_quant.enabled
+            and layer.weight_quant.bits == 8
+            and getattr(layer.act, "bits", None) == 8
+        )
         if not eight_bit:
             counts["simulated"] += 1
             continue
-        uniform_input = isinstance(layer.act, UniformQuantizer) and layer.act.enabled and layer.act.scale.shape[1] == 1
+        uniform_input = (
+            isinstance(layer.act, UniformQuantizer) and layer.act.enabled and layer.act.scale.shape[1] == 1
+        )
         new = fast(layer) if uniform_input else Int8WeightLinear(layer)
         counts[fast_name if uniform_input else "int8_weight_linear"] += 1
         replace_module(model, name, new)

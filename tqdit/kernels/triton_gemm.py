@@ -17,8 +17,16 @@ def autotuned(kernel, configs: list[dict], key: list[str], pre_hook=None):
     ``pre_hook(kernel_arguments)`` runs before every launch with the tiling among the arguments (to
     give tensor descriptors that tiling's block shapes)."""
     return triton.autotune(
-        configs=[triton.Config({k: v for k, v in c.items() if k.isupper()}, num_warps=c["num_warps"], num_stages=c["num_stages"],
-                               maxnreg=c.get("maxnreg"), pre_hook=pre_hook) for c in configs],
+        configs=[
+            triton.Config(
+                {k: v for k, v in c.items() if k.isupper()},
+                num_warps=c["num_warps"],
+                num_stages=c["num_stages"],
+                maxnreg=c.get("maxnreg"),
+                pre_hook=pre_hook,
+            )
+            for c in configs
+        ],
         key=key,
     )(kernel)
 
@@ -27,7 +35,8 @@ def run(kernel, autotuned_kernel, m: int, n: int, args: tuple, flags: dict, conf
         max_programs: int | None = None) -> None:
     """Launch one program per (BLOCK_M, BLOCK_N) output tile, or at most ``max_programs`` (a
     persistent kernel, which steps through the tiles by that number): ``autotuned_kernel`` where
-    ``config`` is None, else ``kernel`` with that one tiling (e.g. the small one Triton's interpreter runs)."""
+    ``config`` is None, else ``kernel`` with that one tiling (e.g. the small one Triton's interpreter runs).
+    """
     def programs(meta):
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         return (tiles if max_programs is None else min(tiles, max_programs),)

@@ -2,7 +2,13 @@
 
 from tqdit.metrics.features import FEATURES, build_extractor, extract_features, extractor_identity
 from tqdit.metrics.reference import load_reference, reference_features
-from tqdit.metrics.scores import all_metrics, frechet_distance, gaussian_statistics, inception_score, precision_recall
+from tqdit.metrics.scores import (
+    all_metrics,
+    frechet_distance,
+    gaussian_statistics,
+    inception_score,
+    precision_recall,
+)
 
 __all__ = [
     "FEATURES",

@@ -29,7 +29,9 @@ class DigitClassifier(nn.Module):
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.GELU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.GELU()
+        )
         self.mid = nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU())  # 8×8: sFID's layer
         self.top = nn.Sequential(nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.GELU())  # 4×4
         self.dropout = nn.Dropout(0.2)
@@ -50,7 +52,9 @@ def uint8_to_input(images: torch.Tensor) -> torch.Tensor:
     if images.dtype != torch.uint8:
         raise TypeError(f"the feature network expects uint8 images, got {images.dtype}")
     if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[-2:] != (32, 32):
-        raise ValueError(f"the feature network expects uint8 (N, 1|3, 32, 32) images, got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"the feature network expects uint8 (N, 1|3, 32, 32) images, got shape {tuple(images.shape)}"
+        )
     x = images.float().mean(dim=1, keepdim=True)
     return x / 127.5 - 1.0
 

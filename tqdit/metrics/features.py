@@ -26,7 +26,9 @@ def register_extractors() -> None:
 def build_extractor(name: str, device: torch.device, weights_path: str | None = None):
     """A torch-fidelity feature extractor by registry name, on ``device``, providing FEATURES."""
     register_extractors()
-    extractor = create_feature_extractor(name, list(FEATURES), cuda=False, verbose=False, feature_extractor_weights_path=weights_path)
+    extractor = create_feature_extractor(
+        name, list(FEATURES), cuda=False, verbose=False, feature_extractor_weights_path=weights_path
+    )
     return extractor.to(device).eval()
 
 
@@ -36,7 +38,9 @@ def extractor_identity(extractor) -> str:
 
 
 @torch.no_grad()
-def extract_features(images: np.ndarray, extractor, batch_size: int = 500, progress: bool = True, desc: str = "features") -> dict[str, np.ndarray]:
+def extract_features(
+    images: np.ndarray, extractor, batch_size: int = 500, progress: bool = True, desc: str = "features"
+) -> dict[str, np.ndarray]:
     """uint8 NHWC images -> {feature name: float64 (N, D)} in the extractor's FEATURES order."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -51,5 +55,7 @@ def extract_features(images: np.ndarray, extractor, batch_size: int = 500, progr
     features = {name: np.concatenate(parts) for name, parts in chunks.items()}
     for name, value in features.items():
         if not np.isfinite(value).all():
-            raise FloatingPointError(f"feature '{name}' has NaN/Inf values; check the images and the feature network weights")
+            raise FloatingPointError(
+                f"feature '{name}' has NaN/Inf values; check the images and the feature network weights"
+            )
     return features

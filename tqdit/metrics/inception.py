@@ -47,8 +47,10 @@ def inception_weights(path: str | Path | None = None) -> Path:
     if path is not None:
         weights = Path(path).expanduser()
         if not weights.is_file():
-            raise InceptionWeightsError(f"eval.weights={path}: file not found; it should be torch-fidelity's {INCEPTION_FILE} "
-                                        f"(from {INCEPTION_URL})")
+            raise InceptionWeightsError(
+                f"eval.weights={path}: file not found; it should be torch-fidelity's {INCEPTION_FILE} "
+                f"(from {INCEPTION_URL})"
+            )
     else:
         weights = default_weights_path()
         if not weights.is_file():
@@ -59,14 +61,19 @@ def inception_weights(path: str | Path | None = None) -> Path:
                 raise InceptionWeightsError(
                     f"the Inception-v3 weights {INCEPTION_FILE} are not in {weights.parent} and could not be downloaded "
                     f"({type(error).__name__}); fetch {INCEPTION_URL} on a machine with internet and put it there, "
-                    f"or set eval.weights=/path/to/{INCEPTION_FILE}") from None
+                    f"or set eval.weights=/path/to/{INCEPTION_FILE}"
+                ) from None
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise InceptionWeightsError(f"cannot read {weights} with torch.load(weights_only=True) ({str(error).splitlines()[0][:120]}); "
-                                    f"it should be torch-fidelity's {INCEPTION_FILE}: download it again") from None
+        raise InceptionWeightsError(
+            f"cannot read {weights} with torch.load(weights_only=True) ({str(error).splitlines()[0][:120]}); "
+            f"it should be torch-fidelity's {INCEPTION_FILE}: download it again"
+        ) from None
     if not isinstance(state, dict) or "fc.weight" not in state:
-        raise InceptionWeightsError(f"{weights} is not an Inception-v3 state_dict (no fc.weight); use torch-fidelity's {INCEPTION_FILE}")
+        raise InceptionWeightsError(
+            f"{weights} is not an Inception-v3 state_dict (no fc.weight); use torch-fidelity's {INCEPTION_FILE}"
+        )
     return weights
 
 
@@ -82,7 +89,9 @@ class InceptionFeatureExtractor(RoleFeatureExtractor):
         self.inception.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
     def _keep_spatial(self, module, inputs, output) -> None:
-        self._spatial = output[:, :SFID_CHANNELS].permute(0, 2, 3, 1).flatten(1).float()  # NHWC, like the TF graph
+        self._spatial = (
+            output[:, :SFID_CHANNELS].permute(0, 2, 3, 1).flatten(1).float()
+        )  # NHWC, like the TF graph
 
     @staticmethod
     def get_dummy_input_for_compile():

@@ -33,9 +33,15 @@ def reference_key(images: np.ndarray, extractor_id: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def reference_features(images: np.ndarray, extractor, extractor_id: str, cache_dir: str | Path | None, batch_size: int = 500) -> dict[str, np.ndarray]:
+def reference_features(
+    images: np.ndarray, extractor, extractor_id: str, cache_dir: str | Path | None, batch_size: int = 500
+) -> dict[str, np.ndarray]:
     """Features of the real ``images`` (uint8 NHWC), read from or written to ``cache_dir``."""
-    path = Path(cache_dir).expanduser() / f"reference-{reference_key(images, extractor_id)}.npz" if cache_dir else None
+    path = (
+        Path(cache_dir).expanduser() / f"reference-{reference_key(images, extractor_id)}.npz"
+        if cache_dir
+        else None
+    )
     if path is not None and path.is_file():
         try:
             with np.load(path) as cached:
@@ -50,7 +56,9 @@ def reference_features(images: np.ndarray, extractor, extractor_id: str, cache_d
     return features
 
 
-ADM_REFERENCE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/{size}/{name}"
+ADM_REFERENCE_URL = (
+    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/{size}/{name}"
+)
 ADM_REFERENCE_NAMES = {256: "VIRTUAL_imagenet256_labeled.npz", 512: "VIRTUAL_imagenet512.npz"}
 ADM_STATISTICS = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -58,18 +66,26 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 def where_to_get(image_size: int) -> str:
     name = ADM_REFERENCE_NAMES.get(image_size)
-    return f"the ADM reference batch is {ADM_REFERENCE_URL.format(size=image_size, name=name)}" if name else "give an npz of real images (arr_0)"
+    return (
+        f"the ADM reference batch is {ADM_REFERENCE_URL.format(size=image_size, name=name)}"
+        if name
+        else "give an npz of real images (arr_0)"
+    )
 
 
 def read_image_folder(folder: Path) -> np.ndarray:
     """Every image in ``folder`` (sorted by name) as one uint8 NHWC RGB array; all must share a size."""
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise TqditError(f"eval.reference={folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder")
+        raise TqditError(
+            f"eval.reference={folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder"
+        )
     images = [np.asarray(Image.open(p).convert("RGB")) for p in files]
     sizes = {image.shape for image in images}
     if len(sizes) > 1:
-        raise TqditError(f"eval.reference={folder}: images of several sizes {sorted(sizes)[:3]}; resize/crop them to one size first")
+        raise TqditError(
+            f"eval.reference={folder}: images of several sizes {sorted(sizes)[:3]}; resize/crop them to one size first"
+        )
     return np.stack(images)
 
 
@@ -80,13 +96,23 @@ def adm_statistics(batch, path: Path) -> dict:
     for key, shape in ADM_STATISTICS.items():
         if key not in batch.files or batch[key].shape != shape:
             found = batch[key].shape if key in batch.files else "missing"
-            raise TqditError(f"{path}: '{key}' is {found}, not {shape}; these are not the ADM evaluator's Inception statistics "
-                             "(use an ADM reference batch, or an npz with only arr_0 images)")
-    return {"pool_stats": {"mu": batch["mu"], "sigma": batch["sigma"]}, "spatial_stats": {"mu": batch["mu_s"], "sigma": batch["sigma_s"]}}
+            raise TqditError(
+                f"{path}: '{key}' is {found}, not {shape}; these are not the ADM evaluator's Inception statistics "
+                "(use an ADM reference batch, or an npz with only arr_0 images)"
+            )
+    return {
+        "pool_stats": {"mu": batch["mu"], "sigma": batch["sigma"]},
+        "spatial_stats": {"mu": batch["mu_s"], "sigma": batch["sigma_s"]},
+    }
 
 
-def load_reference(source: str | Path, extractor, image_shape: tuple[int, int, int], cache_dir: str | Path | None,
-                   batch_size: int = 500) -> dict:
+def load_reference(
+    source: str | Path,
+    extractor,
+    image_shape: tuple[int, int, int],
+    cache_dir: str | Path | None,
+    batch_size: int = 500,
+) -> dict:
     """The reference for :func:`tqdit.metrics.all_metrics` from an ADM reference batch (.npz) or an image folder.
 
     ``image_shape`` (H, W, C) of the generated samples: the reference images must have the same
@@ -94,7 +120,9 @@ def load_reference(source: str | Path, extractor, image_shape: tuple[int, int, i
     """
     path = Path(source).expanduser()
     if not path.exists():
-        raise TqditError(f"eval.reference={source}: not found; {where_to_get(image_shape[0])}; or give a folder of real images")
+        raise TqditError(
+            f"eval.reference={source}: not found; {where_to_get(image_shape[0])}; or give a folder of real images"
+        )
     if path.is_dir():
         images, statistics = read_image_folder(path), {}
     else:
@@ -103,15 +131,23 @@ def load_reference(source: str | Path, extractor, image_shape: tuple[int, int, i
                 images = batch["arr_0"] if "arr_0" in batch.files else None
                 statistics = adm_statistics(batch, path)
         except (OSError, ValueError) as error:
-            raise TqditError(f"eval.reference={source}: cannot read it as an npz ({error}); is the download complete?") from None
+            raise TqditError(
+                f"eval.reference={source}: cannot read it as an npz ({error}); is the download complete?"
+            ) from None
         if images is None and not statistics:
-            raise TqditError(f"eval.reference={source}: holds neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)")
+            raise TqditError(
+                f"eval.reference={source}: holds neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)"
+            )
     if images is not None:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise TqditError(f"eval.reference={source}: images must be uint8 NHWC, got {images.dtype} {images.shape}")
+            raise TqditError(
+                f"eval.reference={source}: images must be uint8 NHWC, got {images.dtype} {images.shape}"
+            )
         if images.shape[1:3] != tuple(image_shape[:2]):
-            raise TqditError(f"eval.reference={source}: reference images are {images.shape[1]}×{images.shape[2]} but samples are "
-                             f"{image_shape[0]}×{image_shape[1]}; use the reference for this resolution ({where_to_get(image_shape[0])})")
+            raise TqditError(
+                f"eval.reference={source}: reference images are {images.shape[1]}×{images.shape[2]} but samples are "
+                f"{image_shape[0]}×{image_shape[1]}; use the reference for this resolution ({where_to_get(image_shape[0])})"
+            )
         features = reference_features(images, extractor, extractor_identity(extractor), cache_dir, batch_size)
     else:
         features = {}

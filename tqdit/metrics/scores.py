@@ -48,7 +48,9 @@ def inception_score(logits: np.ndarray, split_size: int | None = None, parts: in
         split_size = len(logits) // parts
         logits = logits[: split_size * parts]
     if split_size < 1 or len(logits) < 2:
-        raise ValueError(f"Inception Score needs parts of at least 1 sample and 2 samples in all, got {split_size} and {len(logits)}")
+        raise ValueError(
+            f"Inception Score needs parts of at least 1 sample and 2 samples in all, got {split_size} and {len(logits)}"
+        )
     probs, log_probs = logits.softmax(dim=1), logits.log_softmax(dim=1)
     scores = []
     for start in range(0, len(logits), split_size):
@@ -66,7 +68,9 @@ def precision_recall(generated: np.ndarray, real: np.ndarray, k: int = 3) -> tup
     return calculate_precision_recall_part(gen, ref, neighborhood=k, batch_size=10000)
 
 
-def all_metrics(generated: dict[str, np.ndarray], reference: dict, split_size: int | None, k: int = 3) -> dict[str, float | None]:
+def all_metrics(
+    generated: dict[str, np.ndarray], reference: dict, split_size: int | None, k: int = 3
+) -> dict[str, float | None]:
     """FID, sFID, IS, precision and recall.
 
     ``generated``: features {pool, spatial, logits}. ``reference``: features {pool, spatial} and/or
@@ -77,7 +81,11 @@ def all_metrics(generated: dict[str, np.ndarray], reference: dict, split_size: i
     def reference_stats(name: str) -> dict:
         return reference.get(f"{name}_stats") or gaussian_statistics(reference[name])
 
-    precision, recall = precision_recall(generated["pool"], reference["pool"], k) if reference.get("pool") is not None else (None, None)
+    precision, recall = (
+        precision_recall(generated["pool"], reference["pool"], k)
+        if reference.get("pool") is not None
+        else (None, None)
+    )
     return {
         "fid": frechet_distance(gaussian_statistics(generated["pool"]), reference_stats("pool")),
         "sfid": frechet_distance(gaussian_statistics(generated["spatial"]), reference_stats("spatial")),

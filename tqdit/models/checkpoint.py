@@ -28,7 +28,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as error:  # safetensors raises several types for damaged files
-            raise CheckpointError(f"cannot read {path} as safetensors ({error}); is the file complete?") from error
+            raise CheckpointError(
+                f"cannot read {path} as safetensors ({error}); is the file complete?"
+            ) from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -77,7 +79,9 @@ def load_dit_weights(model: DiT, path: str | Path) -> DiT:
             parts.append(f"{len(wrong_shape)} shape mismatches: {listing(shapes)}")
         raise CheckpointError(
             f"{path} does not fit the configured model ({describe_state_dict(expected)}); the checkpoint has "
-            f"{describe_state_dict(state)}. " + "; ".join(parts) + ". Choose the model config that matches the checkpoint."
+            f"{describe_state_dict(state)}. "
+            + "; ".join(parts)
+            + ". Choose the model config that matches the checkpoint."
         )
     for key, value in state.items():
         if not torch.isfinite(value).all():
@@ -113,5 +117,9 @@ def require_checkpoint(arch: str, input_size: int, checkpoint: str | Path | None
     """Raise unless weights are given or shipped; the error names the official file and its address."""
     if checkpoint is None and arch not in EMBEDDED_WEIGHTS:
         official = official_checkpoint_name(arch, input_size)
-        where = f"; the official weights are {official}, from {OFFICIAL_URL.format(official)}" if official else ""
-        raise CheckpointError(f"model {arch} has no shipped weights: set model.checkpoint=/path/to/weights{where}")
+        where = (
+            f"; the official weights are {official}, from {OFFICIAL_URL.format(official)}" if official else ""
+        )
+        raise CheckpointError(
+            f"model {arch} has no shipped weights: set model.checkpoint=/path/to/weights{where}"
+        )

@@ -46,7 +46,9 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
         raise ValueError(f"hidden size must be divisible by 4 for 2-D sin-cos embeddings, got {embed_dim}")
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
-    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij")
+    rows, cols = np.meshgrid(
+        np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij"
+    )
 
     def encode(positions: np.ndarray) -> np.ndarray:
         angles = positions.reshape(-1)[:, None] * omega[None]
@@ -83,7 +85,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_size: int = 256):
         super().__init__()
         self.frequency_size = frequency_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         features = timestep_frequencies(t, self.frequency_size).to(self.mlp[0].weight.dtype)
@@ -178,7 +182,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=1
+        )
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -226,7 +232,9 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
         # A buffer, not a parameter: it is fixed, but the reference saves it in the state_dict.
-        self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid)).float()[None])
+        self.register_buffer(
+            "pos_embed", torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid)).float()[None]
+        )
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -243,7 +251,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for modulation in [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]:
+        for modulation in [block.adaLN_modulation[-1] for block in self.blocks] + [
+            self.final_layer.adaLN_modulation[-1]
+        ]:
             nn.init.zeros_(modulation.weight)
             nn.init.zeros_(modulation.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
@@ -270,7 +280,12 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(tokens, c))
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guided_channels: int | None = 3
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guided_channels: int | None = 3,
     ) -> torch.Tensor:
         """Classifier-free guidance as the reference applies it.
 

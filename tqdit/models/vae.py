@@ -25,7 +25,12 @@ class VaeError(TqditError, FileNotFoundError):
     """The VAE cannot be loaded: diffusers missing, weights absent and not downloadable, or a bad variant."""
 
 
-def load_vae(variant: str = "ema", path: str | Path | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def load_vae(
+    variant: str = "ema",
+    path: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
     """An ``AutoencoderKL`` in eval mode from ``path`` (a diffusers folder) or the Hugging Face cache/hub."""
     try:
         from diffusers.models import AutoencoderKL
@@ -35,22 +40,28 @@ def load_vae(variant: str = "ema", path: str | Path | None = None, device: torch
     if path is not None:
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
-            raise VaeError(f"model.vae.path={path}: no diffusers VAE there (config.json + diffusion_pytorch_model.safetensors); "
-                           f"save one with AutoencoderKL.from_pretrained('{VAE_REPOS.get(variant, VAE_REPOS['ema'])}').save_pretrained(DIR)")
+            raise VaeError(
+                f"model.vae.path={path}: no diffusers VAE there (config.json + diffusion_pytorch_model.safetensors); "
+                f"save one with AutoencoderKL.from_pretrained('{VAE_REPOS.get(variant, VAE_REPOS['ema'])}').save_pretrained(DIR)"
+            )
         vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, **options)
     else:
         if variant not in VAE_REPOS:
             raise VaeError(f"model.vae.variant={variant} is unknown: use {' or '.join(VAE_REPOS)}")
         repo = VAE_REPOS[variant]
         try:
-            vae = AutoencoderKL.from_pretrained(repo, local_files_only=True, **options)  # the cache first: no network wait
+            vae = AutoencoderKL.from_pretrained(
+                repo, local_files_only=True, **options
+            )  # the cache first: no network wait
         except Exception:
             try:
                 vae = AutoencoderKL.from_pretrained(repo, **options)
             except Exception as error:
-                raise VaeError(f"the VAE {repo} is not in the Hugging Face cache and could not be downloaded ({type(error).__name__}); "
-                               f"run `huggingface-cli download {repo}` where there is internet and copy the cache, "
-                               "or set model.vae.path=/dir/of/the/saved/vae") from None
+                raise VaeError(
+                    f"the VAE {repo} is not in the Hugging Face cache and could not be downloaded ({type(error).__name__}); "
+                    f"run `huggingface-cli download {repo}` where there is internet and copy the cache, "
+                    "or set model.vae.path=/dir/of/the/saved/vae"
+                ) from None
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -60,7 +71,9 @@ def latent_decoder(vae, batch_size: int = 32):
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        parts = [vae.decode(chunk.to(dtype) / LATENT_SCALE).sample.float() for chunk in latents.split(batch_size)]
+        parts = [
+            vae.decode(chunk.to(dtype) / LATENT_SCALE).sample.float() for chunk in latents.split(batch_size)
+        ]
         return torch.cat(parts)
 
     return decode

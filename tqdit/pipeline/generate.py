@@ -20,7 +20,9 @@ def sample_labels(indices: np.ndarray, num_classes: int, mode: str, seed: int) -
     if mode == "balanced":
         return np.asarray(indices) % num_classes
     if mode == "random":
-        return np.array([np.random.default_rng(sample_seed(seed, i) + 1).integers(num_classes) for i in indices])
+        return np.array(
+            [np.random.default_rng(sample_seed(seed, i) + 1).integers(num_classes) for i in indices]
+        )
     raise ValueError(f"unknown label mode '{mode}': use balanced or random")
 
 
@@ -104,7 +106,9 @@ def generate(
 
 def batch_ranges(num_samples: int, batch_size: int) -> list[np.ndarray]:
     """Sample indices of each batch: [0..b), [b..2b), ..."""
-    return [np.arange(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+    return [
+        np.arange(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)
+    ]
 
 
 def shard_path(shard_dir: Path, indices: np.ndarray) -> Path:
@@ -118,7 +122,9 @@ def finished_batches(shard_dir: Path, num_samples: int, batch_size: int) -> list
     return [indices for indices in batches if shard_path(shard_dir, indices).exists()]
 
 
-def merge_shards(shard_dir: Path, num_samples: int, batch_size: int, seed: int, labels: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def merge_shards(
+    shard_dir: Path, num_samples: int, batch_size: int, seed: int, labels: str, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """All samples from the shards every process wrote, in index order (what one process would return)."""
     images, all_labels = [], []
     for indices in batch_ranges(num_samples, batch_size):
@@ -126,7 +132,9 @@ def merge_shards(shard_dir: Path, num_samples: int, batch_size: int, seed: int, 
         path = shard_path(shard_dir, indices)
         batch = read_shard(path, len(indices), batch_labels) if path.exists() else None
         if batch is None:
-            raise RuntimeError(f"shard {path.name} is missing or damaged after sampling; run the job again to redraw it")
+            raise RuntimeError(
+                f"shard {path.name} is missing or damaged after sampling; run the job again to redraw it"
+            )
         images.append(batch)
         all_labels.append(batch_labels)
     return np.concatenate(images), np.concatenate(all_labels).astype(np.int64)
@@ -144,9 +152,15 @@ def read_shard(path: Path, count: int, labels: np.ndarray) -> np.ndarray | None:
         with np.load(path) as shard:
             images, stored = shard["images"], shard["labels"]
     except Exception as error:
-        warnings.warn(f"sample shard {path.name} is damaged ({type(error).__name__}); sampling that batch again", stacklevel=2)
+        warnings.warn(
+            f"sample shard {path.name} is damaged ({type(error).__name__}); sampling that batch again",
+            stacklevel=2,
+        )
         return None
     if len(images) != count or images.dtype != np.uint8 or not np.array_equal(stored, labels):
-        warnings.warn(f"sample shard {path.name} does not hold its batch's samples; sampling that batch again", stacklevel=2)
+        warnings.warn(
+            f"sample shard {path.name} does not hold its batch's samples; sampling that batch again",
+            stacklevel=2,
+        )
         return None
     return images

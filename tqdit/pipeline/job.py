@@ -26,7 +26,14 @@ from tqdit.data import load_digits
 from tqdit.data.calibration import CalibrationSpec, cached_capture
 from tqdit.diffusion import create_diffusion, space_timesteps
 from tqdit.errors import TqditError
-from tqdit.metrics import all_metrics, build_extractor, extract_features, extractor_identity, load_reference, reference_features
+from tqdit.metrics import (
+    all_metrics,
+    build_extractor,
+    extract_features,
+    extractor_identity,
+    load_reference,
+    reference_features,
+)
 from tqdit.metrics.inception import inception_weights
 from tqdit.metrics.reference import where_to_get
 from tqdit.models import DIT_CONFIGS, load_model
@@ -48,7 +55,9 @@ from tqdit.report import setting_of, with_added_keys
 from tqdit.utils import (atomic_write_bytes, atomic_write_json, keep_freed_memory, resolve_device,
                          resolve_dtype)
 
-RECON_CHECKPOINTS = "reconstruction"  # the job-dir folder of per-block reconstruction state (deleted when done)
+RECON_CHECKPOINTS = (
+    "reconstruction"  # the job-dir folder of per-block reconstruction state (deleted when done)
+)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -61,28 +70,47 @@ def validate(cfg: DictConfig) -> None:
           f"num_samples={cfg.num_samples} must be an integer of at least 10 (the Inception Score's parts)")
     image_size = cfg.model.input_size * (8 if cfg.model.latent else 1)
     reference = cfg.eval.reference
-    check(reference is not None, f"eval.reference is not set: {where_to_get(image_size)}; or give a folder of real images")
-    check(reference == "mnist_digits" or Path(str(reference)).expanduser().exists(),
-          f"eval.reference={reference}: not found; {where_to_get(image_size)}; or give a folder of real images")
+    check(
+        reference is not None,
+        f"eval.reference is not set: {where_to_get(image_size)}; or give a folder of real images",
+    )
+    check(
+        reference == "mnist_digits" or Path(str(reference)).expanduser().exists(),
+        f"eval.reference={reference}: not found; {where_to_get(image_size)}; or give a folder of real images",
+    )
     if cfg.eval.feature_extractor == "tqdit-inception-v3":  # before hours of sampling, not after
         inception_weights(cfg.eval.weights)
-    check(isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be a positive integer")
-    check(cfg.sampler.method in ("ddpm", "ddim"), f"sampler.method={cfg.sampler.method} is unknown: use ddpm or ddim")
-    check(cfg.model.arch in DIT_CONFIGS, f"model.arch={cfg.model.arch} is unknown: choose one of {', '.join(DIT_CONFIGS)}")
+    check(
+        isinstance(cfg.batch_size, int) and cfg.batch_size >= 1,
+        f"batch_size={cfg.batch_size} must be a positive integer",
+    )
+    check(
+        cfg.sampler.method in ("ddpm", "ddim"),
+        f"sampler.method={cfg.sampler.method} is unknown: use ddpm or ddim",
+    )
+    check(
+        cfg.model.arch in DIT_CONFIGS,
+        f"model.arch={cfg.model.arch} is unknown: choose one of {', '.join(DIT_CONFIGS)}",
+    )
     try:
         space_timesteps(1000, cfg.sampler.steps)
         resolve_dtype(cfg.dtype)
         device = resolve_device(cfg.device)
     except ValueError as error:
         raise TqditError(str(error)) from None
-    check(not (cfg.dtype == "fp16" and device.type == "cpu"), "dtype=fp16 is not supported on the CPU; use dtype=fp32 or bf16")
+    check(
+        not (cfg.dtype == "fp16" and device.type == "cpu"),
+        "dtype=fp16 is not supported on the CPU; use dtype=fp32 or bf16",
+    )
     check(cfg.labels in ("balanced", "random"), f"labels={cfg.labels} is unknown: use balanced or random")
     quant = cfg.quant
     check(quant.name in METHODS, f"quant={quant.name} is unknown: choose one of {', '.join(METHODS)}")
     for key in ("w_bits", "a_bits"):
         value = cfg[key]
-        check(isinstance(value, int) and not isinstance(value, bool) and (2 <= value <= 8 or value == 16),
-              f"{key}={value} must be an integer bit width from 2 to 8 (or 16 as a no-op check); set bits= or {key}=")
+        check(
+            isinstance(value, int) and not isinstance(value, bool) and (2 <= value <= 8 or value == 16),
+            f"{key}={value} must be an integer bit width from 2 to 8 (or 16 as a no-op check); set bits= or {key}=",
+        )
     if quant.name in METHODS and METHODS[quant.name].uses_time_groups:
         steps = len(space_timesteps(1000, cfg.sampler.steps))
         check(isinstance(cfg.groups, int) and 1 <= cfg.groups <= steps,
@@ -94,29 +122,61 @@ def validate(cfg: DictConfig) -> None:
           f"quant.search={quant.search}: {quant.name} chooses its scales by {fixed} as its paper does; "
           "drop quant.search= or use quant=uniform")
     recon = quant.recon
-    check(all(isinstance(recon[k], int) and recon[k] >= 0 for k in ("iters", "act_iters")) and recon.batch >= 1,
-          "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1")
-    check(recon.engine in ENGINES, f"quant.recon.engine={recon.engine} is unknown: use one of {', '.join(ENGINES)}")
-    check(isinstance(recon.log_every, int) and recon.log_every >= 1, "quant.recon.log_every must be a positive integer")
+    check(
+        all(isinstance(recon[k], int) and recon[k] >= 0 for k in ("iters", "act_iters")) and recon.batch >= 1,
+        "quant.recon.iters, act_iters must be integers ≥ 0 and quant.recon.batch ≥ 1",
+    )
+    check(
+        recon.engine in ENGINES,
+        f"quant.recon.engine={recon.engine} is unknown: use one of {', '.join(ENGINES)}",
+    )
+    check(
+        isinstance(recon.log_every, int) and recon.log_every >= 1,
+        "quant.recon.log_every must be a positive integer",
+    )
     check(recon.precision in PRECISIONS,
           f"quant.recon.precision={recon.precision} is unknown: use one of {', '.join(PRECISIONS)}")
     try:
         method_config(cfg)  # the method's config validates itself (bits, its own quant.params, ...)
     except (TypeError, ValueError) as error:
         raise TqditError(hydra_names(str(error))) from None
-    check(quant.backend in ("simulated", "int8", "fp8"), f"quant.backend={quant.backend} is unknown: use simulated, int8 or fp8")
-    check(quant.attention in ("auto", "fused", "explicit"), f"quant.attention={quant.attention} is unknown: use auto, fused or explicit")
+    check(
+        quant.backend in ("simulated", "int8", "fp8"),
+        f"quant.backend={quant.backend} is unknown: use simulated, int8 or fp8",
+    )
+    check(
+        quant.attention in ("auto", "fused", "explicit"),
+        f"quant.attention={quant.attention} is unknown: use auto, fused or explicit",
+    )
     if quant.attention == "fused" and quant.name != "fp":
-        check(device.type == "cuda", f"quant.attention=fused runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use quant.attention=auto or explicit")
-        check(fused_attention.available(), "quant.attention=fused needs Triton, which this PyTorch install lacks: install a CUDA build of PyTorch or use quant.attention=explicit")
+        check(
+            device.type == "cuda",
+            f"quant.attention=fused runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use quant.attention=auto or explicit",
+        )
+        check(
+            fused_attention.available(),
+            "quant.attention=fused needs Triton, which this PyTorch install lacks: install a CUDA build of PyTorch or use quant.attention=explicit",
+        )
     if quant.backend == "fp8" and quant.name != "fp":
-        check(fp8_supported(device), f"quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device={cfg.device} does not: use quant.backend=simulated")
+        check(
+            fp8_supported(device),
+            f"quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device={cfg.device} does not: use quant.backend=simulated",
+        )
     if quant.name == "noise":  # a control of simulated quantization: nothing to run on 8-bit kernels
-        check(quant.backend == "simulated", f"quant=noise adds noise instead of rounding; quant.backend={quant.backend} would "
-              "round: use quant.backend=simulated")
-        check(quant.attention != "fused", "quant=noise: the fused attention kernel rounds; use quant.attention=auto or explicit")
+        check(
+            quant.backend == "simulated",
+            f"quant=noise adds noise instead of rounding; quant.backend={quant.backend} would "
+            "round: use quant.backend=simulated",
+        )
+        check(
+            quant.attention != "fused",
+            "quant=noise: the fused attention kernel rounds; use quant.attention=auto or explicit",
+        )
     if quant.backend in ("int8", "fp8") and quant.name != "fp":
-        check(cfg.w_bits == 8 and cfg.a_bits == 8, f"quant.backend={quant.backend} runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated")
+        check(
+            cfg.w_bits == 8 and cfg.a_bits == 8,
+            f"quant.backend={quant.backend} runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated",
+        )
     check(quant.load is None or Path(str(quant.load)).expanduser().is_file(),
           f"quant.load={quant.load}: file not found; point it at a job's quant_params.safetensors")
     checkpoint = cfg.model.checkpoint
@@ -124,9 +184,14 @@ def validate(cfg: DictConfig) -> None:
           f"model.checkpoint={checkpoint}: file not found; give the path of the weights file")
     require_checkpoint(cfg.model.arch, cfg.model.input_size, checkpoint)
     if cfg.model.latent:
-        check(cfg.model.vae is not None and cfg.model.vae.variant in VAE_REPOS,
-              f"model.vae.variant={cfg.model.vae.variant if cfg.model.vae else None} is unknown: use {' or '.join(VAE_REPOS)}")
-        check(isinstance(cfg.model.vae.decode_batch, int) and cfg.model.vae.decode_batch >= 1, "model.vae.decode_batch must be a positive integer")
+        check(
+            cfg.model.vae is not None and cfg.model.vae.variant in VAE_REPOS,
+            f"model.vae.variant={cfg.model.vae.variant if cfg.model.vae else None} is unknown: use {' or '.join(VAE_REPOS)}",
+        )
+        check(
+            isinstance(cfg.model.vae.decode_batch, int) and cfg.model.vae.decode_batch >= 1,
+            "model.vae.decode_batch must be a positive integer",
+        )
 
 
 def hydra_names(message: str) -> str:
@@ -158,7 +223,12 @@ def fused_attention_wanted(setting: str, device: torch.device, dtype: torch.dtyp
     explicit ops otherwise (compiled, inductor fuses those into faster kernels than ours; float32 was
     not measured: docs/performance.md); ``fused`` / ``explicit`` force one (validated beforehand)."""
     if setting == "auto":
-        return device.type == "cuda" and fused_attention.available() and dtype in (torch.bfloat16, torch.float16) and not compiled
+        return (
+            device.type == "cuda"
+            and fused_attention.available()
+            and dtype in (torch.bfloat16, torch.float16)
+            and not compiled
+        )
     return setting == "fused"
 
 
@@ -182,21 +252,34 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
     saved = job_dir / "quant_params.safetensors"
     if not cfg.quant.load and saved.is_file():  # resuming this job: its calibration is finished
         _, _, info = load_quant_state(model, saved)
-        previous = json.loads((job_dir / "quant_record.json").read_text()) if (job_dir / "quant_record.json").is_file() else {}
+        previous = (
+            json.loads((job_dir / "quant_record.json").read_text())
+            if (job_dir / "quant_record.json").is_file()
+            else {}
+        )
         record.update(previous, resumed_calibration=True, **info)
         return record
     if cfg.quant.load:
         saved_method = saved_metadata(cfg.quant.load).get("method")
         if saved_method != method:
-            raise TqditError(f"quant.load={cfg.quant.load} was calibrated by {saved_method}, not quant={method}; use quant={saved_method}")
+            raise TqditError(
+                f"quant.load={cfg.quant.load} was calibrated by {saved_method}, not quant={method}; use quant={saved_method}"
+            )
         check_loaded_setting(cfg, Path(str(cfg.quant.load)).expanduser())
         _, _, info = load_quant_state(model, cfg.quant.load)
         record.update(loaded_from=str(cfg.quant.load), **info)
         return record
     calib_cfg = cfg.quant.calib
-    spec = CalibrationSpec(policy=calib_cfg.policy, num_samples=calib_cfg.num_samples, num_steps=calib_cfg.num_steps,
-                           seed=calib_cfg.seed, cfg_scale=cfg.sampler.cfg_scale, cfg_channels=cfg.sampler.cfg_channels,
-                           method=cfg.sampler.method, clip_denoised=cfg.sampler.clip_denoised)
+    spec = CalibrationSpec(
+        policy=calib_cfg.policy,
+        num_samples=calib_cfg.num_samples,
+        num_steps=calib_cfg.num_steps,
+        seed=calib_cfg.seed,
+        cfg_scale=cfg.sampler.cfg_scale,
+        cfg_channels=cfg.sampler.cfg_channels,
+        method=cfg.sampler.method,
+        clip_denoised=cfg.sampler.clip_denoised,
+    )
     start = time.perf_counter()
     calib, cached = cached_capture(model, diffusion, spec, cfg.cache_dir)
     record["calibration_capture_s"] = round(time.perf_counter() - start, 2)
@@ -209,8 +292,13 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
     save_activation_ranges(model, job_dir / "activation_ranges.csv")
     atomic_write_json(job_dir / "quant_record.json", record)  # the cost, for a resumed job's results
     setting = json.dumps(calibrated_setting(OmegaConf.to_container(cfg, resolve=True)))
-    save_quant_state(model, job_dir / "quant_params.safetensors", method, diffusion.timesteps,  # last: marks calibration done
-                     extra={"setting": setting})
+    save_quant_state(
+        model,
+        job_dir / "quant_params.safetensors",
+        method,
+        diffusion.timesteps,  # last: marks calibration done
+        extra={"setting": setting},
+    )
     shutil.rmtree(job_dir / RECON_CHECKPOINTS, ignore_errors=True)  # superseded by the saved calibration
     return record
 
@@ -233,14 +321,18 @@ def check_loaded_setting(cfg: DictConfig, path: Path) -> None:
     elif (path.parent / "config.json").is_file():  # saved before settings were recorded: the job beside it
         saved = calibrated_setting(json.loads((path.parent / "config.json").read_text()))
     else:
-        raise TqditError(f"quant.load={path}: the file does not record the setting it was calibrated under (an older "
-                         "file away from its job directory); recalibrate, or load it from its job directory")
+        raise TqditError(
+            f"quant.load={path}: the file does not record the setting it was calibrated under (an older "
+            "file away from its job directory); recalibrate, or load it from its job directory"
+        )
     mine = calibrated_setting(OmegaConf.to_container(cfg, resolve=True))
     differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
     if differ:
         shown = ", ".join(f"{k}={saved.get(k)} there, {mine.get(k)} here" for k in differ[:3])
-        raise TqditError(f"quant.load={path} was calibrated under another setting ({shown}"
-                         f"{' …' if len(differ) > 3 else ''}); load the file of this setting or drop quant.load")
+        raise TqditError(
+            f"quant.load={path} was calibrated under another setting ({shown}"
+            f"{' …' if len(differ) > 3 else ''}); load the file of this setting or drop quant.load"
+        )
 
 
 def save_activation_ranges(model, path: Path) -> None:
@@ -279,9 +371,13 @@ def evaluate(images: np.ndarray, eval_cfg: DictConfig, device: torch.device) -> 
     extractor = build_extractor(eval_cfg.feature_extractor, device, eval_cfg.weights)
     if eval_cfg.reference == "mnist_digits":
         real_images = load_digits()[0][..., None]
-        reference = reference_features(real_images, extractor, extractor_identity(extractor), eval_cfg.cache_dir, eval_cfg.batch_size)
+        reference = reference_features(
+            real_images, extractor, extractor_identity(extractor), eval_cfg.cache_dir, eval_cfg.batch_size
+        )
     else:
-        reference = load_reference(eval_cfg.reference, extractor, images.shape[1:], eval_cfg.cache_dir, eval_cfg.batch_size)
+        reference = load_reference(
+            eval_cfg.reference, extractor, images.shape[1:], eval_cfg.cache_dir, eval_cfg.batch_size
+        )
     generated = extract_features(images, extractor, eval_cfg.batch_size, desc="sample features")
     # ADM: parts of 5000; the embedded evaluation: null = 10 parts of N // 10
     return all_metrics(generated, reference, split_size=eval_cfg.is_split_size, k=eval_cfg.pr_k)
@@ -307,7 +403,9 @@ def identical_finished_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path) -> P
 
     def relevant(config: dict) -> dict:
         kept = {key: value for key, value in config.items() if key not in ignored}
-        if cfg.quant.name == "fp" and isinstance(kept.get("quant"), dict):  # no quantizer settings matter either
+        if cfg.quant.name == "fp" and isinstance(
+            kept.get("quant"), dict
+        ):  # no quantizer settings matter either
             kept["quant"] = {"name": kept["quant"].get("name")}
         return kept
 
@@ -342,9 +440,13 @@ def resume_point(config: dict, job_dir: Path) -> dict | None:
         return {**c, "device": "cuda" if device.startswith("cuda") else device, "logger": None}
 
     if comparable(previous) != comparable(config):
-        changed = sorted(k for k in set(previous) | set(config) if comparable(previous).get(k) != comparable(config).get(k))
-        raise TqditError(f"{job_dir} holds a job with a different configuration (differs in {', '.join(changed)}); "
-                         "use another output directory or delete it")
+        changed = sorted(
+            k for k in set(previous) | set(config) if comparable(previous).get(k) != comparable(config).get(k)
+        )
+        raise TqditError(
+            f"{job_dir} holds a job with a different configuration (differs in {', '.join(changed)}); "
+            "use another output directory or delete it"
+        )
     results_path = job_dir / "results.json"
     if results_path.is_file():
         results = json.loads(results_path.read_text())
@@ -361,9 +463,12 @@ def already_done(cfg: DictConfig, config: dict, job_dir: Path, sweep_dir: Path |
     original = identical_finished_job(cfg, job_dir, sweep_dir) if sweep_dir is not None else None
     if original is None:
         return None
-    results = {"duplicate_of": str(original), "config": config,
-               "reason": f"{'bit widths and groups have' if cfg.quant.name == 'fp' else 'groups has'} no effect on "
-                         f"quant={cfg.quant.name}; identical to {original.name}"}
+    results = {
+        "duplicate_of": str(original),
+        "config": config,
+        "reason": f"{'bit widths and groups have' if cfg.quant.name == 'fp' else 'groups has'} no effect on "
+        f"quant={cfg.quant.name}; identical to {original.name}",
+    }
     atomic_write_json(job_dir / "results.json", results)
     return results
 
@@ -394,7 +499,9 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         job_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(job_dir / "config.json", config)  # what this directory holds; checked on resume
     def load():
-        model = load_model(cfg.model.arch, cfg.model.input_size, cfg.model.checkpoint).to(device=device, dtype=dtype)
+        model = load_model(cfg.model.arch, cfg.model.input_size, cfg.model.checkpoint).to(
+            device=device, dtype=dtype
+        )
         decode = None
         if cfg.model.latent:  # loaded before calibration: a missing VAE should fail now, not after sampling
             vae = load_vae(cfg.model.vae.variant, cfg.model.vae.path, device)
@@ -415,9 +522,13 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         if distributed.rank() != 0:  # the other ranks read the parameters rank 0 just saved
             quantize_model(cfg, model, diffusion, job_dir)
         record = {}
-        if cfg.quant.backend != "simulated" and cfg.quant.name != "fp":  # real low-bit kernels from the calibrated scales
+        if (
+            cfg.quant.backend != "simulated" and cfg.quant.name != "fp"
+        ):  # real low-bit kernels from the calibrated scales
             record.update(lowbit=to_low_bit(model, cfg.quant.backend), weight_bytes=weight_bytes(model))
-        if cfg.quant.name not in ("fp", "noise") and fused_attention_wanted(cfg.quant.attention, device, dtype, cfg.compile):
+        if cfg.quant.name not in ("fp", "noise") and fused_attention_wanted(
+            cfg.quant.attention, device, dtype, cfg.compile
+        ):
             record["fused_attention_blocks"] = fused_attention.use_fused_attention(model)
         return record
 
@@ -431,9 +542,20 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
     resumed = finished_batches(shard_dir, cfg.num_samples, cfg.batch_size)  # a killed or requeued run's
     sampling = dict(num_samples=cfg.num_samples, batch_size=cfg.batch_size, seed=cfg.seed, labels=cfg.labels)
     images, labels = distributed.all_succeed(
-        generate, model, diffusion, **sampling, cfg_scale=cfg.sampler.cfg_scale, cfg_channels=cfg.sampler.cfg_channels,
-        method=cfg.sampler.method, eta=cfg.sampler.eta, clip_denoised=cfg.sampler.clip_denoised, dtype=dtype,
-        decode=decode, shard_dir=shard_dir, rank=distributed.rank(), world_size=distributed.world_size(),
+        generate,
+        model,
+        diffusion,
+        **sampling,
+        cfg_scale=cfg.sampler.cfg_scale,
+        cfg_channels=cfg.sampler.cfg_channels,
+        method=cfg.sampler.method,
+        eta=cfg.sampler.eta,
+        clip_denoised=cfg.sampler.clip_denoised,
+        dtype=dtype,
+        decode=decode,
+        shard_dir=shard_dir,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
     )
     timings["sampling_s"] = time.perf_counter() - start
 
@@ -454,22 +576,30 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
             "timings": {k: round(v, 2) for k, v in timings.items()},
             # the rate of this run's own draws: batches read back from shards are not counted
             "image_steps_per_s": round(
-                (cfg.num_samples - sum(map(len, resumed))) * diffusion.num_steps / timings["sampling_s"], 1),
+                (cfg.num_samples - sum(map(len, resumed))) * diffusion.num_steps / timings["sampling_s"], 1
+            ),
             "resumed_batches": len(resumed),
-            "environment": {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                            "processes": distributed.world_size(), "torch": torch.__version__,
-                            "python": platform.python_version(), "threads": torch.get_num_threads(),
-                            "pid": os.getpid(),  # which process ran it (a launcher's worker, torchrun rank 0)
-                            "freed_memory_kept": freed_memory_kept,
-                            # the SLURM job (and its restarts: requeued after a time limit or preemption)
-                            "slurm_job_id": slurm_job_id(),
-                            "slurm_restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0))},
+            "environment": {
+                "device": str(device),
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "processes": distributed.world_size(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "threads": torch.get_num_threads(),
+                "pid": os.getpid(),  # which process ran it (a launcher's worker, torchrun rank 0)
+                "freed_memory_kept": freed_memory_kept,
+                # the SLURM job (and its restarts: requeued after a time limit or preemption)
+                "slurm_job_id": slurm_job_id(),
+                "slurm_restarts": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+            },
             "config": config,
         }
         atomic_write_json(job_dir / "results.json", results)
         shutil.rmtree(shard_dir, ignore_errors=True)  # samples.npz holds them now
         if cfg.logger.name == "wandb":
-            warning = log_to_wandb(results, OmegaConf.to_container(cfg.logger, resolve=True), job_dir, sweep_dir)
+            warning = log_to_wandb(
+                results, OmegaConf.to_container(cfg.logger, resolve=True), job_dir, sweep_dir
+            )
             if warning:
                 print(f"warning: {warning}")
         return results
@@ -488,9 +618,15 @@ def summary_line(results: dict) -> str:
     if "duplicate_of" in results:
         return f"skipped: {results['reason']}"
     m, cfg, q = results["metrics"], results["config"], results["quant"]
-    method = q["method"] if q["method"] == "fp" else f"{q['method']} W{q['w_bits']}A{q['a_bits']}" + (f" G={q['groups']}" if q["groups"] else "")
+    method = (
+        q["method"]
+        if q["method"] == "fp"
+        else f"{q['method']} W{q['w_bits']}A{q['a_bits']}" + (f" G={q['groups']}" if q["groups"] else "")
+    )
     calibration = f", calibration {q['calibration_s']:.0f} s" if "calibration_s" in q else ""
-    return (f"{method} | {cfg['model']['arch']} {cfg['sampler']['method']}-{cfg['sampler']['steps']} cfg={cfg['sampler']['cfg_scale']} "
-            f"N={results['num_samples']} seed={results['seed']}: FID {m['fid']:.3f}  sFID {m['sfid']:.3f}  IS {m['is']:.3f}  "
-            f"precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
-            f"(sampling {results['timings']['sampling_s']:.0f} s, {results['image_steps_per_s']:.0f} image-steps/s{calibration})")
+    return (
+        f"{method} | {cfg['model']['arch']} {cfg['sampler']['method']}-{cfg['sampler']['steps']} cfg={cfg['sampler']['cfg_scale']} "
+        f"N={results['num_samples']} seed={results['seed']}: FID {m['fid']:.3f}  sFID {m['sfid']:.3f}  IS {m['is']:.3f}  "
+        f"precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
+        f"(sampling {results['timings']['sampling_s']:.0f} s, {results['image_steps_per_s']:.0f} image-steps/s{calibration})"
+    )

@@ -16,12 +16,29 @@ def log_to_wandb(results: dict, settings: dict, job_dir: Path, sweep_dir: Path |
         import wandb
 
         quant = results.get("quant", {})
-        run = wandb.init(project=settings.get("project") or "tqdit", entity=settings.get("entity"), mode=settings.get("mode", "offline"),
-                         dir=str(job_dir), group=sweep_dir.name if sweep_dir else "single", job_type=quant.get("method", "fp"),
-                         name=job_dir.name, tags=list(settings.get("tags") or []), config=results["config"], reinit="finish_previous")
+        run = wandb.init(
+            project=settings.get("project") or "tqdit",
+            entity=settings.get("entity"),
+            mode=settings.get("mode", "offline"),
+            dir=str(job_dir),
+            group=sweep_dir.name if sweep_dir else "single",
+            job_type=quant.get("method", "fp"),
+            name=job_dir.name,
+            tags=list(settings.get("tags") or []),
+            config=results["config"],
+            reinit="finish_previous",
+        )
         summary = dict(results["metrics"])
-        summary.update({key: quant[key] for key in ("calibration_s", "peak_memory_bytes", "quantized_layers") if key in quant})
-        summary.update(sampling_s=results["timings"]["sampling_s"], image_steps_per_s=results["image_steps_per_s"])
+        summary.update(
+            {
+                key: quant[key]
+                for key in ("calibration_s", "peak_memory_bytes", "quantized_layers")
+                if key in quant
+            }
+        )
+        summary.update(
+            sampling_s=results["timings"]["sampling_s"], image_steps_per_s=results["image_steps_per_s"]
+        )
         run.summary.update(summary)
         if (job_dir / "grid.png").is_file():
             run.log({"samples": wandb.Image(str(job_dir / "grid.png"))})

@@ -50,7 +50,9 @@ def calibrate(model: nn.Module, calib: CalibrationSet, cfg: CalibrationConfig, p
     steps = len(timesteps)
     groups_of_step = (np.arange(steps) * cfg.time_groups) // steps
     if index is None:
-        index = select_per_group(calib.step.numpy(), groups_of_step, -(-cfg.num_inputs // cfg.time_groups), cfg.seed)
+        index = select_per_group(
+            calib.step.numpy(), groups_of_step, -(-cfg.num_inputs // cfg.time_groups), cfg.seed
+        )
     sample_groups = groups_of_step[calib.step.numpy()[index]]
     x, t, y = calib.x[index].to(device), calib.t[index].to(device), calib.y[index].to(device)
     x = x.to(next(model.parameters()).dtype)
@@ -77,7 +79,9 @@ def calibrate(model: nn.Module, calib: CalibrationSet, cfg: CalibrationConfig, p
             if isinstance(module, QuantLinear):
                 problem = linear_problem(module, record["inputs"][0], grads, sample_groups)
             else:
-                problem = matmul_problem(module, record["inputs"][0], record["inputs"][1], grads, sample_groups)
+                problem = matmul_problem(
+                    module, record["inputs"][0], record["inputs"][1], grads, sample_groups
+                )
             search_layer(problem, cfg.search, model.quant_context)
         del records
         if device.type == "cuda":
@@ -89,8 +93,13 @@ def calibrate(model: nn.Module, calib: CalibrationSet, cfg: CalibrationConfig, p
     if model.quant_context is not None:
         model.quant_context.groups, model.quant_context.single = None, None
     peak, kind = peak_memory(device)
-    cost = {"calibration_s": round(time.perf_counter() - start, 2), "peak_memory_bytes": peak, "peak_memory_kind": kind,
-            "quantized_layers": len(names), "calibration_inputs": len(t)}
+    cost = {
+        "calibration_s": round(time.perf_counter() - start, 2),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": kind,
+        "quantized_layers": len(names),
+        "calibration_inputs": len(t),
+    }
     return model, cost
 
 

@@ -33,7 +33,9 @@ def capture_unit(model: nn.Module, unit: str, names: list[str], x, t, y, probes,
         return hook
 
     def cut_graph(module, args):
-        return tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        return tuple(
+            a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args
+        )
 
     for name in names:
         handles.append(model.get_submodule(name).register_forward_hook(forward_hook(name)))
@@ -59,5 +61,7 @@ def check_finite(name: str, operands: list[list[torch.Tensor]], groups: torch.Te
         bad = torch.stack([~torch.isfinite(x).all() for x in slot])
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
-            raise FloatingPointError(f"calibration: {name} sees NaN/Inf values (time group {int(groups[first])}, calibration input "
-                                     f"{first}); the FP model diverges on its calibration data")
+            raise FloatingPointError(
+                f"calibration: {name} sees NaN/Inf values (time group {int(groups[first])}, calibration input "
+                f"{first}); the FP model diverges on its calibration data"
+            )

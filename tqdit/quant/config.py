@@ -15,7 +15,17 @@ from tqdit.quant.reconstruct import ReconConfig
 from tqdit.quant.search import SearchConfig
 
 # Activation operands by position in a DiT block (see ``wrapping.activation_positions``).
-POSITIONS = ("post_norm", "attn_out", "post_gelu", "post_silu", "timestep_freq", "q", "k", "post_softmax", "v")
+POSITIONS = (
+    "post_norm",
+    "attn_out",
+    "post_gelu",
+    "post_silu",
+    "timestep_freq",
+    "q",
+    "k",
+    "post_softmax",
+    "v",
+)
 BIT_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16: the quantization path as a near no-op check
 
 
@@ -62,15 +72,20 @@ class MethodConfig:
         for key in ("w_bits", "a_bits"):
             value = getattr(self, key)
             if isinstance(value, bool) or value not in BIT_WIDTHS:
-                _fail(self, f"{key}={value} must be an integer bit width from 2 to 8 (or 16 as a no-op check)")
+                _fail(
+                    self, f"{key}={value} must be an integer bit width from 2 to 8 (or 16 as a no-op check)"
+                )
         for key in ("num_inputs", "capture_batch"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 _fail(self, f"{key}={getattr(self, key)} must be a positive integer")
         if not isinstance(self.search, SearchConfig):
             _fail(self, f"search={self.search!r} must be a SearchConfig(criterion=...)")
         if self.fixed_search and self.search.criterion != self.fixed_search:
-            _fail(self, f"search={self.search.criterion}: this method chooses its scales by {self.fixed_search} "
-                        f"as its paper does; leave search at its default or use UniformConfig")
+            _fail(
+                self,
+                f"search={self.search.criterion}: this method chooses its scales by {self.fixed_search} "
+                f"as its paper does; leave search at its default or use UniformConfig",
+            )
 
     def own_settings(self) -> dict:
         """The method's own settings (fields beyond MethodConfig's), as results record them."""
@@ -99,8 +114,15 @@ class TimeGroupedConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.time_groups, bool) or not isinstance(self.time_groups, int) or self.time_groups < 1:
-            _fail(self, f"time_groups={self.time_groups} must be a positive integer (at most the sampling steps)")
+        if (
+            isinstance(self.time_groups, bool)
+            or not isinstance(self.time_groups, int)
+            or self.time_groups < 1
+        ):
+            _fail(
+                self,
+                f"time_groups={self.time_groups} must be a positive integer (at most the sampling steps)",
+            )
         positions = [self.grouped] if isinstance(self.grouped, str) else list(self.grouped)
         unknown = sorted(set(positions) - set(POSITIONS) - {"all"})
         if unknown:

@@ -64,7 +64,9 @@ def quantizers(model: nn.Module):
     """(name, quantizer) for every quantizer module in the model."""
     from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, UniformQuantizer
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (UniformQuantizer, SoftmaxMRQ, GeluMRQ))]
+    return [
+        (n, m) for n, m in model.named_modules() if isinstance(m, (UniformQuantizer, SoftmaxMRQ, GeluMRQ))
+    ]
 
 
 @contextmanager
@@ -73,8 +75,16 @@ def quantization_disabled(model: nn.Module, activations_only: bool = False):
 
     ``activations_only``: weights stay quantized (block reconstruction's rounding-only phase).
     """
-    saved = [(q, q.enabled) for name, q in quantizers(model) if not (activations_only and name.endswith("weight_quant"))]
-    frozen = [] if activations_only else [(m, m._frozen_weight) for m in model.modules() if isinstance(m, QuantLinear)]
+    saved = [
+        (q, q.enabled)
+        for name, q in quantizers(model)
+        if not (activations_only and name.endswith("weight_quant"))
+    ]
+    frozen = (
+        []
+        if activations_only
+        else [(m, m._frozen_weight) for m in model.modules() if isinstance(m, QuantLinear)]
+    )
     for q, _ in saved:
         q.enabled = False
     for m, _ in frozen:
@@ -103,9 +113,18 @@ def activation_ranges(model: nn.Module) -> list[dict]:
                 low, high = q.represented_range()
                 row = {"kind": "uniform", "low": float(low[group, 0]), "high": float(high[group, 0])}
             elif isinstance(q, SoftmaxMRQ):
-                row = {"kind": "mrq_softmax", "low": 0.0, "high": 1.0, "split": 2.0 ** -int(q.split_exponent[group])}
+                row = {
+                    "kind": "mrq_softmax",
+                    "low": 0.0,
+                    "high": 1.0,
+                    "split": 2.0 ** -int(q.split_exponent[group]),
+                }
             elif isinstance(q, GeluMRQ):
-                row = {"kind": "mrq_gelu", "low": -q.negative_scale * 2 ** (q.bits - 1), "high": float(q.positive_scale[group]) * q.levels}
+                row = {
+                    "kind": "mrq_gelu",
+                    "low": -q.negative_scale * 2 ** (q.bits - 1),
+                    "high": float(q.positive_scale[group]) * q.levels,
+                }
             else:
                 continue
             rows.append({"layer": layer, "operand": operand, "group": group, **row})

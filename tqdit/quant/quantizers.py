@@ -51,8 +51,10 @@ class TimeGroupContext:
     def per_sample(self, values: torch.Tensor, batch: int) -> torch.Tensor:
         """values (G,) -> (batch,) for the current call's samples."""
         if self.groups is None or self.groups.shape[0] != batch:
-            raise RuntimeError("time-grouped quantizer called without the timesteps of this batch "
-                               f"(groups for {None if self.groups is None else self.groups.shape[0]} samples, batch {batch})")
+            raise RuntimeError(
+                "time-grouped quantizer called without the timesteps of this batch "
+                f"(groups for {None if self.groups is None else self.groups.shape[0]} samples, batch {batch})"
+            )
         return values[self.groups]
 
 
@@ -97,7 +99,9 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None) -> torch.Tensor:
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None
+) -> torch.Tensor:
     """clamp(round(x / scale) + zero_point, qmin, qmax) − zero_point, times scale (computed in float32).
 
     ``axis`` None: one (scale, zero_point) for the tensor; otherwise one per index along ``axis``.
@@ -111,9 +115,13 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     zero_point = zero_point.to(device=x.device, dtype=torch.int32)
     if torch.is_grad_enabled() and x.requires_grad:
         if axis is None:
-            out = torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
+            out = torch.fake_quantize_per_tensor_affine(
+                x, scale.reshape(()), zero_point.reshape(()), qmin, qmax
+            )
         else:
-            out = torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zero_point.reshape(-1), axis % x.dim(), qmin, qmax)
+            out = torch.fake_quantize_per_channel_affine(
+                x, scale.reshape(-1), zero_point.reshape(-1), axis % x.dim(), qmin, qmax
+            )
         return out.to(dtype)
     if axis is None:
         shape = ()
@@ -123,7 +131,11 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     scale, zero_point = scale.reshape(shape), zero_point.reshape(shape).float()
     out = x * (1.0 / scale)
     out.round_()
-    out = torch.clamp(out, qmin - zero_point, qmax - zero_point) if axis is not None or zero_point.dim() else out.clamp_(qmin - zero_point.item(), qmax - zero_point.item())
+    out = (
+        torch.clamp(out, qmin - zero_point, qmax - zero_point)
+        if axis is not None or zero_point.dim()
+        else out.clamp_(qmin - zero_point.item(), qmax - zero_point.item())
+    )
     return out.mul_(scale).to(dtype)
 
 
@@ -153,7 +165,13 @@ class UniformQuantizer(CalibratedState):
             raise ValueError("per-channel quantizers cannot be time-grouped")
         if groups > 1 and context is None:
             raise ValueError("a time-grouped quantizer needs a TimeGroupContext")
-        self.bits, self.symmetric, self.axis, self.groups, self.context = bits, symmetric, axis, groups, context
+        self.bits, self.symmetric, self.axis, self.groups, self.context = (
+            bits,
+            symmetric,
+            axis,
+            groups,
+            context,
+        )
         self.qmin, self.qmax = qrange(bits, signed=symmetric)
         self.register_buffer("scale", torch.ones(groups, channels))
         self.register_buffer("zero_point", torch.zeros(groups, channels, dtype=torch.int32))
@@ -178,7 +196,9 @@ class UniformQuantizer(CalibratedState):
         """Enable the quantizer and cache per-tensor parameters as Python numbers (after setting or loading)."""
         super().refresh()
         if self.scale.shape[1] == 1:
-            self._scalars = [(float(s), int(z)) for s, z in zip(self.scale[:, 0].tolist(), self.zero_point[:, 0].tolist())]
+            self._scalars = [
+                (float(s), int(z)) for s, z in zip(self.scale[:, 0].tolist(), self.zero_point[:, 0].tolist())
+            ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -244,7 +264,9 @@ class UniformNoise(UniformQuantizer):
             positions = torch.arange(x.numel(), device=x.device).reshape(x.shape)
         else:
             if self.groups > 1 and self.context.single is None:
-                step = self.context.per_sample(self.scale[:, 0], x.shape[0]).reshape((-1,) + (1,) * (x.dim() - 1))
+                step = self.context.per_sample(self.scale[:, 0], x.shape[0]).reshape(
+                    (-1,) + (1,) * (x.dim() - 1)
+                )
             else:
                 step = self._scalars[0 if self.groups == 1 else self.context.single][0]
             positions = torch.arange(x[0].numel(), device=x.device).reshape(x.shape[1:])
@@ -252,7 +274,9 @@ class UniformNoise(UniformQuantizer):
         return (xf + step * hash_uniform(torch.round(xf / step), positions, self.salt)).to(x.dtype)
 
 
-def range_to_params(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def range_to_params(
+    low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) of a uniform grid covering [low, high]; symmetric grids cover ±max(|low|, |high|)."""
     low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
     qmin, qmax = qrange(bits, symmetric)
@@ -266,7 +290,9 @@ def range_to_params(low: torch.Tensor, high: torch.Tensor, bits: int, symmetric:
     return scale.clamp(min=1e-8), zero_point
 
 
-def two_region_quant(x: torch.Tensor, threshold, step_below, step_above, qmin: int, qmax: int) -> torch.Tensor:
+def two_region_quant(
+    x: torch.Tensor, threshold, step_below, step_above, qmin: int, qmax: int
+) -> torch.Tensor:
     """Each value on its own region's grid: step = step_below if x < threshold else step_above,
     x̂ = clamp(round(x · (1/step)), qmin, qmax) · step. Parameters are Python numbers or per-sample
     tensors shaped to broadcast over x. With gradients, a straight-through estimator.
@@ -389,7 +415,9 @@ class SoftmaxMRQ(_MultiRegionQuantizer):
         if isinstance(exponent, int):
             split = 2.0**-exponent
         else:
-            split = torch.pow(2.0, -torch.as_tensor(exponent, device=x.device).float()).reshape((-1,) + (1,) * (x.dim() - 1))
+            split = torch.pow(2.0, -torch.as_tensor(exponent, device=x.device).float()).reshape(
+                (-1,) + (1,) * (x.dim() - 1)
+            )
         return two_region_quant(x, split, split / self.levels, 1.0 / self.levels, 0, self.levels)
 
     def extra_repr(self) -> str:
@@ -419,8 +447,12 @@ class GeluMRQ(_MultiRegionQuantizer):
     def quantize(self, x: torch.Tensor, positive_scale: torch.Tensor | float) -> torch.Tensor:
         """Quantize with per-sample positive steps (batch,) or one step for all."""
         if not isinstance(positive_scale, float):
-            positive_scale = torch.as_tensor(positive_scale, device=x.device, dtype=torch.float32).reshape((-1,) + (1,) * (x.dim() - 1))
-        return two_region_quant(x, 0.0, self.negative_scale, positive_scale, -(2 ** (self.bits - 1)), self.levels)
+            positive_scale = torch.as_tensor(positive_scale, device=x.device, dtype=torch.float32).reshape(
+                (-1,) + (1,) * (x.dim() - 1)
+            )
+        return two_region_quant(
+            x, 0.0, self.negative_scale, positive_scale, -(2 ** (self.bits - 1)), self.levels
+        )
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, negative_step={self.negative_scale:.3g}"

@@ -231,7 +231,10 @@ def block_inputs(
     c = t_emb + y_emb, diffusers' the pair (t, y)) for calibration inputs, computed as the model does."""
     embed = family_of(model).embed
     with torch.no_grad():
-        parts = [embed(model, x[i : i + batch], t[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
+        parts = [
+            embed(model, x[i : i + batch], t[i : i + batch], y[i : i + batch])
+            for i in range(0, len(x), batch)
+        ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 

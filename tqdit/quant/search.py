@@ -46,7 +46,9 @@ class SearchConfig:
 
     def __post_init__(self):
         if self.criterion not in OUTPUT_CRITERIA + TENSOR_CRITERIA:
-            raise ValueError(f"unknown quant.search '{self.criterion}': use one of {', '.join(OUTPUT_CRITERIA + TENSOR_CRITERIA)}")
+            raise ValueError(
+                f"unknown quant.search '{self.criterion}': use one of {', '.join(OUTPUT_CRITERIA + TENSOR_CRITERIA)}"
+            )
 
     def alphas(self) -> torch.Tensor:
         return torch.linspace(self.alpha_min, self.alpha_max, self.candidates)
@@ -74,13 +76,21 @@ class Grid:
     def reduce(self, per_element: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """Per-bin sums of an error tensor shaped like the quantizer's input."""
         per_sample = per_element.reshape(per_element.shape[0], -1).sum(dim=1)
-        return torch.zeros(self.bins, dtype=torch.float64, device=per_sample.device).index_add_(0, groups.to(per_sample.device), per_sample.double())
+        return torch.zeros(self.bins, dtype=torch.float64, device=per_sample.device).index_add_(
+            0, groups.to(per_sample.device), per_sample.double()
+        )
 
 
 class ActivationGrid(Grid):
     """Per-tensor uniform activation quantizer: candidate k scales each group's observed range by α_k."""
 
-    def __init__(self, quantizer: UniformQuantizer, samples: list[torch.Tensor], groups: torch.Tensor, cfg: SearchConfig):
+    def __init__(
+        self,
+        quantizer: UniformQuantizer,
+        samples: list[torch.Tensor],
+        groups: torch.Tensor,
+        cfg: SearchConfig,
+    ):
         self.q, self.bins = quantizer, quantizer.groups
         self.alphas = cfg.alphas()
         self.num = len(self.alphas)
@@ -93,12 +103,19 @@ class ActivationGrid(Grid):
                 low[g], high[g] = chosen.min(), chosen.max()
         self.low, self.high = low, high
         # (candidates, groups) tables on the data's device: applying a candidate is a gather, never a sync
-        scale, zero_point = range_to_params(self.alphas[:, None] * low[None], self.alphas[:, None] * high[None], quantizer.bits, quantizer.symmetric)
+        scale, zero_point = range_to_params(
+            self.alphas[:, None] * low[None],
+            self.alphas[:, None] * high[None],
+            quantizer.bits,
+            quantizer.symmetric,
+        )
         device = samples[0].device
         self.scale_table, self.zero_table = scale.to(device), zero_point.to(device)
 
     def apply(self, x, k, groups):
-        return fake_quant(x, self.scale_table[k][groups], self.zero_table[k][groups], self.q.qmin, self.q.qmax, axis=0)
+        return fake_quant(
+            x, self.scale_table[k][groups], self.zero_table[k][groups], self.q.qmin, self.q.qmax, axis=0
+        )
 
     def commit(self, best):
         alpha = torch.ones(self.bins) if best is None else self.alphas[best.cpu()]
@@ -121,7 +138,9 @@ class WeightGrid(Grid):
         self.num, self.bins = len(self.alphas), weight.shape[0]
 
     def apply(self, x, k, groups=None):
-        scale, zero_point = range_to_params(self.alphas[k] * self.low, self.alphas[k] * self.high, self.q.bits, self.q.symmetric)
+        scale, zero_point = range_to_params(
+            self.alphas[k] * self.low, self.alphas[k] * self.high, self.q.bits, self.q.symmetric
+        )
         return fake_quant(x, scale.to(x.device), zero_point.to(x.device), self.q.qmin, self.q.qmax, axis=0)
 
     def reduce(self, per_element, groups=None):
@@ -129,7 +148,9 @@ class WeightGrid(Grid):
 
     def commit(self, best):
         device = self.high.device
-        alpha = torch.ones(self.bins, device=device) if best is None else self.alphas.to(device)[best.to(device)]
+        alpha = (
+            torch.ones(self.bins, device=device) if best is None else self.alphas.to(device)[best.to(device)]
+        )
         self.q.set_range(alpha * self.low, alpha * self.high)
 
 
@@ -149,14 +170,18 @@ class SoftmaxGrid(Grid):
 class GeluGrid(Grid):
     """MRQ post-GELU: candidate k sets the positive step to α_k · max⁺ / (2^(b-1) − 1) per group."""
 
-    def __init__(self, quantizer: GeluMRQ, samples: list[torch.Tensor], groups: torch.Tensor, cfg: SearchConfig):
+    def __init__(
+        self, quantizer: GeluMRQ, samples: list[torch.Tensor], groups: torch.Tensor, cfg: SearchConfig
+    ):
         self.q, self.bins = quantizer, quantizer.groups
         self.alphas = cfg.alphas()
         self.num = len(self.alphas)
         self.high = torch.zeros(self.bins)
         for g in range(self.bins):
             chosen = torch.cat([s.reshape(-1) for s, sg in zip(samples, groups.tolist()) if sg == g])
-            self.high[g] = _quantile(chosen, cfg.percentile) if cfg.criterion == "percentile" else chosen.max()
+            self.high[g] = (
+                _quantile(chosen, cfg.percentile) if cfg.criterion == "percentile" else chosen.max()
+            )
         self.high = self.high.clamp(min=1e-6)
         self.step_table = (self.alphas[:, None] * self.high[None] / self.q.levels).to(samples[0].device)
 
@@ -168,7 +193,9 @@ class GeluGrid(Grid):
         self.q.set_positive_scale(alpha * self.high / self.q.levels)
 
 
-def make_grid(quantizer, data: list[torch.Tensor] | torch.Tensor, groups: torch.Tensor, cfg: SearchConfig) -> Grid:
+def make_grid(
+    quantizer, data: list[torch.Tensor] | torch.Tensor, groups: torch.Tensor, cfg: SearchConfig
+) -> Grid:
     if isinstance(quantizer, SoftmaxMRQ):
         return SoftmaxGrid(quantizer, cfg)
     if isinstance(quantizer, GeluMRQ):
@@ -208,8 +235,14 @@ class LayerProblem:
 def linear_problem(module, inputs: list[torch.Tensor], grads, groups) -> LayerProblem:
     bias = module.bias.detach() if module.bias is not None else None
     return LayerProblem(
-        operands=[Operand(module.weight_quant, module.weight.detach(), is_weight=True), Operand(module.act, inputs)],
-        combine=lambda ops: F.linear(ops[1], ops[0], bias), grads=grads, groups=groups)
+        operands=[
+            Operand(module.weight_quant, module.weight.detach(), is_weight=True),
+            Operand(module.act, inputs),
+        ],
+        combine=lambda ops: F.linear(ops[1], ops[0], bias),
+        grads=grads,
+        groups=groups,
+    )
 
 
 def matmul_problem(module, a: list[torch.Tensor], b: list[torch.Tensor], grads, groups) -> LayerProblem:
@@ -229,7 +262,10 @@ def _stack(tensors: list[torch.Tensor], index: slice) -> torch.Tensor:
 
 def search_layer(problem: LayerProblem, cfg: SearchConfig, context=None) -> None:
     """Fit every quantizer of the layer (weights per channel, activations per time group)."""
-    grids = [make_grid(op.quantizer, op.data, quantizer_groups(op.quantizer, problem.groups), cfg) for op in problem.operands]
+    grids = [
+        make_grid(op.quantizer, op.data, quantizer_groups(op.quantizer, problem.groups), cfg)
+        for op in problem.operands
+    ]
     if cfg.criterion in TENSOR_CRITERIA:
         for op, grid in zip(problem.operands, grids):
             _fit_tensor(op, grid, problem.groups, cfg)
@@ -237,13 +273,21 @@ def search_layer(problem: LayerProblem, cfg: SearchConfig, context=None) -> None
     for _ in range(cfg.rounds):
         for index, grid in enumerate(grids):
             device = problem.operands[-1].data[0].device
-            scores = torch.zeros(grid.num, grid.bins, dtype=torch.float64, device=device)  # on the device: no sync per candidate
+            scores = torch.zeros(
+                grid.num, grid.bins, dtype=torch.float64, device=device
+            )  # on the device: no sync per candidate
             for part in _chunks(problem, cfg.batch):
                 groups = problem.groups[part]
                 if context is not None:
                     context.set_groups(groups.to(device))
-                operands = [None if i == index else (op.quantizer(op.data) if op.is_weight else op.quantizer(_stack(op.data, part)))
-                            for i, op in enumerate(problem.operands)]
+                operands = [
+                    (
+                        None
+                        if i == index
+                        else (op.quantizer(op.data) if op.is_weight else op.quantizer(_stack(op.data, part)))
+                    )
+                    for i, op in enumerate(problem.operands)
+                ]
                 raw = [op.data if op.is_weight else _stack(op.data, part) for op in problem.operands]
                 reference = problem.combine(raw)
                 grad = _stack(problem.grads, part) if cfg.criterion == "hessian" else None
@@ -256,7 +300,9 @@ def search_layer(problem: LayerProblem, cfg: SearchConfig, context=None) -> None
                         error.mul_(grad)
                     per_element = error.float().square_()
                     # Weights are ranked per output channel (the last dim of the output).
-                    scores[k] += grid.reduce(per_element) if target.is_weight else grid.reduce(per_element, bins)
+                    scores[k] += (
+                        grid.reduce(per_element) if target.is_weight else grid.reduce(per_element, bins)
+                    )
             grid.commit(scores.argmin(dim=0).cpu())
 
 

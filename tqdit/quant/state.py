@@ -20,7 +20,9 @@ from tqdit.quant.wrapping import wrap
 from tqdit.utils import atomic_write_bytes
 
 
-def save_quant_state(model, path: str | Path, method: str, timesteps: np.ndarray, extra: dict | None = None) -> None:
+def save_quant_state(
+    model, path: str | Path, method: str, timesteps: np.ndarray, extra: dict | None = None
+) -> None:
     """Every quantizer's buffers, with the method, its effective config and the schedule in the metadata.
 
     Methods that change weights (AdaRound's rounding, PTQ4DiT's folded balancing) list them in
@@ -56,17 +58,26 @@ def load_quant_state(model, path: str | Path) -> tuple[str, CalibrationConfig, d
         with torch.no_grad():
             model.get_parameter(name).copy_(tensors[f"param.{name}"].to(device))
     model.quant_modified_parameters = modified
-    missing = [f"{name}.{buffer}" for name, q in quantizers(model) for buffer, _ in q.named_buffers()
-               if f"{name}.{buffer}" not in tensors and not (buffer == "calibrated" and _written_before_flag(name, tensors))]
+    missing = [
+        f"{name}.{buffer}"
+        for name, q in quantizers(model)
+        for buffer, _ in q.named_buffers()
+        if f"{name}.{buffer}" not in tensors
+        and not (buffer == "calibrated" and _written_before_flag(name, tensors))
+    ]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise TqditError(f"{path} lacks parameters of {len(missing)} quantizer buffers of this model ({shown}); "
-                         "it was saved from another model or scope: recalibrate, or load the file of this setting")
+        raise TqditError(
+            f"{path} lacks parameters of {len(missing)} quantizer buffers of this model ({shown}); "
+            "it was saved from another model or scope: recalibrate, or load the file of this setting"
+        )
     known = {f"{name}.{buffer}" for name, q in quantizers(model) for buffer, _ in q.named_buffers()}
     foreign = sorted(key for key in tensors if not key.startswith("param.") and key not in known)
     if foreign:
-        raise TqditError(f"{path} holds {len(foreign)} quantizer buffers this model lacks (e.g. {foreign[0]}); "
-                         "it was saved from another model or scope: recalibrate, or load the file of this setting")
+        raise TqditError(
+            f"{path} holds {len(foreign)} quantizer buffers this model lacks (e.g. {foreign[0]}); "
+            "it was saved from another model or scope: recalibrate, or load the file of this setting"
+        )
     loaded = 0
     for name, q in quantizers(model):
         for buffer, value in q.named_buffers():

@@ -60,8 +60,11 @@ def resolve_scope(model: nn.Module, scope: str | list[str]) -> list[str]:
     """Names of the Linear/MatMul modules that ``scope`` (a SCOPES key or a pattern list) selects."""
     family_of(model).prepare(model)
     patterns = scope_patterns(model, scope)
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, (nn.Linear, MatMul)) and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, MatMul)) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    ]
     if not names:
         raise ValueError(f"scope {patterns} matches no Linear or attention matmul of the model")
     return names
@@ -89,7 +92,9 @@ def _is_grouped(position: str, grouped: str | list) -> bool:
     return grouped == "all" or grouped == position or (not isinstance(grouped, str) and position in grouped)
 
 
-def _activation_quantizer(position: str, cfg: CalibrationConfig, context: TimeGroupContext | None) -> nn.Module:
+def _activation_quantizer(
+    position: str, cfg: CalibrationConfig, context: TimeGroupContext | None
+) -> nn.Module:
     groups = cfg.time_groups if _is_grouped(position, cfg.grouped) else 1
     ctx = context if groups > 1 else None
     if cfg.multi_region and position == "post_softmax":
@@ -119,11 +124,15 @@ def wrap(model: nn.Module, cfg: CalibrationConfig, timesteps: np.ndarray) -> lis
         if model.quant_config != cfg:
             raise ValueError("the model is already quantized with other settings; quantize a fresh copy of "
                              "the FP model")
-        return [name for name, module in model.named_modules() if isinstance(module, (QuantLinear, QuantMatMul))]
+        return [
+            name for name, module in model.named_modules() if isinstance(module, (QuantLinear, QuantMatMul))
+        ]
     if not isinstance(cfg.grouped, str):
         unknown = set(cfg.grouped) - set(POSITIONS)
         if unknown:
-            raise ValueError(f"grouped has unknown positions {sorted(unknown)}; choose from {', '.join(POSITIONS)}")
+            raise ValueError(
+                f"grouped has unknown positions {sorted(unknown)}; choose from {', '.join(POSITIONS)}"
+            )
     names = resolve_scope(model, cfg.scope)
     context = None
     if cfg.time_groups > 1:
@@ -138,8 +147,9 @@ def wrap(model: nn.Module, cfg: CalibrationConfig, timesteps: np.ndarray) -> lis
         if isinstance(module, MatMul):
             new = QuantMatMul(*(_activation_quantizer(p, cfg, context) for p in positions))
         else:
-            weight_quant = UniformQuantizer(cfg.w_bits, symmetric=cfg.weight_symmetric, channels=module.out_features,
-                                            axis=0)
+            weight_quant = UniformQuantizer(
+                cfg.w_bits, symmetric=cfg.weight_symmetric, channels=module.out_features, axis=0
+            )
             new = QuantLinear(module, _activation_quantizer(positions[0], cfg, context), weight_quant)
         replace_module(model, name, new.to(module.weight.device if isinstance(module, nn.Linear) else device))
     use_explicit_attention(model)

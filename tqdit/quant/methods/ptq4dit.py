@@ -69,12 +69,17 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ranks_a * ranks_b).sum() / (ranks_a.norm() * ranks_b.norm()).clamp(min=1e-12)
 
 
-def input_salience_per_step(model, names: list[str], x, t, y, step: np.ndarray, batch: int = 64) -> dict[str, torch.Tensor]:
+def input_salience_per_step(
+    model, names: list[str], x, t, y, step: np.ndarray, batch: int = 64
+) -> dict[str, torch.Tensor]:
     """{layer: (steps, in_features)} max |input| over tokens and inputs of each calibration step."""
     steps = np.unique(step)
     row_of_step = {int(s): i for i, s in enumerate(steps)}
     rows = torch.as_tensor([row_of_step[int(s)] for s in step])
-    result = {name: torch.zeros(len(steps), model.get_submodule(name).in_features, device=x.device) for name in names}
+    result = {
+        name: torch.zeros(len(steps), model.get_submodule(name).in_features, device=x.device)
+        for name in names
+    }
     current = {}
     family = family_of(model)
 
@@ -115,7 +120,9 @@ def balancing_factors(weight: torch.Tensor, salience_per_step: torch.Tensor, ssc
 def fold_adaln(adaln: torch.nn.Linear, chunk_shift: int, chunk_scale: int, b: torch.Tensor) -> None:
     """Fold X̃ = modulate(LN(x), shift, scale)·b into the adaLN Linear that produces shift and scale."""
     width = b.numel()
-    shift, scale = slice(chunk_shift * width, (chunk_shift + 1) * width), slice(chunk_scale * width, (chunk_scale + 1) * width)
+    shift, scale = slice(chunk_shift * width, (chunk_shift + 1) * width), slice(
+        chunk_scale * width, (chunk_scale + 1) * width
+    )
     b = b.to(adaln.weight.dtype)
     adaln.weight[shift] *= b[:, None]
     adaln.bias[shift] *= b
@@ -175,7 +182,9 @@ def salience_balance(model, x, t, y, step: np.ndarray, layers=BALANCED, ssc: boo
         for i in blocks:
             block = family.blocks(model)[i]
             b = balancing_factors(block.get_submodule(local).weight, salience[name_of[i]], ssc)
-            changed |= {f"{family.block_list}.{i}.{name}" for name in balance_block(block, {layer: b}, family)}
+            changed |= {
+                f"{family.block_list}.{i}.{name}" for name in balance_block(block, {layer: b}, family)
+            }
     return sorted(changed)
 
 

@@ -49,5 +49,9 @@ def quantize(model, calib, config: PTQ4DMConfig):
     index = select_ndtc(calib.step.numpy(), len(calib.timesteps), config.num_inputs, config.mean, config.std,
                         config.seed)
     search = replace(config.search, criterion="lp", p=config.p)
-    return calibrate(model, calib, config.calibration(multi_region=False, weight_symmetric=True, search=search),
-                     index=index)
+    return calibrate(
+        model,
+        calib,
+        config.calibration(multi_region=False, weight_symmetric=True, search=search),
+        index=index,
+    )

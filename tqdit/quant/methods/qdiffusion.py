@@ -42,14 +42,17 @@ class QDiffusionConfig(ReconstructingConfig):
         super().__post_init__()
         check_lp_exponent(self)
         if not isinstance(self.calib_steps, int) or self.calib_steps < 1:
-            raise ValueError(f"{type(self).__name__}: calib_steps={self.calib_steps} must be a positive integer")
+            raise ValueError(
+                f"{type(self).__name__}: calib_steps={self.calib_steps} must be a positive integer"
+            )
 
 
 def calibration_index(calib, config: QDiffusionConfig) -> np.ndarray:
     """Q-Diffusion's uniform-stride selection of ``config.num_inputs`` inputs."""
     steps = min(config.calib_steps, len(calib.timesteps))
-    return select_uniform_steps(calib.step.numpy(), len(calib.timesteps), steps, -(-config.num_inputs // steps),
-                                config.seed)
+    return select_uniform_steps(
+        calib.step.numpy(), len(calib.timesteps), steps, -(-config.num_inputs // steps), config.seed
+    )
 
 
 def initialise_and_reconstruct(model, calib, config: QDiffusionConfig, index: np.ndarray, joint: bool,
@@ -64,16 +67,27 @@ def initialise_and_reconstruct(model, calib, config: QDiffusionConfig, index: np
     recon_start = time.perf_counter()
     reports = reconstruct_blocks(model, x.to(next(model.parameters()).dtype), t, y, cfg.recon, joint=joint)
     peak, kind = peak_memory(device)
-    cost.update(calibration_s=round(time.perf_counter() - start, 2), peak_memory_bytes=peak, peak_memory_kind=kind,
-                reconstruction={"blocks": len(reports), "seconds": round(time.perf_counter() - recon_start, 2), "joint": joint,
-                                "error_nearest": [round(r["error_nearest"], 6) for r in reports],
-                                "error_after": [round(r["error_after"], 6) for r in reports],
-                                "undecided_rounding": max((r["undecided_rounding"] for r in reports), default=0.0),
-                                "resumed_blocks": sum(bool(r.get("resumed")) for r in reports), "engine": cfg.recon.engine})
+    cost.update(
+        calibration_s=round(time.perf_counter() - start, 2),
+        peak_memory_bytes=peak,
+        peak_memory_kind=kind,
+        reconstruction={
+            "blocks": len(reports),
+            "seconds": round(time.perf_counter() - recon_start, 2),
+            "joint": joint,
+            "error_nearest": [round(r["error_nearest"], 6) for r in reports],
+            "error_after": [round(r["error_after"], 6) for r in reports],
+            "undecided_rounding": max((r["undecided_rounding"] for r in reports), default=0.0),
+            "resumed_blocks": sum(bool(r.get("resumed")) for r in reports),
+            "engine": cfg.recon.engine,
+        },
+    )
     blocks = family_of(model).block_list + "."
     names = [f"{name}.weight" for name, module in model.named_modules()
              if name.startswith(blocks) and hasattr(module, "weight_quant")]
-    model.quant_modified_parameters = sorted(set(getattr(model, "quant_modified_parameters", [])) | set(names))
+    model.quant_modified_parameters = sorted(
+        set(getattr(model, "quant_modified_parameters", [])) | set(names)
+    )
     return model, cost
 
 
