@@ -1,7 +1,8 @@
 """Calibration time and peak memory of each method on DiT-XL/2 shapes (random weights), one run.
 
     python benchmarks/calibration_cost.py [--methods mrq_tgq ...] [--steps 250] [--groups 10] [--bits 8]
-        [--num-inputs 256] [--trajectories 32] [--recon-iters N] [--recon-act-iters N] [--blocks N] [--out cost.json]
+        [--num-inputs 256] [--trajectories 32] [--recon-iters N] [--recon-act-iters N] [--blocks N]
+        [--out cost.json]
 
 Steps: build DiT-XL/2 (256×256, latent 32×32×4) with N(0, 0.02) weights on the GPU, capture the
 calibration set from FP DDPM trajectories with guidance 1.5 (policy ``all``), then calibrate a fresh
@@ -85,8 +86,8 @@ def main() -> None:
     capture_s = time.perf_counter() - start
     capture_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     print(
-        f"\ncaptured {len(calib)} inputs from {args.trajectories} trajectories × {args.steps} steps in {capture_s:.1f} s "
-        f"(peak {capture_peak:.2f} GiB)",
+        f"\ncaptured {len(calib)} inputs from {args.trajectories} trajectories × {args.steps} steps "
+        f"in {capture_s:.1f} s (peak {capture_peak:.2f} GiB)",
         flush=True,
     )
 
@@ -120,7 +121,8 @@ def main() -> None:
         "methods": {},
     }
     for method in methods:
-        # each method's own choices (search rule, calibration steps) stand; only the shared settings are set here
+        # each method's own choices (search rule, calibration steps) stand; only the shared settings are
+        # set here
         search = SearchConfig(batch=args.search_batch, criterion=FIXED_SEARCH.get(method, "hessian"))
         cfg = CalibrationConfig(
             w_bits=args.bits,
@@ -139,9 +141,10 @@ def main() -> None:
         peak = cost["peak_memory_bytes"] / 2**30
         projected = cost["calibration_s"] * total_blocks / blocks
         print(
-            f"{method} W{args.bits}A{args.bits} G={args.groups}: calibration {cost['calibration_s']:.1f} s for {blocks} of "
-            f"{total_blocks} blocks (whole model ≈ {projected:.0f} s), peak {peak:.2f} GiB ({cost['peak_memory_kind']}), "
-            f"{cost['quantized_layers']} layers, {cost['calibration_inputs']} inputs",
+            f"{method} W{args.bits}A{args.bits} G={args.groups}: calibration {cost['calibration_s']:.1f} s "
+            f"for {blocks} of {total_blocks} blocks (whole model ≈ {projected:.0f} s), peak {peak:.2f} GiB "
+            f"({cost['peak_memory_kind']}), {cost['quantized_layers']} layers, "
+            f"{cost['calibration_inputs']} inputs",
             flush=True,
         )
         result["methods"][method] = {

@@ -289,7 +289,8 @@ def main() -> None:
         fake_out = forward(quantized)
 
         def compare(name: str, out: torch.Tensor, reference: torch.Tensor) -> None:
-            """‖out − reference‖ over ‖W8A8 fake quantization − FP‖ (how far apart, in quantization errors)."""
+            """‖out − reference‖ over ‖W8A8 fake quantization − FP‖ (how far apart, in quantization
+            errors)."""
             results["numerics"][name] = round(
                 ((out - reference).norm() / (fake_out - fp_out).norm()).item(), 4
             )

@@ -1,7 +1,7 @@
 """The ImageNet recipe's cost on one GPU, with random weights of the real networks (one run).
 
-    python benchmarks/imagenet_recipe.py --work /tmp/recipe [--samples 128] [--steps 250] [--eval-samples 10000]
-        [--phase jobs|metrics|all] [--out recipe.json]
+    python benchmarks/imagenet_recipe.py --work /tmp/recipe [--samples 128] [--steps 250]
+        [--eval-samples 10000] [--phase jobs|metrics|all] [--out recipe.json]
 
 ``jobs``: writes random DiT-XL/2 256 weights, a random sd-vae-ft AutoencoderKL and a random
 Inception-v3 to files, then runs ``run.py`` exactly as the README's recipe does (model=dit_xl_2_256,

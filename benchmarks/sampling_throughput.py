@@ -74,7 +74,8 @@ def main() -> None:
         results["runs"][name] = {"seconds": round(seconds, 3), "image_steps_per_s": round(rate, 1),
                                  "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         print(
-            f"{name:28s} {rate:8.1f} image-steps/s  ({seconds:.2f} s, peak {results['runs'][name]['peak_gib']} GiB)",
+            f"{name:28s} {rate:8.1f} image-steps/s  "
+            f"({seconds:.2f} s, peak {results['runs'][name]['peak_gib']} GiB)",
             flush=True,
         )
         torch.cuda.reset_peak_memory_stats()

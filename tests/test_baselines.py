@@ -39,7 +39,8 @@ def setting():
 def test_ndtc_steps_follow_the_configured_normal():
     steps, mean, std, count = 50, 0.4, 0.4, 40000
     drawn = ndtc_steps(steps, count, mean, std, np.random.default_rng(0))
-    # independent expectation: P(step k) = P(k ≤ u·S < k+1) under N(mean, std), the tails folded into 0 and S−1
+    # independent expectation: P(step k) = P(k ≤ u·S < k+1) under N(mean, std), the tails folded into 0
+    # and S−1
     edges = stats.norm.cdf(np.arange(1, steps) / steps, mean, std)
     probs = np.diff(np.concatenate([[0.0], edges, [1.0]]))
     observed = np.bincount(drawn, minlength=steps)
@@ -68,7 +69,8 @@ def test_uniform_stride_selection_covers_both_ends():
 
 
 def input_maxima(model, names, calib) -> dict:
-    """max |input| per input channel over all calibration inputs, by forward hooks (independent of the method)."""
+    """max |input| per input channel over all calibration inputs, by forward hooks (independent of the
+    method)."""
     result = {}
     hooks = [
         model.get_submodule(n).register_forward_pre_hook(

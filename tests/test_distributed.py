@@ -1,4 +1,5 @@
-"""torchrun sampling on the CPU (gloo): the merged npz equals the single-process one, and resumes from shards."""
+"""torchrun sampling on the CPU (gloo): the merged npz equals the single-process one, and resumes from
+shards."""
 
 import json
 import os

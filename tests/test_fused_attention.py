@@ -1,4 +1,5 @@
-"""The fused quantized attention kernel (tqdit/kernels/fused_attention.py) computes the explicit path's function.
+"""The fused quantized attention kernel (tqdit/kernels/fused_attention.py) computes the explicit path's
+function.
 
 On the CPU the Triton kernel runs under Triton's interpreter (conftest sets TRITON_INTERPRET=1
 when no GPU is present); on a GPU the same tests run compiled, plus one at DiT-XL/2's shapes.

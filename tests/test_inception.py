@@ -111,7 +111,8 @@ def test_sfid_and_is_equal_hand_computations(weights, extractor):
     np.testing.assert_allclose(ours_fake["spatial"], hand_fake["spatial"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ours_fake["logits"], hand_fake["logits"], rtol=1e-5, atol=1e-5)
     metrics = all_metrics(ours_fake, ours_real, split_size=10)
-    # near-singular covariances of 24 samples in 2023 dims: scipy's sqrtm and the eigenvalue form agree to ~1e-4
+    # near-singular covariances of 24 samples in 2023 dims: scipy's sqrtm and the eigenvalue form
+    # agree to ~1e-4
     assert metrics["sfid"] == pytest.approx(
         scipy_frechet(hand_fake["spatial"], hand_real["spatial"]), rel=1e-3
     )

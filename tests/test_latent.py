@@ -1,4 +1,5 @@
-"""The ImageNet-scale path end to end on the CPU: latent DiT + diffusers VAE + Inception + ADM reference batch.
+"""The ImageNet-scale path end to end on the CPU: latent DiT + diffusers VAE + Inception + ADM
+reference batch.
 
 Random weights of the real architectures (DiT-S/2 with the official latent layout, the sd-vae-ft
 AutoencoderKL, torch-fidelity's Inception-v3) are saved to files and loaded through the configs a

@@ -492,7 +492,8 @@ def test_fp8_gelu_kernel_on_the_gpu_follows_exact_arithmetic():
                 (codes - reference).norm() / reference.norm()
             ).item()
             print(
-                f"{model_dtype} {name}: {differ:.4f} of the codes differ from exact arithmetic, relative error {error:.5f}"
+                f"{model_dtype} {name}: {differ:.4f} of the codes differ from exact arithmetic, "
+                f"relative error {error:.5f}"
             )
         assert (kernel != reference).float().mean() < 0.03, model_dtype
         assert (
@@ -596,7 +597,8 @@ FP8_PAIRED_BOUND = 0.5
 
 
 def same_calibration_fid(tmp_path, backend: str, method: str = "mrq_tgq") -> tuple[dict, dict]:
-    """FIDs of the embedded model's fake-quantized and ``backend`` jobs from one calibration (quant.load), same seed."""
+    """FIDs of the embedded model's fake-quantized and ``backend`` jobs from one calibration
+    (quant.load), same seed."""
     common = [
         "num_samples=2000",
         "batch_size=1000",
@@ -638,7 +640,8 @@ def same_calibration_fid(tmp_path, backend: str, method: str = "mrq_tgq") -> tup
 
 @needs_fp8
 def test_fp8_samples_of_the_embedded_model_match_fake_quantization_in_fid(tmp_path):
-    """Same calibration (quant.load), same seed: FID of the real FP8 path within FP8_PAIRED_BOUND of the fake path."""
+    """Same calibration (quant.load), same seed: FID of the real FP8 path within FP8_PAIRED_BOUND of the
+    fake path."""
     fid, record = same_calibration_fid(tmp_path, "fp8")
     assert record["lowbit"]["fp8_linear"] == 16
     assert abs(fid["fp8"] - fid["fake"]) < FP8_PAIRED_BOUND

@@ -296,7 +296,8 @@ def test_sweeping_groups_runs_a_method_without_time_groups_once(tmp_path):
 
 
 def test_bf16_model_calibrates_and_samples(tmp_path):
-    """dtype=bf16 (the ImageNet recipe's setting): capture, calibration and sampling all run the bf16 model."""
+    """dtype=bf16 (the ImageNet recipe's setting): capture, calibration and sampling all run the bf16
+    model."""
     job_dir = run_job(tmp_path, "bf16", "quant=mrq_tgq", "dtype=bf16")
     results = json.loads((job_dir / "results.json").read_text())
     assert results["quant"]["quantized_layers"] > 0

@@ -356,7 +356,8 @@ def test_scope_is_shared_and_resolvable():
         resolve_scope(model, ["nothing.*"])
 
 
-# ~17 s each on a 2-core CPU: the default suite keeps TQ-DiT and PTQ4DiT (its folded weights), the rest run with -m slow
+# ~17 s each on a 2-core CPU: the default suite keeps TQ-DiT and PTQ4DiT (its folded weights), the rest
+# run with -m slow
 @pytest.mark.parametrize(
     "method",
     [

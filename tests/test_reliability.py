@@ -1,4 +1,5 @@
-"""Reliability: jobs killed mid-way resume to identical results, sweeps skip finished jobs, damage is detected."""
+"""Reliability: jobs killed mid-way resume to identical results, sweeps skip finished jobs, damage is
+detected."""
 
 import copy
 import json
@@ -244,7 +245,8 @@ def test_nan_in_calibration_names_the_layer_and_time_group():
     [
         (
             "bits=9",
-            "error: w_bits=9 must be an integer bit width from 2 to 8 (or 16 as a no-op check); set bits= or w_bits=",
+            "error: w_bits=9 must be an integer bit width from 2 to 8 (or 16 as a no-op check); "
+            "set bits= or w_bits=",
         ),
         (
             "quant=mrq_tgq groups=0",
@@ -256,7 +258,8 @@ def test_nan_in_calibration_names_the_layer_and_time_group():
         ),
         (
             "quant.backend=fp8 device=cpu",
-            "error: quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device=cpu does not: use quant.backend=simulated",
+            "error: quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls "
+            "(Hopper; Ada with a recent PyTorch); device=cpu does not: use quant.backend=simulated",
         ),
         (
             "quant=tgq bits=6 quant.backend=int8",

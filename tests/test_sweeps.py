@@ -1,4 +1,5 @@
-"""Sweeps as users run them: the mission command, the end-of-sweep table, failures, launchers, W&B, notebooks."""
+"""Sweeps as users run them: the mission command, the end-of-sweep table, failures, launchers, W&B,
+notebooks."""
 
 import json
 import os

@@ -2,4 +2,5 @@
 
 
 class TqditError(Exception):
-    """Bad input. The message says what is wrong and how to fix it; entry points print it without a traceback."""
+    """Bad input. The message says what is wrong and how to fix it; entry points print it without a
+    traceback."""

@@ -1,4 +1,5 @@
-"""Comparison tables from job directories: ``python -m tqdit.report DIR [DIR ...] [--out DIR] [--csv F] [--latex F]``.
+"""Comparison tables from job directories:
+``python -m tqdit.report DIR [DIR ...] [--out DIR] [--csv F] [--latex F]``.
 
 Reads every ``results.json`` below the given directories (several sweeps merge into one table).
 

@@ -118,7 +118,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     }
     atomic_write_json(out_dir / "train_log.json", summary)
     print(
-        f"trained {steps_done} steps in {seconds:.0f} s on {device}; loss {running:.4f}; weights: {out_dir / 'dit.safetensors'}"
+        f"trained {steps_done} steps in {seconds:.0f} s on {device}; loss {running:.4f}; "
+        f"weights: {out_dir / 'dit.safetensors'}"
     )
     return summary
 

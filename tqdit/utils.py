@@ -16,7 +16,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available, else cpu; anything else as given (with a clear error for missing CUDA)."""
+    """``auto`` -> cuda if available, else cpu; anything else as given (with a clear error for
+    missing CUDA)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -17,12 +17,14 @@ def asset_path(name: str) -> Path:
     path = ASSET_DIR / name
     if name not in manifest or not path.is_file():
         raise FileNotFoundError(
-            f"shipped asset {name} is missing from {ASSET_DIR}; reinstall tqdit or retrain it (see its model card)"
+            f"shipped asset {name} is missing from {ASSET_DIR}; "
+            "reinstall tqdit or retrain it (see its model card)"
         )
     actual = sha256_file(path)
     if actual != manifest[name]:
         raise ValueError(
-            f"shipped asset {name} is damaged (sha256 {actual[:12]}…, expected {manifest[name][:12]}…); reinstall tqdit"
+            f"shipped asset {name} is damaged (sha256 {actual[:12]}…, expected {manifest[name][:12]}…); "
+            "reinstall tqdit"
         )
     return path
 

@@ -12,7 +12,8 @@ the captured data, so the jobs of a sweep capture once. Jobs capture every step 
 method then *selects* its inputs from the shared set (one capture serves the whole sweep):
 
 - ``select_per_group``  the same number of random inputs from every time group (TQ-DiT's methods);
-- ``select_uniform_steps``  ``steps`` steps at a uniform stride, ``per_step`` inputs each (Q-Diffusion, PTQ4DiT);
+- ``select_uniform_steps``  ``steps`` steps at a uniform stride, ``per_step`` inputs each
+  (Q-Diffusion, PTQ4DiT);
 - ``select_ndtc``  PTQ4DM's normally distributed timestep calibration: steps drawn from N(μ, σ)
   (fractions of the trajectory, counted from the clean end), one input per draw.
 """
@@ -48,7 +49,8 @@ class CalibrationSpec:
 
 @dataclass
 class CalibrationSet:
-    """Model inputs captured along FP trajectories: x (M, C, H, W), t (M,) original steps, y (M,), step index (M,)."""
+    """Model inputs captured along FP trajectories: x (M, C, H, W), t (M,) original steps,
+    y (M,), step index (M,)."""
 
     x: torch.Tensor
     t: torch.Tensor

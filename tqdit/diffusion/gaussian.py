@@ -79,7 +79,8 @@ def discretized_gaussian_log_likelihood(
 
 @dataclass
 class GaussianDiffusion:
-    """A (possibly respaced) diffusion process. Index i counts respaced steps; timesteps[i] is the original t."""
+    """A (possibly respaced) diffusion process. Index i counts respaced steps; timesteps[i] is the
+    original t."""
 
     betas: np.ndarray
     timesteps: np.ndarray = field(default=None)  # original timestep of each respaced index

@@ -148,7 +148,8 @@ if triton is not None:
 def check_operands(
     a, weight, input_scale, weight_scale, bias, out_inv_scale, rows_per_sample: int, model_dtype
 ) -> None:
-    """Shapes and dtypes the kernel relies on (it reads memory by them), else a ValueError naming the mismatch."""
+    """Shapes and dtypes the kernel relies on (it reads memory by them), else a ValueError naming the
+    mismatch."""
     m, k = a.shape
     n = weight.shape[0]
     problems = []
@@ -169,8 +170,8 @@ def check_operands(
         or out_inv_scale.shape != (samples,)
     ):
         problems.append(
-            f"per-sample scales {tuple(input_scale.shape)}/{tuple(out_inv_scale.shape)} do not give one value "
-            f"per {rows_per_sample} of the {m} rows"
+            f"per-sample scales {tuple(input_scale.shape)}/{tuple(out_inv_scale.shape)} "
+            f"do not give one value per {rows_per_sample} of the {m} rows"
         )
     if weight_scale.shape != (n,) or (bias is not None and bias.shape != (n,)):
         problems.append(f"per-channel weight scale and bias must each be ({n},)")

@@ -281,7 +281,8 @@ def quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: t
         HEAD_DIM=head_dim,
         DTYPE=dtype,
         PARAMS=PARAMS_PER_SAMPLE,
-        # float32 operands: TF32 tensor cores when PyTorch's matmuls use them (jobs enable it), as the explicit path
+        # float32 operands: TF32 tensor cores when PyTorch's matmuls use them (jobs enable it), as the
+        # explicit path
         PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
         BLOCK_M=config["block_m"],
         BLOCK_N=config["block_n"],

@@ -106,7 +106,8 @@ if triton is not None:
 
 def check_operands(a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias,
                    rows_per_sample: int) -> None:
-    """Shapes and dtypes the kernel relies on (it reads memory by them), else a ValueError naming the mismatch."""
+    """Shapes and dtypes the kernel relies on (it reads memory by them), else a ValueError naming the
+    mismatch."""
     m, k = a.shape
     n = weight.shape[0]
     problems = []
@@ -119,8 +120,8 @@ def check_operands(a, weight, sample_scale, sample_offset, weight_scale, weight_
     if rows_per_sample < 1 or m % rows_per_sample or sample_scale.shape != (m // max(rows_per_sample, 1),) \
             or sample_offset.shape != sample_scale.shape or sample_offset.dtype != torch.int32:
         problems.append(
-            f"per-sample scale/offset {tuple(sample_scale.shape)}/{tuple(sample_offset.shape)} (int32 offsets) "
-            f"do not give one value per {rows_per_sample} of the {m} rows"
+            f"per-sample scale/offset {tuple(sample_scale.shape)}/{tuple(sample_offset.shape)} "
+            f"(int32 offsets) do not give one value per {rows_per_sample} of the {m} rows"
         )
     per_channel = [weight_scale, weight_sum] + [t for t in (weight_offset, bias) if t is not None]
     if any(t.shape != (n,) for t in per_channel) or weight_sum.dtype != torch.int32 or \
@@ -143,7 +144,8 @@ def launch(
     out_dtype: torch.dtype,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """Run the Triton kernel (``config``: one fixed tiling, e.g. :data:`INTERPRETER_CONFIG`; None: autotuned)."""
+    """Run the Triton kernel (``config``: one fixed tiling, e.g. :data:`INTERPRETER_CONFIG`;
+    None: autotuned)."""
     check_operands(
         a, weight, sample_scale, sample_offset, weight_scale, weight_offset, weight_sum, bias, rows_per_sample
     )

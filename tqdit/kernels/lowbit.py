@@ -211,7 +211,8 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = codes.shape
         if self.in_features > int8_gemm.MAX_EXACT_K:
             raise ValueError(
-                f"int8 matmul with K={self.in_features} could overflow int32 (at most {int8_gemm.MAX_EXACT_K})"
+                f"int8 matmul with K={self.in_features} could overflow int32 "
+                f"(at most {int8_gemm.MAX_EXACT_K})"
             )
         stored = (codes - code_offset(wq)).to(torch.int8)
         # one scale and offset per output channel (a per-tensor weight grid is expanded to all of them)

@@ -63,6 +63,7 @@ if triton is not None:
 
     @triton.jit
     def tile_rows_and_columns(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """The output rows and columns of this program's tile (one program per tile, :func:`tile_offsets`' order)."""
+        """The output rows and columns of this program's tile (one program per tile,
+        :func:`tile_offsets`' order)."""
         first_row, first_col = tile_offsets(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         return first_row + tl.arange(0, BLOCK_M), first_col + tl.arange(0, BLOCK_N)

@@ -38,7 +38,8 @@ class DigitClassifier(nn.Module):
         self.head = nn.Linear(128, num_classes)
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: float (N, 1, 32, 32) in [-1, 1] -> (pool (N, 128), logits (N, 10), spatial map (N, 64, 8, 8))."""
+        """x: float (N, 1, 32, 32) in [-1, 1] -> (pool (N, 128), logits (N, 10),
+        spatial map (N, 64, 8, 8))."""
         spatial = self.mid(self.stem(x))
         pool = self.top(spatial).mean(dim=(2, 3))
         return pool, self.head(self.dropout(pool)), spatial

@@ -59,8 +59,9 @@ def inception_weights(path: str | Path | None = None) -> Path:
                 torch.hub.download_url_to_file(INCEPTION_URL, str(weights), progress=False)
             except Exception as error:
                 raise InceptionWeightsError(
-                    f"the Inception-v3 weights {INCEPTION_FILE} are not in {weights.parent} and could not be downloaded "
-                    f"({type(error).__name__}); fetch {INCEPTION_URL} on a machine with internet and put it there, "
+                    f"the Inception-v3 weights {INCEPTION_FILE} are not in {weights.parent} "
+                    f"and could not be downloaded ({type(error).__name__}); fetch {INCEPTION_URL} "
+                    "on a machine with internet and put it there, "
                     f"or set eval.weights=/path/to/{INCEPTION_FILE}"
                 ) from None
     try:
@@ -72,7 +73,8 @@ def inception_weights(path: str | Path | None = None) -> Path:
         ) from None
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise InceptionWeightsError(
-            f"{weights} is not an Inception-v3 state_dict (no fc.weight); use torch-fidelity's {INCEPTION_FILE}"
+            f"{weights} is not an Inception-v3 state_dict (no fc.weight); "
+            f"use torch-fidelity's {INCEPTION_FILE}"
         )
     return weights
 

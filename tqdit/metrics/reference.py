@@ -84,20 +84,23 @@ def read_image_folder(folder: Path) -> np.ndarray:
     sizes = {image.shape for image in images}
     if len(sizes) > 1:
         raise TqditError(
-            f"eval.reference={folder}: images of several sizes {sorted(sizes)[:3]}; resize/crop them to one size first"
+            f"eval.reference={folder}: images of several sizes {sorted(sizes)[:3]}; "
+            "resize/crop them to one size first"
         )
     return np.stack(images)
 
 
 def adm_statistics(batch, path: Path) -> dict:
-    """{pool_stats, spatial_stats} of an ADM reference batch, checked to be Inception pool3/mixed_6 statistics."""
+    """{pool_stats, spatial_stats} of an ADM reference batch, checked to be Inception
+    pool3/mixed_6 statistics."""
     if "mu" not in batch.files:
         return {}
     for key, shape in ADM_STATISTICS.items():
         if key not in batch.files or batch[key].shape != shape:
             found = batch[key].shape if key in batch.files else "missing"
             raise TqditError(
-                f"{path}: '{key}' is {found}, not {shape}; these are not the ADM evaluator's Inception statistics "
+                f"{path}: '{key}' is {found}, not {shape}; "
+                "these are not the ADM evaluator's Inception statistics "
                 "(use an ADM reference batch, or an npz with only arr_0 images)"
             )
     return {
@@ -113,7 +116,8 @@ def load_reference(
     cache_dir: str | Path | None,
     batch_size: int = 500,
 ) -> dict:
-    """The reference for :func:`tqdit.metrics.all_metrics` from an ADM reference batch (.npz) or an image folder.
+    """The reference for :func:`tqdit.metrics.all_metrics` from an ADM reference batch (.npz) or an
+    image folder.
 
     ``image_shape`` (H, W, C) of the generated samples: the reference images must have the same
     resolution, or the comparison would measure resizing rather than the model.
@@ -121,7 +125,8 @@ def load_reference(
     path = Path(source).expanduser()
     if not path.exists():
         raise TqditError(
-            f"eval.reference={source}: not found; {where_to_get(image_shape[0])}; or give a folder of real images"
+            f"eval.reference={source}: not found; {where_to_get(image_shape[0])}; "
+            "or give a folder of real images"
         )
     if path.is_dir():
         images, statistics = read_image_folder(path), {}
@@ -136,7 +141,8 @@ def load_reference(
             ) from None
         if images is None and not statistics:
             raise TqditError(
-                f"eval.reference={source}: holds neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)"
+                f"eval.reference={source}: holds neither images (arr_0) "
+                "nor statistics (mu, sigma, mu_s, sigma_s)"
             )
     if images is not None:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -145,8 +151,9 @@ def load_reference(
             )
         if images.shape[1:3] != tuple(image_shape[:2]):
             raise TqditError(
-                f"eval.reference={source}: reference images are {images.shape[1]}×{images.shape[2]} but samples are "
-                f"{image_shape[0]}×{image_shape[1]}; use the reference for this resolution ({where_to_get(image_shape[0])})"
+                f"eval.reference={source}: reference images are {images.shape[1]}×{images.shape[2]} "
+                f"but samples are {image_shape[0]}×{image_shape[1]}; "
+                f"use the reference for this resolution ({where_to_get(image_shape[0])})"
             )
         features = reference_features(images, extractor, extractor_identity(extractor), cache_dir, batch_size)
     else:

@@ -49,7 +49,8 @@ def inception_score(logits: np.ndarray, split_size: int | None = None, parts: in
         logits = logits[: split_size * parts]
     if split_size < 1 or len(logits) < 2:
         raise ValueError(
-            f"Inception Score needs parts of at least 1 sample and 2 samples in all, got {split_size} and {len(logits)}"
+            "Inception Score needs parts of at least 1 sample and 2 samples in all, "
+            f"got {split_size} and {len(logits)}"
         )
     probs, log_probs = logits.softmax(dim=1), logits.log_softmax(dim=1)
     scores = []

@@ -16,7 +16,7 @@ which computes attention with two ``MatMul`` modules when ``explicit`` is set an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -41,7 +41,7 @@ class Family:
 
     name: str
     matches: Callable[[nn.Module], bool]
-    block_list: str  # attribute holding the blocks (an nn.ModuleList)
+    block_list: str  # name of the submodule holding the blocks (an nn.ModuleList)
     block_roles: dict[str, str]
     model_roles: dict[str, str]
     predict: Callable  # (model, x, t, y) -> model output (N, C_out, H, W)
@@ -53,7 +53,7 @@ class Family:
     units: dict[str, str] = field(default_factory=dict)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return getattr(model, self.block_list)
+        return model.get_submodule(self.block_list)
 
     def role_patterns(self, role: str) -> list[str]:
         """Module-name patterns (fnmatch) of ``role`` in a whole model; empty if the family lacks it."""
@@ -63,9 +63,8 @@ class Family:
 
     def role_of(self, name: str) -> str | None:
         """The role of a module of the model by its name, or None."""
-        head, _, rest = name.partition(".")
-        if head == self.block_list:
-            inside = rest.partition(".")[2]
+        if name.startswith(self.block_list + "."):
+            inside = name[len(self.block_list) + 1 :].partition(".")[2]
             return next((role for role, local in self.block_roles.items() if local == inside), None)
         return next((role for role, full in self.model_roles.items() if full == name), None)
 
@@ -75,7 +74,7 @@ class Family:
     def unit_of(self, name: str) -> str:
         """The module whose call is cut from the graph when calibrating ``name``'s layers."""
         if name.startswith(self.block_list + "."):
-            return ".".join(name.split(".")[:2])
+            return ".".join(name.split(".")[: self.block_list.count(".") + 2])
         for prefix, unit in self.units.items():
             if name.startswith(prefix):
                 return unit
@@ -186,7 +185,47 @@ DIFFUSERS = Family(
     prepare=_prepare_diffusers,
 )
 
-FAMILIES = (TQDIT, DIFFUSERS)
+class DiffusersDiT(nn.Module):
+    """diffusers' ``DiTTransformer2DModel`` with tqdit's sampling interface: ``forward(x, t, y)``,
+    ``forward_with_cfg``, ``in_channels``, ``input_size``, ``num_classes``, ``null_class`` (what the
+    sampler and the calibration capture use). The transformer is ``self.transformer``, quantized in place."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.in_channels = transformer.config.in_channels
+        self.out_channels = transformer.out_channels
+        self.input_size = transformer.config.sample_size
+        self.num_classes = transformer.config.num_embeds_ada_norm
+        self.learn_sigma = self.out_channels == 2 * self.in_channels
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _diffusers_predict(self.transformer, x, t, y)
+
+    forward_with_cfg = DiT.forward_with_cfg  # the same guidance, through this forward
+
+
+def _inside(family: Family, prefix: str, unwrap: Callable) -> Family:
+    """``family`` for a model that holds the implementation as submodule ``prefix``."""
+    return replace(
+        family, name=f"{family.name} (as {prefix})", matches=lambda model: isinstance(model, DiffusersDiT),
+        block_list=f"{prefix}.{family.block_list}",
+        model_roles={role: f"{prefix}.{name}" for role, name in family.model_roles.items()},
+        predict=lambda model, x, t, y: model(x, t, y),
+        embed=lambda model, x, t, y: family.embed(unwrap(model), x, t, y),
+        output_shape=lambda model: family.output_shape(unwrap(model)),
+        attentions=lambda model: family.attentions(unwrap(model)),
+        prepare=lambda model: family.prepare(unwrap(model)),
+        units={**{f"{prefix}.{p}": f"{prefix}.{u}" for p, u in family.units.items()},
+               **{f"{prefix}.{name}": f"{prefix}.{name}" for name in family.model_roles.values()}})
+
+
+DIFFUSERS_WRAPPED = _inside(DIFFUSERS, "transformer", lambda model: model.transformer)
+FAMILIES = (TQDIT, DIFFUSERS, DIFFUSERS_WRAPPED)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -53,7 +53,10 @@ def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
         weight = state["x_embedder.proj.weight"]
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
         tokens = state["pos_embed"].shape[1] if "pos_embed" in state else None
-        return f"hidden {weight.shape[0]}, depth {depth}, patch {weight.shape[-1]}, in_channels {weight.shape[1]}, tokens {tokens}"
+        return (
+            f"hidden {weight.shape[0]}, depth {depth}, patch {weight.shape[-1]}, "
+            f"in_channels {weight.shape[1]}, tokens {tokens}"
+        )
     except (KeyError, ValueError, IndexError):
         return "not a DiT state_dict"
 
@@ -102,7 +105,8 @@ def official_checkpoint_name(arch: str, input_size: int) -> str | None:
 
 
 def load_model(arch: str, input_size: int, checkpoint: str | Path | None = None) -> DiT:
-    """A DiT of configuration ``arch`` with weights from ``checkpoint`` (or the shipped ones), in eval mode."""
+    """A DiT of configuration ``arch`` with weights from ``checkpoint`` (or the shipped ones), in eval
+    mode."""
     from tqdit.assets import asset_path
     from tqdit.models.registry import build_dit
 

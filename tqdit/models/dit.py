@@ -205,7 +205,8 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Class-conditional diffusion transformer; predicts eps (and the variance interpolation if learn_sigma)."""
+    """Class-conditional diffusion transformer; predicts eps (and the variance interpolation if
+    learn_sigma)."""
 
     def __init__(
         self,

@@ -41,8 +41,10 @@ def load_vae(
         folder = Path(path).expanduser()
         if not (folder / "config.json").is_file():
             raise VaeError(
-                f"model.vae.path={path}: no diffusers VAE there (config.json + diffusion_pytorch_model.safetensors); "
-                f"save one with AutoencoderKL.from_pretrained('{VAE_REPOS.get(variant, VAE_REPOS['ema'])}').save_pretrained(DIR)"
+                f"model.vae.path={path}: no diffusers VAE there "
+                "(config.json + diffusion_pytorch_model.safetensors); "
+                f"save one with AutoencoderKL.from_pretrained('{VAE_REPOS.get(variant, VAE_REPOS['ema'])}')"
+                ".save_pretrained(DIR)"
             )
         vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, **options)
     else:
@@ -58,7 +60,8 @@ def load_vae(
                 vae = AutoencoderKL.from_pretrained(repo, **options)
             except Exception as error:
                 raise VaeError(
-                    f"the VAE {repo} is not in the Hugging Face cache and could not be downloaded ({type(error).__name__}); "
+                    f"the VAE {repo} is not in the Hugging Face cache "
+                    f"and could not be downloaded ({type(error).__name__}); "
                     f"run `huggingface-cli download {repo}` where there is internet and copy the cache, "
                     "or set model.vae.path=/dir/of/the/saved/vae"
                 ) from None

@@ -147,7 +147,8 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def read_shard(path: Path, count: int, labels: np.ndarray) -> np.ndarray | None:
-    """The images of a finished batch, or None (with a warning) if the shard is damaged or not this batch's."""
+    """The images of a finished batch, or None (with a warning) if the shard is damaged or not
+    this batch's."""
     try:
         with np.load(path) as shard:
             images, stored = shard["images"], shard["labels"]

@@ -29,7 +29,8 @@ class ReportCallback(Callback):
             print(f"report: {error}", file=sys.stderr)
             sys.exit(1)
         print(
-            f"\n{table}\n\ntables and plots: {sweep_dir}/report.md, report.csv, report.tex, fid_vs_bits.png, fid_vs_groups.png"
+            f"\n{table}\n\ntables and plots: {sweep_dir}/report.md, report.csv, report.tex, "
+            "fid_vs_bits.png, fid_vs_groups.png"
         )
         if failed:
             print(f"{failed} job(s) failed; see error.log in their directories", file=sys.stderr)

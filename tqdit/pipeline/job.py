@@ -37,6 +37,7 @@ from tqdit.metrics import (
 from tqdit.metrics.inception import inception_weights
 from tqdit.metrics.reference import where_to_get
 from tqdit.models import DIT_CONFIGS, load_model
+from tqdit.models.adapters import TQDIT, DiffusersDiT, family_of
 from tqdit.models.checkpoint import require_checkpoint
 from tqdit.models.vae import VAE_REPOS, latent_decoder, load_vae
 from tqdit.pipeline import distributed
@@ -109,7 +110,8 @@ def validate(cfg: DictConfig) -> None:
         value = cfg[key]
         check(
             isinstance(value, int) and not isinstance(value, bool) and (2 <= value <= 8 or value == 16),
-            f"{key}={value} must be an integer bit width from 2 to 8 (or 16 as a no-op check); set bits= or {key}=",
+            f"{key}={value} must be an integer bit width from 2 to 8 (or 16 as a no-op check); set bits= or "
+            f"{key}=",
         )
     if quant.name in METHODS and METHODS[quant.name].uses_time_groups:
         steps = len(space_timesteps(1000, cfg.sampler.steps))
@@ -151,16 +153,19 @@ def validate(cfg: DictConfig) -> None:
     if quant.attention == "fused" and quant.name != "fp":
         check(
             device.type == "cuda",
-            f"quant.attention=fused runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use quant.attention=auto or explicit",
+            f"quant.attention=fused runs a Triton kernel on a CUDA GPU; device={cfg.device} is not one: use "
+            "quant.attention=auto or explicit",
         )
         check(
             fused_attention.available(),
-            "quant.attention=fused needs Triton, which this PyTorch install lacks: install a CUDA build of PyTorch or use quant.attention=explicit",
+            "quant.attention=fused needs Triton, which this PyTorch install lacks: install a CUDA build of "
+            "PyTorch or use quant.attention=explicit",
         )
     if quant.backend == "fp8" and quant.name != "fp":
         check(
             fp8_supported(device),
-            f"quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a recent PyTorch); device={cfg.device} does not: use quant.backend=simulated",
+            f"quant.backend=fp8 needs a CUDA GPU that runs row-wise scaled FP8 matmuls (Hopper; Ada with a "
+            f"recent PyTorch); device={cfg.device} does not: use quant.backend=simulated",
         )
     if quant.name == "noise":  # a control of simulated quantization: nothing to run on 8-bit kernels
         check(
@@ -175,23 +180,48 @@ def validate(cfg: DictConfig) -> None:
     if quant.backend in ("int8", "fp8") and quant.name != "fp":
         check(
             cfg.w_bits == 8 and cfg.a_bits == 8,
-            f"quant.backend={quant.backend} runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or quant.backend=simulated",
+            f"quant.backend={quant.backend} runs W8A8 only, not W{cfg.w_bits}A{cfg.a_bits}: use bits=8 or "
+            "quant.backend=simulated",
         )
     check(quant.load is None or Path(str(quant.load)).expanduser().is_file(),
           f"quant.load={quant.load}: file not found; point it at a job's quant_params.safetensors")
     checkpoint = cfg.model.checkpoint
     check(checkpoint is None or Path(str(checkpoint)).expanduser().is_file(),
           f"model.checkpoint={checkpoint}: file not found; give the path of the weights file")
-    require_checkpoint(cfg.model.arch, cfg.model.input_size, checkpoint)
+    diffusers_model = cfg.model.get("diffusers")
+    if diffusers_model is None:
+        require_checkpoint(cfg.model.arch, cfg.model.input_size, checkpoint)
+    else:  # diffusers' DiTTransformer2DModel: simulated quantization (the 8-bit kernels know tqdit's DiT)
+        check(checkpoint is None,
+              f"model.diffusers={diffusers_model} and model.checkpoint={checkpoint}: give one of them")
+        check(quant.backend == "simulated" or quant.name == "fp",
+              f"quant.backend={quant.backend} runs on tqdit's DiT only, not on model.diffusers models: use "
+              "quant.backend=simulated, or model.checkpoint= with the converted weights")
+        check(quant.attention != "fused",
+              "quant.attention=fused runs on tqdit's DiT only: use quant.attention=auto")
     if cfg.model.latent:
         check(
             cfg.model.vae is not None and cfg.model.vae.variant in VAE_REPOS,
-            f"model.vae.variant={cfg.model.vae.variant if cfg.model.vae else None} is unknown: use {' or '.join(VAE_REPOS)}",
+            f"model.vae.variant={cfg.model.vae.variant if cfg.model.vae else None} is unknown: use "
+            f"{' or '.join(VAE_REPOS)}",
         )
         check(
             isinstance(cfg.model.vae.decode_batch, int) and cfg.model.vae.decode_batch >= 1,
             "model.vae.decode_batch must be a positive integer",
         )
+
+
+def check_model_matches(model, model_cfg: DictConfig) -> None:
+    """A loaded diffusers model must be the one the config describes (sizes and classes drive sampling)."""
+    expected = DIT_CONFIGS[model_cfg.arch]
+    found = dict(input_size=model.input_size, in_channels=model.in_channels, num_classes=model.num_classes,
+                 depth=len(model.transformer.transformer_blocks))
+    wanted = dict(input_size=model_cfg.input_size, in_channels=expected["in_channels"],
+                  num_classes=expected["num_classes"], depth=expected["depth"])
+    if found != wanted:
+        differ = ", ".join(f"{k}={found[k]} (config {wanted[k]})" for k in found if found[k] != wanted[k])
+        raise TqditError(f"model.diffusers={model_cfg.diffusers} is not a {model_cfg.arch} at input size "
+                         f"{model_cfg.input_size}: {differ}; set model.arch= and model.input_size= to match")
 
 
 def hydra_names(message: str) -> str:
@@ -236,7 +266,8 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
     """Calibrate and quantize ``model`` in place (or load saved parameters); returns what results record."""
     method = cfg.quant.name
     config = method_config(cfg)
-    record = {"method": method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+    record = {"method": method, "model_family": family_of(model).name, "w_bits": cfg.w_bits,
+              "a_bits": cfg.a_bits,
               "groups": config.time_groups if METHODS[method].uses_time_groups else None,
               "search": cfg.quant.search, "scope": config.scope, "quantized_layers": 0}
     if method == "fp":
@@ -263,7 +294,8 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
         saved_method = saved_metadata(cfg.quant.load).get("method")
         if saved_method != method:
             raise TqditError(
-                f"quant.load={cfg.quant.load} was calibrated by {saved_method}, not quant={method}; use quant={saved_method}"
+                f"quant.load={cfg.quant.load} was calibrated by {saved_method}, not quant={method}; use "
+                f"quant={saved_method}"
             )
         check_loaded_setting(cfg, Path(str(cfg.quant.load)).expanduser())
         _, _, info = load_quant_state(model, cfg.quant.load)
@@ -367,7 +399,8 @@ def save_grid(path: Path, images: np.ndarray, columns: int = 10, rows: int = 10)
 
 
 def evaluate(images: np.ndarray, eval_cfg: DictConfig, device: torch.device) -> dict[str, float | None]:
-    """Metrics of ``images`` against the configured reference: the embedded digits, an ADM batch or a folder."""
+    """Metrics of ``images`` against the configured reference: the embedded digits, an ADM batch or a
+    folder."""
     extractor = build_extractor(eval_cfg.feature_extractor, device, eval_cfg.weights)
     if eval_cfg.reference == "mnist_digits":
         real_images = load_digits()[0][..., None]
@@ -476,8 +509,8 @@ def already_done(cfg: DictConfig, config: dict, job_dir: Path, sweep_dir: Path |
 def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None = None) -> dict:
     """Run one configured job and return (and write) its results.
 
-    In a sweep (``sweep_dir`` given), a job identical to a finished one except for a ``groups`` value its method ignores is
-    not run again: its ``results.json`` names the job it duplicates (reports skip it).
+    In a sweep (``sweep_dir`` given), a job identical to a finished one except for a ``groups`` value its
+    method ignores is not run again: its ``results.json`` names the job it duplicates (reports skip it).
 
     Under ``torchrun`` (see :mod:`tqdit.pipeline.distributed`) rank 0 decides, calibrates, merges and
     evaluates; every rank samples its share of the batches; every rank returns rank 0's results.
@@ -499,9 +532,14 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
         job_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(job_dir / "config.json", config)  # what this directory holds; checked on resume
     def load():
-        model = load_model(cfg.model.arch, cfg.model.input_size, cfg.model.checkpoint).to(
-            device=device, dtype=dtype
-        )
+        if cfg.model.get("diffusers"):  # diffusers' DiT, behind tqdit's sampling interface
+            from tqdit.models.diffusers_dit import load_diffusers_dit
+
+            model = DiffusersDiT(load_diffusers_dit(cfg.model.diffusers)).eval()
+            check_model_matches(model, cfg.model)
+        else:
+            model = load_model(cfg.model.arch, cfg.model.input_size, cfg.model.checkpoint)
+        model = model.to(device=device, dtype=dtype)
         decode = None
         if cfg.model.latent:  # loaded before calibration: a missing VAE should fail now, not after sampling
             vae = load_vae(cfg.model.vae.variant, cfg.model.vae.path, device)
@@ -526,9 +564,8 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
             cfg.quant.backend != "simulated" and cfg.quant.name != "fp"
         ):  # real low-bit kernels from the calibrated scales
             record.update(lowbit=to_low_bit(model, cfg.quant.backend), weight_bytes=weight_bytes(model))
-        if cfg.quant.name not in ("fp", "noise") and fused_attention_wanted(
-            cfg.quant.attention, device, dtype, cfg.compile
-        ):
+        if (cfg.quant.name not in ("fp", "noise") and family_of(model) is TQDIT
+                and fused_attention_wanted(cfg.quant.attention, device, dtype, cfg.compile)):
             record["fused_attention_blocks"] = fused_attention.use_fused_attention(model)
         return record
 
@@ -625,8 +662,11 @@ def summary_line(results: dict) -> str:
     )
     calibration = f", calibration {q['calibration_s']:.0f} s" if "calibration_s" in q else ""
     return (
-        f"{method} | {cfg['model']['arch']} {cfg['sampler']['method']}-{cfg['sampler']['steps']} cfg={cfg['sampler']['cfg_scale']} "
-        f"N={results['num_samples']} seed={results['seed']}: FID {m['fid']:.3f}  sFID {m['sfid']:.3f}  IS {m['is']:.3f}  "
+        f"{method} | {cfg['model']['arch']} {cfg['sampler']['method']}-{cfg['sampler']['steps']} "
+        f"cfg={cfg['sampler']['cfg_scale']} "
+        f"N={results['num_samples']} seed={results['seed']}: FID {m['fid']:.3f}  sFID {m['sfid']:.3f}  IS "
+        f"{m['is']:.3f}  "
         f"precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
-        f"(sampling {results['timings']['sampling_s']:.0f} s, {results['image_steps_per_s']:.0f} image-steps/s{calibration})"
+        f"(sampling {results['timings']['sampling_s']:.0f} s, {results['image_steps_per_s']:.0f} "
+        f"image-steps/s{calibration})"
     )

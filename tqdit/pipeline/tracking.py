@@ -50,4 +50,7 @@ def log_to_wandb(results: dict, settings: dict, job_dir: Path, sweep_dir: Path |
         run.finish()
         return None
     except Exception as error:  # tracking is a convenience; the job's files are the record
-        return f"W&B logging failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); local results are complete"
+        return (
+            f"W&B logging failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); local results are complete"
+        )

@@ -111,7 +111,8 @@ def start_cost(device: torch.device) -> float:
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
-    """Peak memory so far: the CUDA allocator's peak (reset when calibration starts) or the process's peak RSS."""
+    """Peak memory so far: the CUDA allocator's peak (reset when calibration starts) or the process's
+    peak RSS."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "process_max_rss"

@@ -15,7 +15,8 @@ from tqdit.quant.layers import quantization_disabled
 
 def capture_unit(model: nn.Module, unit: str, names: list[str], x, t, y, probes, need_grads: bool,
                  batch: int) -> dict:
-    """FP inputs (and output gradients) of the scoped modules ``names`` inside ``unit``, per calibration input."""
+    """FP inputs (and output gradients) of the scoped modules ``names`` inside ``unit``, per
+    calibration input."""
     records = {name: {"inputs": None, "grads": []} for name in names}
     family = family_of(model)
     handles = []
@@ -29,7 +30,11 @@ def capture_unit(model: nn.Module, unit: str, names: list[str], x, t, y, probes,
             for slot, operand in zip(entry["inputs"], operands):
                 slot.extend(operand.unbind(0))
             if need_grads:
+                # An output that does not depend on the unit's float inputs (diffusers' adaLN: its block
+                # embeds the integer timestep and label itself) becomes a leaf, so ∂L/∂O still reaches it.
+                output = output if output.requires_grad else output.detach().requires_grad_()
                 output.register_hook(lambda grad: entry["grads"].extend(grad.detach().unbind(0)))
+                return output
         return hook
 
     def cut_graph(module, args):
@@ -62,6 +67,6 @@ def check_finite(name: str, operands: list[list[torch.Tensor]], groups: torch.Te
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
             raise FloatingPointError(
-                f"calibration: {name} sees NaN/Inf values (time group {int(groups[first])}, calibration input "
-                f"{first}); the FP model diverges on its calibration data"
+                f"calibration: {name} sees NaN/Inf values (time group {int(groups[first])}, "
+                f"calibration input {first}); the FP model diverges on its calibration data"
             )

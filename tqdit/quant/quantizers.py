@@ -188,12 +188,14 @@ class UniformQuantizer(CalibratedState):
         self.refresh()
 
     def represented_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(low, high) per group and channel, (groups, channels), in float64: the values the grid represents."""
+        """(low, high) per group and channel, (groups, channels), in float64: the values the grid
+        represents."""
         scale, zero_point = self.scale.double(), self.zero_point.double()
         return (self.qmin - zero_point) * scale, (self.qmax - zero_point) * scale
 
     def refresh(self) -> None:
-        """Enable the quantizer and cache per-tensor parameters as Python numbers (after setting or loading)."""
+        """Enable the quantizer and cache per-tensor parameters as Python numbers (after setting or
+        loading)."""
         super().refresh()
         if self.scale.shape[1] == 1:
             self._scalars = [
@@ -277,7 +279,8 @@ class UniformNoise(UniformQuantizer):
 def range_to_params(
     low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero_point) of a uniform grid covering [low, high]; symmetric grids cover ±max(|low|, |high|)."""
+    """(scale, zero_point) of a uniform grid covering [low, high]; symmetric grids cover
+    ±max(|low|, |high|)."""
     low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
@@ -427,9 +430,9 @@ class SoftmaxMRQ(_MultiRegionQuantizer):
 class GeluMRQ(_MultiRegionQuantizer):
     """Multi-region quantizer for post-GELU values (TQ-DiT MRQ).
 
-    Negative values (GELU ≥ −0.16997, see GELU_MIN) use a fixed Δ₋ = 0.16997 / 2^(b-1) on [−0.16997, 0] with codes
-    −2^(b-1)..0; positive values use a searched Δ₊ on [0, (2^(b-1) − 1)·Δ₊]. Each value is quantized
-    in its own region. ``positive_scale`` Δ₊ is the searched parameter, one per time group.
+    Negative values (GELU ≥ −0.16997, see GELU_MIN) use a fixed Δ₋ = 0.16997 / 2^(b-1) on [−0.16997, 0]
+    with codes −2^(b-1)..0; positive values use a searched Δ₊ on [0, (2^(b-1) − 1)·Δ₊]. Each value is
+    quantized in its own region. ``positive_scale`` Δ₊ is the searched parameter, one per time group.
     """
 
     def __init__(self, bits: int, groups: int = 1, context: TimeGroupContext | None = None):

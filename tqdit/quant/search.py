@@ -47,7 +47,8 @@ class SearchConfig:
     def __post_init__(self):
         if self.criterion not in OUTPUT_CRITERIA + TENSOR_CRITERIA:
             raise ValueError(
-                f"unknown quant.search '{self.criterion}': use one of {', '.join(OUTPUT_CRITERIA + TENSOR_CRITERIA)}"
+                f"unknown quant.search '{self.criterion}': "
+                f"use one of {', '.join(OUTPUT_CRITERIA + TENSOR_CRITERIA)}"
             )
 
     def alphas(self) -> torch.Tensor:

@@ -40,7 +40,8 @@ def save_quant_state(
 
 
 def load_quant_state(model, path: str | Path) -> tuple[str, CalibrationConfig, dict]:
-    """Wrap ``model`` as recorded in ``path`` and load its calibrated parameters; returns (method, config, info)."""
+    """Wrap ``model`` as recorded in ``path`` and load its calibrated parameters; returns
+    (method, config, info)."""
     path = Path(path)
     if not path.is_file():
         raise TqditError(f"quant.load={path}: file not found; point it at a job's quant_params.safetensors")
