@@ -26,10 +26,8 @@ import torch
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
 from tqdit.models import build_dit
-from tqdit.quant.config import CalibrationConfig
 from tqdit.quant.methods import config_from_settings, METHODS, quantize
 from tqdit.quant.search import SearchConfig
-from tqdit.quant.methods import FIXED_SEARCH
 from tqdit.quant.reconstruct import ReconConfig
 from tqdit.utils import atomic_write_json
 
@@ -123,8 +121,8 @@ def main() -> None:
     for method in methods:
         # each method's own choices (search rule, calibration steps) stand; only the shared settings are
         # set here
-        search = SearchConfig(batch=args.search_batch, criterion=FIXED_SEARCH.get(method, "hessian"))
-        cfg = CalibrationConfig(
+        search = SearchConfig(batch=args.search_batch, criterion=METHODS[method].fixed_search or "hessian")
+        settings = dict(
             w_bits=args.bits,
             a_bits=args.bits,
             scope=scope,
@@ -136,7 +134,8 @@ def main() -> None:
         )
         if cuda:
             torch.cuda.empty_cache()
-        quantized, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
+        cfg = config_from_settings(method, settings, {})  # the method's defaults for its own settings
+        quantized, cost = quantize(copy.deepcopy(model), calib, cfg)
         del quantized  # before the next method: its peak memory must not include this model
         peak = cost["peak_memory_bytes"] / 2**30
         projected = cost["calibration_s"] * total_blocks / blocks

@@ -35,8 +35,8 @@ from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
 from tqdit.diffusion.sampling import guided_model
 from tqdit.models import load_model
-from tqdit.pipeline.job import quant_config
-from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.pipeline.job import method_config
+from tqdit.quant.methods import quantize
 from tqdit.utils import atomic_write_json, keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,15 +91,15 @@ def main() -> None:
     start = time.perf_counter()
     calib = capture(model, diffusion, spec)
     capture_s = time.perf_counter() - start
-    qcfg = quant_config(cfg)
-    quantized, cost = METHODS[cfg.quant.name](copy.deepcopy(model), calib, qcfg)
+    qcfg = method_config(cfg)
+    quantized, cost = quantize(copy.deepcopy(model), calib, qcfg)
     sampling = (cfg.batch_size, cfg.sampler.cfg_scale, cfg.sampler.cfg_channels, args.steps)
     fp_rate = image_steps_per_s(model, diffusion, *sampling)
     quant_rate = image_steps_per_s(quantized, diffusion, *sampling)
     result = {
         "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "freed_memory_kept": freed_memory_kept,
-        "method": cfg.quant.name, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "groups": qcfg.time_groups,
+        "method": cfg.quant.name, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "groups": getattr(qcfg, "time_groups", None),
         "calibration_capture_s": round(capture_s, 1), "calibration_s": round(cost["calibration_s"], 1),
         "fp_image_steps_per_s": round(fp_rate, 1), "fake_quant_image_steps_per_s": round(quant_rate, 1),
         "fake_quant_over_fp_time": round(fp_rate / quant_rate, 2),

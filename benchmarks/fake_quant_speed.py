@@ -50,8 +50,7 @@ import torch
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import PerSampleNoise, create_diffusion, guided_model, sample_loop
 from tqdit.models import build_dit
-from tqdit.quant.config import CalibrationConfig
-from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.methods import config_from_settings, quantize
 from tqdit.quant.search import SearchConfig
 from tqdit.kernels import fused_attention
 from tqdit.kernels.fused_attention import use_fused_attention
@@ -240,15 +239,15 @@ def main() -> None:
     print(f"[{time.perf_counter() - started:.0f} s] calibration data captured", flush=True)
 
     def calibrate(method: str, scope: str = "blocks"):
-        cfg = CalibrationConfig(
+        cfg = config_from_settings(method, dict(
             w_bits=args.bits,
             a_bits=args.bits,
             time_groups=args.groups,
             num_inputs=64,
             scope=scope,
             search=SearchConfig(criterion="minmax", batch=32),
-        )
-        quantized, cost = METHODS[method](copy.deepcopy(fp), calib, cfg)
+        ), {})
+        quantized, cost = quantize(copy.deepcopy(fp), calib, cfg)
         results[f"calibration_s_{method}_{scope}"] = cost["calibration_s"]
         return quantized
 

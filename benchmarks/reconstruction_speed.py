@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import torch
 
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
 from tqdit.models import build_dit, load_model
-from tqdit.quant.config import CalibrationConfig
 from tqdit.quant.layers import QuantLinear
-from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.methods import config_from_settings, quantize
 from tqdit.quant.search import SearchConfig
 from tqdit.quant.reconstruct import ReconConfig
 from tqdit.utils import atomic_write_json
@@ -55,7 +53,7 @@ def agreement(a: dict, b: dict) -> float:
 
 
 def measure(model, calib, method: str, recon: ReconConfig, scope, device, keep: dict | None = None) -> dict:
-    cfg = CalibrationConfig(
+    cfg = config_from_settings(method, dict(
         w_bits=8,
         a_bits=8,
         scope=scope,
@@ -63,11 +61,11 @@ def measure(model, calib, method: str, recon: ReconConfig, scope, device, keep: 
         capture_batch=32,
         search=SearchConfig(criterion="lp", batch=32),
         recon=recon,
-    )
+    ), {})
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    quantized, cost = METHODS[method](copy.deepcopy(model), calib, cfg)
+    quantized, cost = quantize(copy.deepcopy(model), calib, cfg)
     rec = cost["reconstruction"]
     fitted = sum(1 for e, a in zip(rec["error_nearest"], rec["error_after"]) if e != a) or 1
     iterations = iterations_per_block(recon, rec["joint"]) * fitted

@@ -11,7 +11,7 @@ from tqdit.data.calibration import CalibrationSpec, capture, ndtc_steps, select_
 from tqdit.diffusion import create_diffusion
 from tqdit.quant.config import CalibrationConfig
 from tqdit.quant.layers import quantizers, QuantLinear
-from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.methods import config_from_settings, quantize
 from tqdit.quant.search import SearchConfig
 from tqdit.quant.state import load_quant_state, save_quant_state
 from tqdit.quant.calibrate import calibrate

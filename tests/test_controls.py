@@ -2,13 +2,11 @@
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
-from tqdit.quant.config import CalibrationConfig
 from tqdit.quant.layers import quantizers
-from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.methods import config_from_settings, quantize
 from tqdit.quant.quantizers import UniformQuantizer
 from tqdit.quant.search import SearchConfig
 from tqdit.quant.quantizers import hash_uniform

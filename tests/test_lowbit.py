@@ -14,7 +14,6 @@ from test_pipeline import ROOT
 from test_quant import tiny_dit
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
-from tqdit.quant.config import CalibrationConfig
 from tqdit.quant.methods import config_from_settings, METHODS, quantize
 from tqdit.quant.search import SearchConfig
 from tqdit.quant.layers import QuantLinear, quantizers

@@ -110,7 +110,6 @@ def tiny_dit(depth=2):
 
 @pytest.mark.parametrize("steps", [50, 100, 250])
 def test_time_groups_follow_the_sampling_steps(steps):
-    model = tiny_dit(depth=1)
     diffusion = create_diffusion(steps)
     for groups in sorted({1, 5, 10, 25, steps}):
         cfg = CalibrationConfig(w_bits=8, a_bits=8, time_groups=groups)

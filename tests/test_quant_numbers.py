@@ -17,7 +17,7 @@ from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
 from tqdit.quant.config import CalibrationConfig
 from tqdit.quant.layers import QuantLinear, QuantMatMul
-from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.methods import config_from_settings, quantize
 from tqdit.quant.quantizers import SoftmaxMRQ, TimeGroupContext, UniformQuantizer
 from tqdit.quant.search import SearchConfig
 from tqdit.quant.wrapping import group_table, wrap

@@ -17,8 +17,7 @@ from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
 from tqdit.models import load_model
 from tqdit.pipeline.generate import generate
-from tqdit.quant.config import CalibrationConfig
-from tqdit.quant.methods import config_from_settings, METHODS, quantize
+from tqdit.quant.methods import config_from_settings, quantize
 from tqdit.quant.search import SearchConfig
 
 from test_quant import tiny_dit

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tqdit.models.diffusers_dit import predict
 from tqdit.models.dit import DiT, MatMul
 
 # Roles of modules inside one transformer block, and outside the blocks.
@@ -160,7 +161,7 @@ def _prepare_diffusers(model: nn.Module) -> None:
 
 def _diffusers_predict(model, x, t, y):
     _prepare_diffusers(model)
-    return model(x, timestep=t, class_labels=y, return_dict=False)[0]
+    return predict(model, x, t, y)
 
 
 def _diffusers_embed(model, x, t, y):

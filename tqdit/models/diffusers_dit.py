@@ -254,8 +254,9 @@ def _check_config(config_file: str | Path, where: str) -> None:
                          "give a DiT pipeline (with transformer/) or its transformer folder")
 
 
-def _locate(path_or_repo: str, subfolder: str | None) -> tuple[str, str | None]:
-    """(what to pass to from_pretrained, subfolder) for a folder or a repo id in the local cache."""
+def locate_diffusers_dit(path_or_repo: str, subfolder: str | None = None) -> tuple[str, str | None]:
+    """(what to pass to from_pretrained, subfolder) for a folder or a repo id in the local cache; reads
+    config files only, so a job checks it before any work. Missing: a one-line TqditError."""
     candidates = [subfolder] if subfolder is not None else [None, "transformer"]
     folder = Path(path_or_repo).expanduser()
     if folder.is_dir():
@@ -294,7 +295,7 @@ def load_diffusers_dit(path_or_repo: str, subfolder: str | None = None, referenc
     Anything missing is a one-line :class:`TqditError` naming the fix.
     """
     transformer_class = _transformer_class()
-    source, found = _locate(str(path_or_repo), subfolder)
+    source, found = locate_diffusers_dit(str(path_or_repo), subfolder)
     try:
         transformer = transformer_class.from_pretrained(
             source, subfolder=found, local_files_only=True, low_cpu_mem_usage=False

@@ -192,6 +192,9 @@ def validate(cfg: DictConfig) -> None:
     if diffusers_model is None:
         require_checkpoint(cfg.model.arch, cfg.model.input_size, checkpoint)
     else:  # diffusers' DiTTransformer2DModel: simulated quantization (the 8-bit kernels know tqdit's DiT)
+        from tqdit.models.diffusers_dit import locate_diffusers_dit
+
+        locate_diffusers_dit(str(diffusers_model))  # in the local cache or a folder, before any work
         check(checkpoint is None,
               f"model.diffusers={diffusers_model} and model.checkpoint={checkpoint}: give one of them")
         check(quant.backend == "simulated" or quant.name == "fp",
