@@ -99,7 +99,8 @@ def main() -> None:
     result = {
         "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "freed_memory_kept": freed_memory_kept,
-        "method": cfg.quant.name, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "groups": getattr(qcfg, "time_groups", None),
+        "method": cfg.quant.name, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+        "groups": getattr(qcfg, "time_groups", None),
         "calibration_capture_s": round(capture_s, 1), "calibration_s": round(cost["calibration_s"], 1),
         "fp_image_steps_per_s": round(fp_rate, 1), "fake_quant_image_steps_per_s": round(quant_rate, 1),
         "fake_quant_over_fp_time": round(fp_rate / quant_rate, 2),
