@@ -30,7 +30,8 @@ def main(cfg: DictConfig):
     sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     cfg.device = distributed.device_name(cfg.device)  # under torchrun: this process's GPU
     try:
-        if cfg.gpu_slots and takes_gpu_slot(cfg.device):  # local multi-GPU launcher: a free GPU of the machine
+        # local multi-GPU launcher: a free GPU of the machine
+        if cfg.gpu_slots and takes_gpu_slot(cfg.device):
             with claimed_gpu(cfg.gpu_slots, (sweep_dir or job_dir) / ".gpu_locks") as gpu:
                 cfg.device = f"cuda:{gpu}"
                 results = run_job(cfg, job_dir, sweep_dir)

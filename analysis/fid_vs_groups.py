@@ -21,7 +21,8 @@ from tqdit.report import bits_label, line_label, load_results, summarize, varyin
 table = summarize(load_results(sweep_directories()))
 grouped = table[(table["groups"] != "–") & (table["seeds"] > 0)].copy()
 grouped["G"] = grouped["groups"].astype(int)
-others = varying_columns(table, exclude=("method", "w_bits", "a_bits", "groups"))  # one line per other setting
+# one line per other setting
+others = varying_columns(table, exclude=("method", "w_bits", "a_bits", "groups"))
 grouped["line"] = [f"{line_label(row, others)} {bits_label(row)}" for _, row in grouped.iterrows()]
 grouped[["line", "G", "fid", "fid_std", "dfid", "seeds"]]
 

@@ -36,7 +36,8 @@ axis.set_xticks(range(best.shape[1]), best.columns)
 axis.set_yticks(range(best.shape[0]), best.index)
 for (i, j), value in np.ndenumerate(best.to_numpy(dtype=float)):
     if np.isfinite(value):
-        axis.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if value > np.nanmedian(best) else "black")
+        colour = "white" if value > np.nanmedian(best) else "black"
+        axis.text(j, i, f"{value:.1f}", ha="center", va="center", color=colour)
 figure.colorbar(image, label="log10 FID")
 figure.tight_layout()
 figure.savefig(figure_path("method_bits_heatmap"), dpi=120)

@@ -27,6 +27,7 @@ from test_pipeline import ROOT  # noqa: E402
 SEARCH = SearchConfig(criterion="hessian", candidates=12, rounds=1)
 RECON = tqdit.ReconConfig(iters=40, act_iters=20, batch=8)
 CONFIGS = {
+    "noise": tqdit.NoiseConfig(w_bits=6, a_bits=6, num_inputs=24, capture_batch=8),
     "uniform": tqdit.UniformConfig(w_bits=6, a_bits=6, num_inputs=24, capture_batch=8),
     "mrq_tgq": tqdit.TQDiTConfig(
         w_bits=6, a_bits=6, time_groups=2, num_inputs=24, capture_batch=8, search=SEARCH

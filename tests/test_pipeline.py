@@ -110,6 +110,13 @@ def compose(*overrides: str):
             "quant=qdiffusion quant.recon.precision=fp16",
             "quant.recon.precision=fp16 is unknown: use one of fp32, bf16",
         ),
+        # messages of the method configs, in command-line names
+        ("quant=ptq4dm quant.p=3.0", "quant.p=3.0 conflicts with quant.params.p=2.4"),
+        (
+            "quant=qdiffusion quant.params.calib_steps=0",
+            "quant.params.calib_steps=0 must be a positive integer",
+        ),
+        ("quant=tgq quant.num_inputs=0", "quant.num_inputs=0 must be a positive integer"),
         ("quant.attention=flash", "quant.attention=flash is unknown: use auto, fused or explicit"),
         (
             "device=cpu quant=mrq_tgq quant.attention=fused",

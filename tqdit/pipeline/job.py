@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -141,7 +142,7 @@ def validate(cfg: DictConfig) -> None:
     try:
         method_config(cfg)  # the method's config validates itself (bits, its own quant.params, ...)
     except (TypeError, ValueError) as error:
-        raise TqditError(hydra_names(str(error))) from None
+        raise TqditError(hydra_names(str(error), quant.name)) from None
     check(
         quant.backend in ("simulated", "int8", "fp8"),
         f"quant.backend={quant.backend} is unknown: use simulated, int8 or fp8",
@@ -227,14 +228,18 @@ def check_model_matches(model, model_cfg: DictConfig) -> None:
                          f"{model_cfg.input_size}: {differ}; set model.arch= and model.input_size= to match")
 
 
-def hydra_names(message: str) -> str:
-    """A config class's message in the names the command line uses (``w_bits=`` stays, ``search=`` is
-    ``quant.search=``), without the class name."""
-    message = message.split(": ", 1)[1] if message.split(":")[0].endswith("Config") else message
-    for key in ("search", "scope", "grouped", "recon", "num_inputs", "capture_batch", "time_groups"):
-        message = message.replace(f" {key}=", f" quant.{key}=" if key != "time_groups" else " groups=")
-        message = message.replace(f" {key}.", f" quant.{key}.")
-    return message
+def hydra_names(message: str, method: str) -> str:
+    """A config class's message in the names the command line uses, without the class name: a method's
+    own fields are ``quant.params.<key>``, ``search.p`` is ``quant.p``, ``search=`` is ``quant.search=``,
+    ``time_groups`` is ``groups``, the other shared fields ``quant.<key>`` (bit widths stay as they are)."""
+    if not message.split(":")[0].endswith("Config"):
+        return message  # already in command-line names (config_from_settings')
+    message = message.split(": ", 1)[1]
+    names = {"search.p": "quant.p", "time_groups": "groups", "recon": "quant.recon"}
+    names |= {key: f"quant.{key}" for key in ("search", "scope", "grouped", "num_inputs", "capture_batch")}
+    names |= {key: f"quant.params.{key}" for key in METHODS[method].own_settings}
+    pattern = "|".join(re.escape(key) for key in sorted(names, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.])({pattern})(?=[=.\s]|$)", lambda m: names[m.group(1)], message)
 
 
 def method_config(cfg: DictConfig) -> MethodConfig:

@@ -53,7 +53,7 @@ def _fail(config, message: str) -> None:
     raise ValueError(f"{type(config).__name__}: {message}")
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class MethodConfig:
     """Settings every method shares. Subclasses add their own and state what they fix."""
 
@@ -96,8 +96,9 @@ class MethodConfig:
     def calibration(self, **fixed) -> CalibrationConfig:
         """The engine's settings: the shared ones, the method's ``fixed`` choices, its own as ``params``."""
         settings = {f.name: getattr(self, f.name) for f in fields(MethodConfig)}
+        own = {f.name for f in fields(self)}
         for key in ("time_groups", "grouped", "recon"):
-            if hasattr(self, key):
+            if key in own:
                 settings[key] = getattr(self, key)
         return CalibrationConfig(**{**settings, **fixed}, params=self.own_settings())
 
@@ -105,7 +106,7 @@ class MethodConfig:
         return asdict(self)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class TimeGroupedConfig(MethodConfig):
     """Methods with per-time-group activation parameters (TGQ, TQ-DiT)."""
 
@@ -129,7 +130,7 @@ class TimeGroupedConfig(MethodConfig):
             _fail(self, f"grouped has unknown positions {unknown}; choose from all, {', '.join(POSITIONS)}")
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class ReconstructingConfig(MethodConfig):
     """Methods that end with block reconstruction (Q-Diffusion, PTQ4DiT)."""
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tqdit.models.adapters import family_of
+from tqdit.models.adapters import TQDIT, family_of
 from tqdit.models.dit import MatMul
 from tqdit.quant.config import POSITIONS, CalibrationConfig
 from tqdit.quant.layers import QuantLinear, QuantMatMul, quantizers, replace_module
@@ -166,12 +166,26 @@ def use_explicit_attention(model: nn.Module) -> None:
     family.set_explicit_attention(model, explicit)
 
 
+def reference_name(model: nn.Module, name: str) -> str:
+    """A quantizer's name as it would be in tqdit's DiT (``blocks.3.attn.qkv.act``): the same operand has
+    the same name in every family (the noise control's seeds are drawn from it)."""
+    family = family_of(model)
+    layer, _, operand = name.rpartition(".")
+    role = family.role_of(layer)
+    if role is None or family is TQDIT:
+        return name
+    if role in family.block_roles:
+        number = layer[len(family.block_list) + 1 :].partition(".")[0]
+        return f"{TQDIT.block_list}.{number}.{TQDIT.block_roles[role]}.{operand}"
+    return f"{TQDIT.model_roles[role]}.{operand}"
+
+
 def add_noise_instead_of_rounding(model: nn.Module) -> None:
     """The noise control: every uniform quantizer keeps its grid and adds noise of its step instead of
     rounding (``UniformNoise``); ``model.quant_config`` says so, so a saved model reloads the same way."""
     for name, quantizer in quantizers(model):
         if type(quantizer) is UniformQuantizer:
-            UniformNoise.from_uniform(quantizer, name)
+            UniformNoise.from_uniform(quantizer, reference_name(model, name))
     model.quant_config = replace(model.quant_config, error_model="noise")
     for module in model.modules():
         if isinstance(module, QuantLinear) and module._frozen_weight is not None:

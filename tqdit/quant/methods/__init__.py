@@ -78,7 +78,11 @@ def quantize(model, calib, config: MethodConfig):
     ``calib``: the FP calibration set (``tqdit.capture``). ``cost``: calibration seconds, peak memory
     and what the method records (quantized layers, calibration inputs, reconstruction errors).
     """
-    return method_of(config).run(model, calib, config)
+    method = method_of(config)
+    if getattr(model, "quant_config", None) is not None:
+        raise ValueError("the model is already quantized; quantize a fresh copy of the FP model "
+                         "(copy.deepcopy before the first quantize)")
+    return method.run(model, calib, config)
 
 
 def config_from_settings(name: str, shared: dict, own: dict) -> MethodConfig:

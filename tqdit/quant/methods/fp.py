@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from tqdit.quant.config import MethodConfig
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class FPConfig(MethodConfig):
     """No settings are used: the model stays as it is."""
 

@@ -22,7 +22,7 @@ def check_multi_region_bits(config) -> None:
                          "at least 3 bits (one selects the region); use a_bits >= 3")
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class MRQConfig(MethodConfig):
     def __post_init__(self):
         super().__post_init__()

@@ -14,7 +14,7 @@ from tqdit.quant.config import TimeGroupedConfig
 from tqdit.quant.methods.mrq import check_multi_region_bits
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class TQDiTConfig(TimeGroupedConfig):
     def __post_init__(self):
         super().__post_init__()

@@ -20,7 +20,7 @@ from tqdit.quant.methods.uniform import UniformConfig
 from tqdit.quant.wrapping import add_noise_instead_of_rounding
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class NoiseConfig(UniformConfig):
     """uniform's settings: the grids whose step sizes the noise takes."""
 

@@ -44,7 +44,7 @@ BALANCED = ("attn.proj", "attn.qkv", "mlp.fc1")  # proj first: its fold changes 
 ROLE_OF = {"attn.proj": "proj", "attn.qkv": "qkv", "mlp.fc1": "fc1"}  # the layers' roles in any DiT family
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class PTQ4DiTConfig(QDiffusionConfig):
     num_inputs: int = 800  # 25 steps x 32 inputs (the paper's 256x256 setting)
     recon: ReconConfig = field(default_factory=lambda: ReconConfig(p=2.0, act_lr=4e-5))

@@ -29,7 +29,7 @@ def check_lp_exponent(config) -> None:
                          "the method's Lp exponent; set p= instead")
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class PTQ4DMConfig(MethodConfig):
     num_inputs: int = 1024  # the paper's calibration size
     search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="lp"))

@@ -29,7 +29,7 @@ from tqdit.quant.reconstruct import ReconConfig, reconstruct_blocks
 from tqdit.quant.search import SearchConfig
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class QDiffusionConfig(ReconstructingConfig):
     num_inputs: int = 800  # 25 steps x 32 inputs (PTQ4DiT's setting of this baseline on DiT)
     search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="lp"))

@@ -17,7 +17,7 @@ from tqdit.quant.calibrate import calibrate
 from tqdit.quant.config import TimeGroupedConfig
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class TGQConfig(TimeGroupedConfig):
     pass
 

@@ -13,7 +13,7 @@ from tqdit.quant.config import MethodConfig
 from tqdit.quant.search import SearchConfig
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class UniformConfig(MethodConfig):
     search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="lp"))
 
