@@ -14,7 +14,7 @@ import torch
 import tqdit
 from tqdit.data.calibration import CalibrationSpec, capture
 from tqdit.diffusion import create_diffusion
-from tqdit.models import build_dit
+from tqdit.models import build_dit, load_dit_weights
 from tqdit.models.adapters import DIFFUSERS, TQDIT, DiffusersDiT, family_of
 from tqdit.quant.layers import quantizers
 from tqdit.quant.search import SearchConfig
@@ -22,6 +22,7 @@ from tqdit.quant.search import SearchConfig
 diffusers = pytest.importorskip("diffusers")
 from tqdit.models.diffusers_dit import to_diffusers  # noqa: E402  (needs diffusers)
 
+from test_latent import files  # noqa: E402, F401  (a module fixture: the latent job's files)
 from test_pipeline import ROOT  # noqa: E402
 
 SEARCH = SearchConfig(criterion="hessian", candidates=12, rounds=1)
@@ -122,29 +123,12 @@ def rename(name: str, family) -> str:
 
 
 @pytest.fixture(scope="module")
-def diffusers_folder(tmp_path_factory):
-    """A random DiT-S/2 (input 4) saved as a diffusers pipeline folder (transformer/), and the same
-    weights as a tqdit checkpoint."""
-    from safetensors.torch import save_file
-    from tqdit.metrics.inception import save_random_weights
-    import numpy as np
-
-    root = tmp_path_factory.mktemp("diffusers_job")
-    torch.manual_seed(0)
-    dit = build_dit("DiT-S/2", input_size=4)
-    with torch.no_grad():
-        for block in dit.blocks:
-            torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
-        torch.nn.init.normal_(dit.final_layer.linear.weight, std=0.02)
-    to_diffusers(dit).save_pretrained(root / "pipeline" / "transformer")
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(root / "dit.safetensors"))
-    from tqdit.models.vae import SD_VAE_CONFIG
-
-    diffusers.AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(root / "vae")
-    save_random_weights(root / "inception.pth")
-    rng = np.random.default_rng(0)
-    np.savez(root / "VIRTUAL_tiny.npz", arr_0=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
-    return root
+def diffusers_folder(files):
+    """test_latent's random DiT-S/2 (input 4), VAE, Inception and reference files, plus the same DiT
+    saved as a diffusers pipeline folder (transformer/)."""
+    dit = load_dit_weights(build_dit("DiT-S/2", input_size=4), files / "dit.safetensors")
+    to_diffusers(dit).save_pretrained(files / "pipeline" / "transformer")
+    return files
 
 
 def job(root, job_dir, *model):
