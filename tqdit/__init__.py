@@ -25,6 +25,8 @@ _EXPORTS = {
     "MRQConfig": "tqdit.quant.methods",
     "TGQConfig": "tqdit.quant.methods",
     "TQDiTConfig": "tqdit.quant.methods",
+    "QDiTConfig": "tqdit.quant.methods",
+    "DiTASConfig": "tqdit.quant.methods",
     "SearchConfig": "tqdit.quant.search",
     "ReconConfig": "tqdit.quant.reconstruct",
     "save_quant_state": "tqdit.quant.state",

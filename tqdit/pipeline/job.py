@@ -178,6 +178,13 @@ def validate(cfg: DictConfig) -> None:
             quant.attention != "fused",
             "quant=noise: the fused attention kernel rounds; use quant.attention=auto or explicit",
         )
+    if quant.name in METHODS and METHODS[quant.name].runtime_grids:
+        check(quant.backend == "simulated",
+              f"quant={quant.name} computes its activation grids at run time, which tqdit's 8-bit kernels do "
+              f"not (yet): use quant.backend=simulated (results record it)")
+        check(quant.attention != "fused",
+              f"quant={quant.name}: the fused attention kernel takes calibrated grids only; use "
+              "quant.attention=auto or explicit")
     if quant.backend in ("int8", "fp8") and quant.name != "fp":
         check(
             cfg.w_bits == 8 and cfg.a_bits == 8,
@@ -270,10 +277,29 @@ def fused_attention_wanted(setting: str, device: torch.device, dtype: torch.dtyp
     return setting == "fused"
 
 
-def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path) -> dict:
+def fid_fitness(cfg: DictConfig, diffusion, decode, num_samples: int, seed: int):
+    """model -> FID of ``num_samples`` samples (seed ``seed``, the same for every call) under this job's
+    sampler, labels and reference: Q-DiT's search fitness, measured as the job will measure the result."""
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+
+    def score(model) -> float:
+        images, _ = generate(model, diffusion, num_samples, min(cfg.batch_size, num_samples), seed,
+                             labels=cfg.labels, cfg_scale=cfg.sampler.cfg_scale,
+                             cfg_channels=cfg.sampler.cfg_channels, method=cfg.sampler.method,
+                             eta=cfg.sampler.eta, clip_denoised=cfg.sampler.clip_denoised, dtype=dtype,
+                             decode=decode, progress=False)
+        return evaluate(images, cfg.eval, device)["fid"]
+
+    return score
+
+
+def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path, decode=None) -> dict:
     """Calibrate and quantize ``model`` in place (or load saved parameters); returns what results record."""
     method = cfg.quant.name
     config = method_config(cfg)
+    if method == "qdit" and config.fitness == "fid":
+        config = replace(config, score=fid_fitness(cfg, diffusion, decode, config.fitness_samples,
+                                                   config.fitness_seed))
     record = {"method": method, "model_family": family_of(model).name, "w_bits": cfg.w_bits,
               "a_bits": cfg.a_bits,
               "groups": config.time_groups if METHODS[method].uses_time_groups else None,
@@ -562,17 +588,18 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
     timings["load_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    quant_record = distributed.on_rank_zero(quantize_model, cfg, model, diffusion, job_dir)
+    quant_record = distributed.on_rank_zero(quantize_model, cfg, model, diffusion, job_dir, decode)
 
     def follow_rank_zero() -> dict:
         if distributed.rank() != 0:  # the other ranks read the parameters rank 0 just saved
-            quantize_model(cfg, model, diffusion, job_dir)
+            quantize_model(cfg, model, diffusion, job_dir, decode)
         record = {}
         if (
             cfg.quant.backend != "simulated" and cfg.quant.name != "fp"
         ):  # real low-bit kernels from the calibrated scales
             record.update(lowbit=to_low_bit(model, cfg.quant.backend), weight_bytes=weight_bytes(model))
-        if (cfg.quant.name not in ("fp", "noise") and family_of(model) is TQDIT
+        if (cfg.quant.name not in ("fp", "noise") and not METHODS[cfg.quant.name].runtime_grids
+                and family_of(model) is TQDIT
                 and fused_attention_wanted(cfg.quant.attention, device, dtype, cfg.compile)):
             record["fused_attention_blocks"] = fused_attention.use_fused_attention(model)
         return record

@@ -47,6 +47,12 @@ class CalibrationConfig:
     recon: ReconConfig = field(default_factory=ReconConfig)  # block reconstruction (Q-Diffusion, PTQ4DiT)
     params: dict = field(default_factory=dict)  # the method's own settings, as recorded in results
     error_model: str = "round"  # round: quantize; noise: add noise of the grid's step (the noise control)
+    # Grids computed from the tensors themselves (Q-DiT, DiTAS); the defaults are the calibrated grids above.
+    weight_grid: str = "channel"  # channel (searched) | input_groups (Q-DiT) | strided (DiTAS's code)
+    activation_grid: str = "static"  # static (calibrated) | token_groups (Q-DiT, dynamic) | sample (DiTAS)
+    group_size: int = 128  # weight/activation group size of input_groups/token_groups; strided: elements
+    low_rank: int = 0  # rank of DiTAS's floating-point low-rank weight term (0: none)
+    smoothing: bool = False  # DiTAS: per-channel smoothing factors on the Linear inputs
 
 
 def _fail(config, message: str) -> None:
@@ -65,8 +71,10 @@ class MethodConfig:
     seed: int = 0  # which calibration inputs are drawn, and the Hessian probes
     search: SearchConfig = field(default_factory=SearchConfig)
 
-    # Class-level facts about the method (not settings): the scale rule its paper fixes, if any.
+    # Class-level facts about the method (not settings): the scale rule its paper fixes, if any, and
+    # whether its grids are computed at run time (no 8-bit kernel or fused attention for them: simulated).
     fixed_search = None
+    runtime_grids = False
 
     def __post_init__(self):
         for key in ("w_bits", "a_bits"):

@@ -62,11 +62,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def quantizers(model: nn.Module):
     """(name, quantizer) for every quantizer module in the model."""
-    from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, UniformQuantizer
+    from tqdit.quant.quantizers import CalibratedState
 
-    return [
-        (n, m) for n, m in model.named_modules() if isinstance(m, (UniformQuantizer, SoftmaxMRQ, GeluMRQ))
-    ]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CalibratedState)]
 
 
 @contextmanager

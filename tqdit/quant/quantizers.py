@@ -459,3 +459,152 @@ class GeluMRQ(_MultiRegionQuantizer):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, negative_step={self.negative_scale:.3g}"
+
+
+def minmax_fake_quant(x: torch.Tensor, bits: int, dims, codes_per_range: int | None = None) -> torch.Tensor:
+    """Asymmetric round-to-nearest onto a grid from the min and max over ``dims`` (kept), in float32:
+    Δ = (max − min) / D, z = round(−min / Δ), x̂ = (clamp(round(x / Δ) + z, 0, 2^b − 1) − z)·Δ.
+
+    D = 2^b − 1 (``codes_per_range`` None: the grid's ends are min and max; Q-DiT's code) or
+    ``codes_per_range`` (DiTAS's code divides by 2^b, so the top value is clipped one step below max).
+    No gradient path (these grids are not learned). Δ is floored at 1e-5 / D (a constant slice).
+    """
+    xf = x.float()
+    low, high = xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True)
+    qmax = 2**bits - 1
+    divisor = qmax if codes_per_range is None else codes_per_range
+    scale = (high - low).clamp(min=1e-5) / divisor
+    zero_point = torch.round(-low / scale)
+    codes = torch.clamp(torch.round(xf / scale) + zero_point, 0, qmax)
+    return ((codes - zero_point) * scale).to(x.dtype)
+
+
+class DynamicQuantizer(CalibratedState):
+    """Activation quantizer whose grid is computed at run time from the tensor itself (nothing
+    calibrated): asymmetric min/max round-to-nearest (``minmax_fake_quant``).
+
+    ``granularity``:
+    - ``token_groups`` (Q-DiT's code): one grid per token and per group of ``group_size`` consecutive
+      channels of the last dimension (``group_size`` 0: the whole token);
+    - ``sample`` (DiTAS, per sample): one grid per sample over all its elements.
+    ``smoothing`` (DiTAS): a per-channel factor s of the last dimension; the quantizer sees x / s and
+    returns its values times s, i.e. Q(x / s)·s — SmoothQuant's migration with s folded back into the
+    weight side, which is the same product as Q(x / s)·(diag(s)·Wᵀ) up to float rounding.
+    The grid of a sample never depends on the other samples of its batch.
+    """
+
+    def __init__(self, bits: int, granularity: str, group_size: int = 0, channels: int = 0,
+                 codes_per_range: int | None = None):
+        super().__init__()
+        self.groups = 1  # no time groups: the grid is the tensor's own
+        if granularity not in ("token_groups", "sample"):
+            raise ValueError(f"unknown dynamic granularity {granularity!r}: use token_groups or sample")
+        self.bits, self.granularity, self.codes_per_range = bits, granularity, codes_per_range
+        self.register_buffer("group_size", torch.tensor(group_size, dtype=torch.int64))
+        self.register_buffer("smoothing", torch.ones(channels))  # (channels,) or () when unused
+        self._group = group_size
+
+    def set_group_size(self, group_size: int) -> None:
+        self.group_size.fill_(group_size)
+        self.refresh()
+
+    def set_smoothing(self, factors: torch.Tensor) -> None:
+        self.smoothing.copy_(factors)
+        self.refresh()
+
+    def refresh(self) -> None:
+        super().refresh()
+        self._group = int(self.group_size)
+        self._smoothed = bool((self.smoothing != 1).any()) if self.smoothing.numel() else False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self._smoothed:
+            return self.quantize(x / self.smoothing.to(x.dtype)) * self.smoothing.to(x.dtype)
+        return self.quantize(x)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.granularity == "sample":
+            return minmax_fake_quant(x, self.bits, tuple(range(1, x.dim())), self.codes_per_range)
+        width = x.shape[-1]
+        group = self._group or width
+        if width % group:
+            raise ValueError(f"dynamic group size {group} does not divide the {width} channels of this "
+                             "operand; choose a group size that divides it (or 0 for the whole token)")
+        grouped = x.reshape(*x.shape[:-1], width // group, group)
+        return minmax_fake_quant(grouped, self.bits, (-1,), self.codes_per_range).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, dynamic {self.granularity}, group_size={int(self.group_size)}"
+
+
+class GroupWeightQuantizer(CalibratedState):
+    """Weight quantizer with one asymmetric min/max grid per group of weights (no search, no learning).
+
+    ``layout``:
+    - ``input_groups`` (Q-DiT): each output row split into contiguous groups of ``group_size`` input
+      channels (``group_size`` must divide in_features, as Q-DiT's code asserts);
+    - ``strided`` (DiTAS's code): the flattened weight viewed as (``group_size``, −1), one grid per
+      column of that view, i.e. ``group_size`` elements of one input column in rows out/``group_size``
+      apart, with Δ = (max − min)/2^b as that code computes it.
+    ``rank`` > 0 (DiTAS): a low-rank term kept in floating point. DiTAS alternates K times
+    Q_k = Q(W − L_{k−1}R_{k−1}), L_kR_k = best rank-r fit of W − Q_k, and keeps Q_K and L_KR_K, so
+    Ŵ = Q(W − shift) + L·R with ``shift`` = L_{K−1}R_{K−1} (``shift_left @ shift_right``) and L·R =
+    ``lora_left @ lora_right`` (see ``ditas.fit_low_rank``); the layer's quantized input multiplies both.
+    """
+
+    def __init__(self, bits: int, layout: str, group_size: int, out_features: int, in_features: int,
+                 rank: int = 0):
+        super().__init__()
+        self.groups = 1
+        if layout not in ("input_groups", "strided"):
+            raise ValueError(f"unknown weight group layout {layout!r}: use input_groups or strided")
+        self.bits, self.layout = bits, layout
+        self.register_buffer("group_size", torch.tensor(group_size, dtype=torch.int64))
+        self.register_buffer("lora_left", torch.zeros(out_features, rank))
+        self.register_buffer("lora_right", torch.zeros(rank, in_features))
+        self.register_buffer("shift_left", torch.zeros(out_features, rank))
+        self.register_buffer("shift_right", torch.zeros(rank, in_features))
+        self._group = group_size
+
+    def set_group_size(self, group_size: int) -> None:
+        self.group_size.fill_(group_size)
+        self.refresh()
+
+    def refresh(self) -> None:
+        super().refresh()
+        self._group = int(self.group_size)
+
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(shift, L·R), or None without a low-rank term."""
+        if self.lora_left.shape[1] == 0:
+            return None
+        return self.shift_left @ self.shift_right, self.lora_left @ self.lora_right
+
+    def quantize_groups(self, weight: torch.Tensor) -> torch.Tensor:
+        out_features, in_features = weight.shape
+        group = self._group
+        if self.layout == "strided":
+            if weight.numel() % group:
+                raise ValueError(f"strided weight groups of {group} do not divide a {tuple(weight.shape)} weight")
+            view = weight.reshape(group, -1)
+            return minmax_fake_quant(view, self.bits, (0,), codes_per_range=2**self.bits).reshape(weight.shape)
+        if in_features % group:
+            raise ValueError(f"weight group size {group} does not divide in_features={in_features}; "
+                             "choose a group size that divides it")
+        view = weight.reshape(out_features, in_features // group, group)
+        return minmax_fake_quant(view, self.bits, (-1,)).reshape(weight.shape)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        low_rank = self.low_rank()
+        if low_rank is None:
+            return self.quantize_groups(weight)
+        shift, added = (term.to(weight.dtype) for term in low_rank)
+        return self.quantize_groups(weight - shift) + added
+
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, {self.layout}, group_size={int(self.group_size)}, "
+                f"rank={self.lora_left.shape[1]}")

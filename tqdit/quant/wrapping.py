@@ -20,7 +20,15 @@ from tqdit.models.adapters import TQDIT, family_of
 from tqdit.models.dit import MatMul
 from tqdit.quant.config import POSITIONS, CalibrationConfig
 from tqdit.quant.layers import QuantLinear, QuantMatMul, quantizers, replace_module
-from tqdit.quant.quantizers import GeluMRQ, SoftmaxMRQ, TimeGroupContext, UniformNoise, UniformQuantizer
+from tqdit.quant.quantizers import (
+    DynamicQuantizer,
+    GeluMRQ,
+    GroupWeightQuantizer,
+    SoftmaxMRQ,
+    TimeGroupContext,
+    UniformNoise,
+    UniformQuantizer,
+)
 
 # Named scopes, as roles. "blocks" (default): every Linear in the DiT blocks (qkv, proj, fc1, fc2, adaLN
 # modulation) and both attention matmuls (q·kᵀ and softmax·V, both operands). "all" adds the timestep
@@ -93,8 +101,10 @@ def _is_grouped(position: str, grouped: str | list) -> bool:
 
 
 def _activation_quantizer(
-    position: str, cfg: CalibrationConfig, context: TimeGroupContext | None
+    position: str, cfg: CalibrationConfig, context: TimeGroupContext | None, linear: nn.Linear | None = None
 ) -> nn.Module:
+    if cfg.activation_grid != "static":
+        return _dynamic_quantizer(cfg, linear)
     groups = cfg.time_groups if _is_grouped(position, cfg.grouped) else 1
     ctx = context if groups > 1 else None
     if cfg.multi_region and position == "post_softmax":
@@ -102,6 +112,22 @@ def _activation_quantizer(
     if cfg.multi_region and position == "post_gelu":
         return GeluMRQ(cfg.a_bits, groups, ctx)
     return UniformQuantizer(cfg.a_bits, symmetric=position in ("q", "k", "v"), groups=groups, context=ctx)
+
+
+def _dynamic_quantizer(cfg: CalibrationConfig, linear: nn.Linear | None) -> DynamicQuantizer:
+    """Q-DiT's / DiTAS's run-time grids. A Linear's input gets ``group_size`` channel groups (Q-DiT) and
+    smoothing factors (DiTAS); attention operands (in scope=blocks) the whole token or sample."""
+    if cfg.activation_grid == "sample":  # DiTAS's code divides its range by 2^b
+        channels = linear.in_features if (cfg.smoothing and linear is not None) else 0
+        return DynamicQuantizer(cfg.a_bits, "sample", channels=channels, codes_per_range=2**cfg.a_bits)
+    return DynamicQuantizer(cfg.a_bits, "token_groups", group_size=cfg.group_size if linear is not None else 0)
+
+
+def _weight_quantizer(cfg: CalibrationConfig, linear: nn.Linear) -> nn.Module:
+    if cfg.weight_grid == "channel":
+        return UniformQuantizer(cfg.w_bits, symmetric=cfg.weight_symmetric, channels=linear.out_features, axis=0)
+    return GroupWeightQuantizer(cfg.w_bits, cfg.weight_grid, cfg.group_size, linear.out_features,
+                                linear.in_features, rank=cfg.low_rank)
 
 
 def _read_time_groups(model, args, kwargs) -> None:
@@ -147,10 +173,8 @@ def wrap(model: nn.Module, cfg: CalibrationConfig, timesteps: np.ndarray) -> lis
         if isinstance(module, MatMul):
             new = QuantMatMul(*(_activation_quantizer(p, cfg, context) for p in positions))
         else:
-            weight_quant = UniformQuantizer(
-                cfg.w_bits, symmetric=cfg.weight_symmetric, channels=module.out_features, axis=0
-            )
-            new = QuantLinear(module, _activation_quantizer(positions[0], cfg, context), weight_quant)
+            act = _activation_quantizer(positions[0], cfg, context, module)
+            new = QuantLinear(module, act, _weight_quantizer(cfg, module))
         replace_module(model, name, new.to(module.weight.device if isinstance(module, nn.Linear) else device))
     use_explicit_attention(model)
     if cfg.error_model == "noise":  # a saved noise control being loaded (it calibrates with rounding)

@@ -10,7 +10,8 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 from tqdit.quant.config import MethodConfig, ReconstructingConfig, TimeGroupedConfig
-from tqdit.quant.methods import fp, mrq, mrq_tgq, noise, ptq4dit, ptq4dm, qdiffusion, tgq, uniform
+from tqdit.quant.methods import ditas, fp, mrq, mrq_tgq, noise, ptq4dit, ptq4dm, qdiffusion, qdit, tgq, uniform
+from tqdit.quant.methods.ditas import DiTASConfig
 from tqdit.quant.methods.fp import FPConfig
 from tqdit.quant.methods.mrq import MRQConfig
 from tqdit.quant.methods.mrq_tgq import TQDiTConfig
@@ -18,6 +19,7 @@ from tqdit.quant.methods.noise import NoiseConfig
 from tqdit.quant.methods.ptq4dit import PTQ4DiTConfig
 from tqdit.quant.methods.ptq4dm import PTQ4DMConfig
 from tqdit.quant.methods.qdiffusion import QDiffusionConfig
+from tqdit.quant.methods.qdit import QDiTConfig
 from tqdit.quant.methods.tgq import TGQConfig
 from tqdit.quant.methods.uniform import UniformConfig
 
@@ -45,6 +47,11 @@ class Method:
         return self.config_class.fixed_search
 
     @property
+    def runtime_grids(self) -> bool:
+        """Activation grids computed at run time (Q-DiT, DiTAS): simulated quantization only."""
+        return self.config_class.runtime_grids
+
+    @property
     def own_settings(self) -> tuple[str, ...]:
         """Names of its settings beyond the shared ones (``quant.params`` in the Hydra configs)."""
         return tuple(self.config_class().own_settings())
@@ -60,6 +67,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mrq", MRQConfig, mrq.quantize, "TQ-DiT's multi-region quantization alone"),
     Method("tgq", TGQConfig, tgq.quantize, "TQ-DiT's time-grouping quantization alone"),
     Method("mrq_tgq", TQDiTConfig, mrq_tgq.quantize, "TQ-DiT: MRQ + TGQ + Hessian-guided search"),
+    Method("qdit", QDiTConfig, qdit.quantize, "Q-DiT: group quantization, searched sizes, dynamic activations"),
+    Method("ditas", DiTASConfig, ditas.quantize, "DiTAS: temporal-aggregated smoothing, low-rank weight term"),
 )}
 
 

@@ -1,0 +1,259 @@
+"""Q-DiT and DiTAS: their quantizers against loops written out here, the low-rank alternation, smoothing,
+the evolutionary search on a problem with a known answer, and both methods end to end (state reload,
+a job through the Hydra entry)."""
+
+import copy
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from tqdit.quant.quantizers import DynamicQuantizer, GroupWeightQuantizer
+
+
+def reference_minmax(values: np.ndarray, bits: int, divisor: int | None = None) -> np.ndarray:
+    """One asymmetric min/max grid over ``values`` (float64), as Q-DiT's / DiTAS's code computes it."""
+    low, high = values.min(), values.max()
+    scale = max(high - low, 1e-5) / (divisor or 2**bits - 1)
+    zero = np.round(-low / scale)
+    return (np.clip(np.round(values / scale) + zero, 0, 2**bits - 1) - zero) * scale
+
+
+def test_input_group_weights_equal_a_loop_over_rows_and_groups():
+    """Mutation caught: groups along output rows instead of input channels (reshape (g, −1))."""
+    weight = torch.randn(6, 16) * torch.linspace(0.1, 3, 16)
+    quantizer = GroupWeightQuantizer(4, "input_groups", 4, 6, 16)
+    quantizer.refresh()
+    expected = np.empty((6, 16))
+    w = weight.double().numpy()
+    for row, start in itertools.product(range(6), range(0, 16, 4)):
+        expected[row, start:start + 4] = reference_minmax(w[row, start:start + 4], 4)
+    np.testing.assert_allclose(quantizer(weight).numpy(), expected, rtol=0, atol=1e-5)
+    assert len(np.unique(quantizer(weight)[0, :4].numpy())) > 1  # not trivially constant
+
+
+def test_strided_weight_groups_are_the_ditas_code_groups():
+    """DiTAS's (32, −1) view: a group is one input column in rows out/g apart, Δ = (max − min)/2^b.
+    Mutation caught: contiguous rows per group; Δ with 2^b − 1."""
+    out_features, in_features, group = 8, 3, 4
+    weight = torch.randn(out_features, in_features)
+    quantizer = GroupWeightQuantizer(3, "strided", group, out_features, in_features)
+    quantizer.refresh()
+    w = weight.double().numpy()
+    expected = np.empty_like(w)
+    stride = out_features // group
+    for column, first_row in itertools.product(range(in_features), range(stride)):
+        rows = [first_row + k * stride for k in range(group)]
+        expected[rows, column] = reference_minmax(w[rows, column], 3, divisor=2**3)
+    np.testing.assert_allclose(quantizer(weight).numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_dynamic_token_groups_and_per_sample_grids_equal_loops():
+    """Run-time grids: per token and channel group (Q-DiT), per sample (DiTAS); a sample's grid does
+    not depend on its batch. Mutation caught: min/max over the batch; groups across tokens."""
+    x = torch.randn(3, 5, 8) * torch.tensor([1.0, 10.0, 0.1])[:, None, None]
+    token = DynamicQuantizer(8, "token_groups", group_size=4)
+    token.refresh()
+    sample = DynamicQuantizer(6, "sample", codes_per_range=2**6)
+    sample.refresh()
+    xd = x.double().numpy()
+    expected_token, expected_sample = np.empty_like(xd), np.empty_like(xd)
+    for b, n, start in itertools.product(range(3), range(5), range(0, 8, 4)):
+        expected_token[b, n, start:start + 4] = reference_minmax(xd[b, n, start:start + 4], 8)
+    for b in range(3):
+        expected_sample[b] = reference_minmax(xd[b], 6, divisor=2**6)
+    np.testing.assert_allclose(token(x).numpy(), expected_token, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(sample(x).numpy(), expected_sample, rtol=0, atol=1e-4)
+    torch.testing.assert_close(sample(x[1:2]), sample(x)[1:2], rtol=0, atol=0)
+    uneven = DynamicQuantizer(8, "token_groups", group_size=3)
+    uneven.refresh()
+    with pytest.raises(ValueError, match="group size 3 does not divide the 8 channels"):
+        uneven(x)
+
+
+def test_low_rank_term_lowers_the_weight_error_and_the_weight_is_the_last_alternation():
+    """DiTAS's alternation: every alternation's ‖W − Ŵ‖ is below plain rounding's (the first provably: it is
+    the residual minus its best rank-r fit), the last below the first at a low rank; the layer's weight is
+    exactly the last alternation's Q_K + L_K R_K (shift = L_{K−1}R_{K−1}).
+    Not asserted: a decrease at *every* alternation — rounding is discontinuous, and measured at rank 32
+    the error moves up and down by ~1 % after the first step (e.g. 0.5717, 0.5698, 0.5805, ...).
+    Mutations caught: quantizing W − L_K R_K at run time (the fitted pair as its own shift); no SVD term."""
+    from tqdit.quant.methods.ditas import fit_low_rank
+
+    torch.manual_seed(0)
+    weight = torch.randn(256, 128) * 0.05
+    quantizer = GroupWeightQuantizer(3, "strided", 32, 256, 128, rank=8)
+    quantizer.refresh()
+    plain = float((weight - quantizer.quantize_groups(weight)).norm())
+    errors = fit_low_rank(quantizer, weight, alternations=10)
+    assert max(errors) < 0.95 * plain and errors[-1] < 0.95 * errors[0], (plain, errors)
+    assert float((weight - quantizer(weight)).norm()) == pytest.approx(errors[-1], rel=1e-5)
+
+
+def test_smoothing_is_the_folded_product_and_exact_at_16_bits():
+    """Q(x/s)·s·Ŵᵀ (tqdit's run-time division) equals Q(x/s)·(Ŵ·diag(s))ᵀ (the code's fold); at 16 bits
+    the smoothed layer is FP to 1e-3 relative (its grid step). Mutation caught: the quantizer not multiplying back by s."""
+    from tqdit.quant.layers import QuantLinear
+
+    torch.manual_seed(1)
+    linear = nn.Linear(16, 8)
+    x = torch.randn(4, 10, 16) * torch.logspace(-1, 1, 16)
+    s = torch.logspace(0.5, -0.5, 16)
+    for bits, tolerance in ((8, 1e-5), (16, None)):
+        act = DynamicQuantizer(bits, "sample", channels=16, codes_per_range=2**bits)
+        act.set_smoothing(s)
+        weight_quant = GroupWeightQuantizer(bits, "strided", 4, 8, 16)
+        weight_quant.refresh()
+        layer = QuantLinear(copy.deepcopy(linear), act, weight_quant)
+        with torch.no_grad():
+            out = layer(x)
+            if tolerance is not None:
+                folded = torch.nn.functional.linear(act.quantize(x / s), weight_quant(linear.weight) * s,
+                                                    linear.bias)
+                torch.testing.assert_close(out, folded, rtol=tolerance, atol=tolerance)
+            else:
+                fp = linear(x)
+                assert float((out - fp).norm() / fp.norm()) < 1e-3
+
+
+def test_smoothing_search_never_loses_to_no_smoothing_in_its_grid():
+    """The α search on a layer with outlier input channels: its error ≤ every α of the grid, and below the
+    unsmoothed layer's. Mutation caught: max instead of min over the grid."""
+    from tqdit.quant.layers import QuantLinear
+    from tqdit.quant.methods.ditas import search_smoothing
+
+    torch.manual_seed(2)
+    linear = nn.Linear(32, 16)
+    scales = torch.ones(32)
+    scales[[2, 7]] = 30.0
+    inputs = [torch.randn(10, 32) * scales for _ in range(6)]
+    act = DynamicQuantizer(4, "sample", channels=32, codes_per_range=16)
+    act.refresh()
+    weight_quant = GroupWeightQuantizer(8, "strided", 16, 16, 32)
+    weight_quant.refresh()
+    layer = QuantLinear(linear, act, weight_quant)
+
+    def error() -> float:
+        x = torch.stack(inputs)
+        with torch.no_grad():
+            return float((layer(x) - linear(x)).square().mean(dim=(1, 2)).sum())
+
+    unsmoothed = error()
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    best_alpha, best_error = search_smoothing(layer, inputs, alphas, batch=4)
+    assert error() == pytest.approx(best_error, rel=1e-5)
+    assert best_error < 0.5 * unsmoothed
+    from tqdit.quant.methods.ditas import smoothing_factors  # every other α does no better
+    act_max = torch.stack(inputs).abs().reshape(-1, 32).amax(0)
+    weight_max = weight_quant.quantize_groups(linear.weight).abs().amax(0)
+    for alpha in alphas:
+        act.set_smoothing(smoothing_factors(act_max, weight_max, alpha))
+        assert error() >= best_error * (1 - 1e-6)
+
+
+def test_evolution_finds_the_best_admissible_candidate_of_a_known_problem():
+    """Fitness with a known optimum under the budget: the search reaches it, never scores a candidate twice,
+    keeps the budget and is reproducible by seed. Mutation caught: parents taken from the worst candidates
+    (sorted descending) — the search then stays far from the optimum."""
+    from tqdit.quant.methods.qdit import QDiTConfig, evolve
+
+    sizes = [8, 16, 32, 64, 128]
+    choices = [sizes] * 12
+    target = (8, 128) * 6  # mean 68 ≥ budget 32, every gene at an end of the space
+    calls = []
+
+    def fitness(candidate):
+        calls.append(candidate)
+        return sum(abs(np.log2(a) - np.log2(b)) for a, b in zip(candidate, target))
+
+    config = QDiTConfig(group_size=32, group_sizes=sizes, generations=12, population=20, parents=5,
+                        mutations=10, crossovers=10, fitness="output_mse", seed=3)
+    best, history = evolve(choices, fitness, config, start=(32,) * 12, progress=False)
+    assert fitness(best) == 0.0 and best == target
+    calls.pop()
+    assert len(calls) == len(set(calls)) == history[-1]["evaluated"]
+    assert all(np.mean(c) >= 32 for c in calls)
+    again, _ = evolve(choices, lambda c: sum(abs(np.log2(a) - np.log2(b)) for a, b in zip(c, target)),
+                      config, start=(32,) * 12, progress=False)
+    assert again == best
+    assert [h["best"] for h in history] == sorted([h["best"] for h in history], reverse=True)
+
+
+def test_configs_refuse_what_the_methods_cannot_do():
+    from tqdit.quant.methods.ditas import DiTASConfig
+    from tqdit.quant.methods.qdit import QDiTConfig
+
+    with pytest.raises(ValueError, match="group_size=100 must be one of group_sizes"):
+        QDiTConfig(group_size=100)
+    with pytest.raises(ValueError, match="fitness=psnr is unknown"):
+        QDiTConfig(fitness="psnr")
+    with pytest.raises(ValueError, match="parents=1 must be between 2 and population"):
+        QDiTConfig(parents=1)
+    with pytest.raises(ValueError, match=r"alphas=\[1.5\] must be values in \[0, 1\]"):
+        DiTASConfig(alphas=[1.5])
+    with pytest.raises(ValueError, match="rank=-1 must be a positive integer"):
+        DiTASConfig(rank=-1)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from tqdit import CalibrationSpec, capture, create_diffusion, load_model
+
+    model = load_model("DiT-MNIST", 32)
+    calib = capture(model, create_diffusion(10), CalibrationSpec(num_samples=4, cfg_scale=1.1))
+    return model, calib
+
+
+@pytest.mark.parametrize("name", ["qdit", "ditas"])
+def test_method_quantizes_reloads_and_fid_fitness_needs_a_score(name, embedded, tmp_path):
+    """Both methods on the embedded model: outputs change by a W4A8-sized error, and a saved state
+    reloaded into a fresh model gives the same outputs bit for bit (group sizes, low-rank terms and
+    smoothing factors are saved). Mutation caught: group sizes not saved (a reload runs at 128)."""
+    from tqdit import DiTASConfig, QDiTConfig, load_quant_state, quantize, save_quant_state
+
+    fp, calib = embedded
+    if name == "qdit":
+        with pytest.raises(ValueError, match="fitness=fid needs score="):
+            quantize(copy.deepcopy(fp), calib, QDiTConfig(w_bits=4))
+        config = QDiTConfig(w_bits=4, a_bits=8, group_size=32, group_sizes=[16, 32, 64, 128], generations=1,
+                            population=4, parents=2, mutations=2, crossovers=2, fitness="output_mse",
+                            num_inputs=8)
+    else:
+        config = DiTASConfig(w_bits=4, a_bits=8, num_inputs=8, rank=8, alternations=3)
+    model, cost = quantize(copy.deepcopy(fp), calib, config)
+    x, t, y = calib.x[:6], calib.t[:6], calib.y[:6]
+    with torch.no_grad():
+        reference, out = fp(x, t, y), model(x, t, y)
+    relative = float((out - reference).norm() / reference.norm())
+    assert 1e-3 < relative < 0.3, relative
+    if name == "qdit":
+        assert set(cost["group_sizes"].values()) <= {16, 32, 64, 128}
+        assert np.mean(list(cost["group_sizes"].values())) >= 32
+    else:
+        assert set(cost["smoothing_alpha"]) and all(0 <= a <= 1 for a in cost["smoothing_alpha"].values())
+    path = tmp_path / "state.safetensors"
+    save_quant_state(model, path, name, calib.timesteps.numpy())
+    fresh = copy.deepcopy(fp)
+    load_quant_state(fresh, path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, y), out, rtol=0, atol=0)
+
+
+def test_ditas_job_runs_simulated_and_refuses_int8(tmp_path):
+    """Through the Hydra entry: results record the method's settings and the simulated backend; an 8-bit
+    backend is refused before any work, naming the fix."""
+    from test_pipeline import compose, run_job
+
+    from tqdit.errors import TqditError
+    from tqdit.pipeline.job import validate
+
+    with pytest.raises(TqditError, match="quant=ditas computes its activation grids at run time"):
+        validate(compose("quant=ditas", "quant.backend=int8"))
+    job = run_job(tmp_path, "ditas", "quant=ditas", "w_bits=4", "a_bits=8", "quant.params.rank=4",
+                  "quant.params.alternations=2")
+    results = json.loads((job / "results.json").read_text())
+    assert results["quant"]["method"] == "ditas" and results["quant"]["params"]["rank"] == 4
+    assert results["config"]["quant"]["backend"] == "simulated"
