@@ -48,7 +48,10 @@ def test_one_record_per_method_says_what_it_does():
         "mrq",
         "tgq",
         "mrq_tgq",
+        "qdit",
+        "ditas",
     }
+    assert {n for n, m in METHODS.items() if m.runtime_grids} == {"qdit", "ditas"}
     assert {n for n, m in METHODS.items() if m.uses_time_groups} == {"tgq", "mrq_tgq"}
     assert {n for n, m in METHODS.items() if m.reconstructs} == {"qdiffusion", "ptq4dit"}
     assert {n: m.fixed_search for n, m in METHODS.items() if m.fixed_search} == {
@@ -68,6 +71,11 @@ def test_paper_defaults():
     assert (p.num_inputs, p.calib_steps, p.p, p.recon.p, p.recon.act_lr) == (800, 25, 2.0, 2.0, 4e-5)
     assert (q.recon.iters, q.recon.act_iters, q.recon.round_weight) == (20000, 5000, 0.01)
     assert tqdit.TQDiTConfig().time_groups == 10 and tqdit.TQDiTConfig().search.criterion == "hessian"
+    d, g = tqdit.DiTASConfig(), tqdit.QDiTConfig()
+    assert (d.rank, d.alternations, d.group_elements, len(d.alphas), d.alphas[1]) == (32, 10, 32, 21, 0.05)
+    assert (g.group_size, g.group_sizes, g.population, g.generations, g.parents) == (
+        128, [32, 64, 128, 192, 288], 50, 10, 10)
+    assert (g.mutations, g.crossovers, g.mutation_prob, g.fitness, g.fitness_samples) == (25, 25, 0.1, "fid", 800)
 
 
 @pytest.mark.parametrize(

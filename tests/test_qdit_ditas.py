@@ -95,7 +95,8 @@ def test_low_rank_term_lowers_the_weight_error_and_the_weight_is_the_last_altern
 
 def test_smoothing_is_the_folded_product_and_exact_at_16_bits():
     """Q(x/s)·s·Ŵᵀ (tqdit's run-time division) equals Q(x/s)·(Ŵ·diag(s))ᵀ (the code's fold); at 16 bits
-    the smoothed layer is FP to 1e-3 relative (its grid step). Mutation caught: the quantizer not multiplying back by s."""
+    the smoothed layer is FP to 1e-3 relative (its grid step).
+    Mutation caught: the quantizer not multiplying back by s."""
     from tqdit.quant.layers import QuantLinear
 
     torch.manual_seed(1)

@@ -587,9 +587,11 @@ class GroupWeightQuantizer(CalibratedState):
         group = self._group
         if self.layout == "strided":
             if weight.numel() % group:
-                raise ValueError(f"strided weight groups of {group} do not divide a {tuple(weight.shape)} weight")
+                raise ValueError(f"strided weight groups of {group} do not divide a {tuple(weight.shape)} "
+                                 "weight")
             view = weight.reshape(group, -1)
-            return minmax_fake_quant(view, self.bits, (0,), codes_per_range=2**self.bits).reshape(weight.shape)
+            quantized = minmax_fake_quant(view, self.bits, (0,), codes_per_range=2**self.bits)
+            return quantized.reshape(weight.shape)
         if in_features % group:
             raise ValueError(f"weight group size {group} does not divide in_features={in_features}; "
                              "choose a group size that divides it")

@@ -120,12 +120,14 @@ def _dynamic_quantizer(cfg: CalibrationConfig, linear: nn.Linear | None) -> Dyna
     if cfg.activation_grid == "sample":  # DiTAS's code divides its range by 2^b
         channels = linear.in_features if (cfg.smoothing and linear is not None) else 0
         return DynamicQuantizer(cfg.a_bits, "sample", channels=channels, codes_per_range=2**cfg.a_bits)
-    return DynamicQuantizer(cfg.a_bits, "token_groups", group_size=cfg.group_size if linear is not None else 0)
+    group_size = cfg.group_size if linear is not None else 0
+    return DynamicQuantizer(cfg.a_bits, "token_groups", group_size=group_size)
 
 
 def _weight_quantizer(cfg: CalibrationConfig, linear: nn.Linear) -> nn.Module:
     if cfg.weight_grid == "channel":
-        return UniformQuantizer(cfg.w_bits, symmetric=cfg.weight_symmetric, channels=linear.out_features, axis=0)
+        return UniformQuantizer(cfg.w_bits, symmetric=cfg.weight_symmetric, channels=linear.out_features,
+                                axis=0)
     return GroupWeightQuantizer(cfg.w_bits, cfg.weight_grid, cfg.group_size, linear.out_features,
                                 linear.in_features, rank=cfg.low_rank)
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 from tqdit.quant.config import MethodConfig, ReconstructingConfig, TimeGroupedConfig
-from tqdit.quant.methods import ditas, fp, mrq, mrq_tgq, noise, ptq4dit, ptq4dm, qdiffusion, qdit, tgq, uniform
+from tqdit.quant.methods import (ditas, fp, mrq, mrq_tgq, noise, ptq4dit, ptq4dm, qdiffusion, qdit, tgq,
+                                 uniform)
 from tqdit.quant.methods.ditas import DiTASConfig
 from tqdit.quant.methods.fp import FPConfig
 from tqdit.quant.methods.mrq import MRQConfig
@@ -67,8 +68,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mrq", MRQConfig, mrq.quantize, "TQ-DiT's multi-region quantization alone"),
     Method("tgq", TGQConfig, tgq.quantize, "TQ-DiT's time-grouping quantization alone"),
     Method("mrq_tgq", TQDiTConfig, mrq_tgq.quantize, "TQ-DiT: MRQ + TGQ + Hessian-guided search"),
-    Method("qdit", QDiTConfig, qdit.quantize, "Q-DiT: group quantization, searched sizes, dynamic activations"),
-    Method("ditas", DiTASConfig, ditas.quantize, "DiTAS: temporal-aggregated smoothing, low-rank weight term"),
+    Method("qdit", QDiTConfig, qdit.quantize, "Q-DiT: searched group sizes, dynamic activations"),
+    Method("ditas", DiTASConfig, ditas.quantize, "DiTAS: temporal-aggregated smoothing, low-rank weights"),
 )}
 
 

@@ -109,7 +109,8 @@ def smoothing_factors(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: fl
 
 
 @torch.no_grad()
-def search_smoothing(layer: QuantLinear, inputs: list[torch.Tensor], alphas, batch: int) -> tuple[float, float]:
+def search_smoothing(layer: QuantLinear, inputs: list[torch.Tensor], alphas,
+                     batch: int) -> tuple[float, float]:
     """The α (and its summed output MSE) whose smoothing makes the quantized layer closest to FP on
     ``inputs`` (FP inputs of the layer, one tensor per calibration input); sets it on the layer."""
     act_max = torch.stack([x.abs().float().reshape(-1, x.shape[-1]).amax(0) for x in inputs]).amax(0)
@@ -136,7 +137,8 @@ def quantize(model, calib, config: DiTASConfig):
     device = next(model.parameters()).device
     start = start_cost(device)
     model.requires_grad_(False)
-    cfg = config.calibration(weight_grid="strided", activation_grid="sample", group_size=config.group_elements,
+    cfg = config.calibration(weight_grid="strided", activation_grid="sample",
+                             group_size=config.group_elements,
                              low_rank=config.rank, smoothing=config.smooth)
     names = wrap(model, cfg, calib.timesteps.numpy())
     family = family_of(model)
@@ -177,6 +179,7 @@ def quantize(model, calib, config: DiTASConfig):
         "quantized_layers": len(names),
         "calibration_inputs": len(t) if smoothed else 0,
         "smoothing_alpha": {name: alpha for name, (alpha, _) in alphas.items()},
-        "weight_error_first_last": {name: [round(e[0], 6), round(e[-1], 6)] for name, e in weight_errors.items()},
+        "weight_error_first_last": {name: [round(e[0], 6), round(e[-1], 6)]
+                                    for name, e in weight_errors.items()},
     }
     return model, cost

@@ -209,7 +209,8 @@ def quantize(model, calib, config: QDiTConfig):
     bad = [n for n, c in zip(linears, choices) if config.group_size not in c]
     if bad:
         raise ValueError(f"QDiTConfig: group_size={config.group_size} does not divide the input width of "
-                         f"{bad[0]} ({widths[linears.index(bad[0])]}); choose a group_size that divides every "
+                         f"{bad[0]} ({widths[linears.index(bad[0])]}); choose a group_size that divides "
+                         "every "
                          "quantized layer's input width")
     start_candidate = tuple(config.group_size for _ in linears)
     history: list = []
