@@ -229,3 +229,15 @@ def test_defaults_that_only_feed_other_keys_do_not_split_rows_and_numbers_sort_b
     guided = table[table["sampler.cfg_scale"] == 1.5]
     assert len(guided) == 1 and guided.iloc[0]["seeds"] == 2
     assert list(table.loc[table["sampler.cfg_scale"] == 1.1, "steps"]) == [50, 100, 250]
+
+
+def test_a_search_on_the_evaluation_metric_is_named_under_the_table(tmp_path):
+    """Q-DiT's FID-fitness search picks settings by the metric the table reports; the caption says so, and
+    only then. Mutation caught: the note keyed on the method name (an output_mse Q-DiT row gets it too)."""
+    write_job(tmp_path / "fid", ["quant=qdit", "w_bits=4", "seed=0"], 8.0)
+    write_job(tmp_path / "fid", ["quant=fp", "seed=0"], 7.0)
+    write_job(tmp_path / "mse", ["quant=qdit", "w_bits=4", "quant.params.fitness=output_mse", "seed=0"], 9.0)
+    write_job(tmp_path / "mse", ["quant=ditas", "w_bits=4", "seed=0"], 9.0)
+    note = "chose their per-layer group sizes by FID against the evaluation reference"
+    assert note in to_markdown(summarize(load_results([tmp_path / "fid"])))
+    assert note not in to_markdown(summarize(load_results([tmp_path / "mse"])))

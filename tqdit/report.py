@@ -413,7 +413,21 @@ def caption(table: pd.DataFrame) -> str:
         f"One row per setting (resolved configuration minus the seed; mean ± std over the seeds listed in "
         f"report.csv); shared by every row: {named}.{per_method} ΔFID: minus the FP job of the same protocol "
         "and seed. G is fixed by each job's configuration, never chosen on an evaluation metric."
+        + metric_selection_note(table)
     )
+
+
+def metric_selection_note(table: pd.DataFrame) -> str:
+    """Rows whose method chose settings by the evaluation metric itself (Q-DiT's FID-fitness search) say so."""
+    fitness, generations = "quant.params.fitness", "quant.params.generations"
+    if fitness not in table or generations not in table:
+        return ""
+    searched = (table[fitness] == "fid") & (pd.to_numeric(table[generations], errors="coerce") > 0)
+    if not searched.any():
+        return ""
+    return (" Q-DiT rows with quant.params.fitness=fid chose their per-layer group sizes by FID against the "
+            "evaluation reference (other samples: quant.params.fitness_seed), as Q-DiT's code does: a "
+            "selection on the evaluation metric that no other row makes.")
 
 
 def line_label(row, varying: list[str]) -> str:
