@@ -55,7 +55,7 @@ def test_one_record_per_method_says_what_it_does():
     assert {n for n, m in METHODS.items() if m.uses_time_groups} == {"tgq", "mrq_tgq"}
     assert {n for n, m in METHODS.items() if m.reconstructs} == {"qdiffusion", "ptq4dit"}
     assert {n: m.fixed_search for n, m in METHODS.items() if m.fixed_search} == {
-        "ptq4dm": "lp", "qdiffusion": "lp", "ptq4dit": "lp"}
+        "ptq4dm": "lp", "qdiffusion": "lp", "ptq4dit": "lp", "qdit": "minmax", "ditas": "minmax"}
     assert METHODS["ptq4dm"].own_settings == ("mean", "std", "p")
     for method in METHODS.values():
         assert method_of(method.config_class()) is method

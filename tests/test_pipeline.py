@@ -163,6 +163,10 @@ def test_default_and_sweep_values_validate():
         ["quant=ptq4dm"],
         ["quant=qdiffusion", "quant/recon=quick"],
         ["quant=ptq4dit", "quant.params.ssc=false"],
+        ["quant=qdit", "w_bits=4", "a_bits=8"],
+        ["quant=ditas", "w_bits=6", "a_bits=8"],
+        ["experiment=embedded_low_bit_weights", "quant=qdit_embedded", "w_bits=4"],
+        ["experiment=embedded_main", "quant=ditas", "bits=16"],
     ):
         validate(compose(*overrides))  # groups are ignored by methods without time groups
 

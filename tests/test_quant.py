@@ -355,6 +355,14 @@ def test_scope_is_shared_and_resolvable():
         resolve_scope(model, ["nothing.*"])
 
 
+# Q-DiT and DiTAS at small sizes: a short output-MSE search; a low rank and two alternations
+RUNTIME_GRID_SETTINGS = {
+    "qdit": dict(group_size=16, group_sizes=[8, 16, 32], generations=1, population=4, parents=2, mutations=2,
+                 crossovers=2, fitness="output_mse"),
+    "ditas": dict(rank=4, alternations=2, group_elements=8),
+}
+
+
 # ~17 s each on a 2-core CPU: the default suite keeps TQ-DiT and PTQ4DiT (its folded weights), the rest
 # run with -m slow
 @pytest.mark.parametrize(
@@ -365,6 +373,8 @@ def test_scope_is_shared_and_resolvable():
         pytest.param("ptq4dm", marks=pytest.mark.slow),
         pytest.param("qdiffusion", marks=pytest.mark.slow),
         "ptq4dit",
+        "qdit",
+        "ditas",
     ],
 )
 def test_compile_ready_quantization_computes_the_same_outputs(method):
@@ -388,7 +398,7 @@ def test_compile_ready_quantization_computes_the_same_outputs(method):
             recon=ReconConfig(iters=20, act_iters=10, batch=8),
             search=SearchConfig(criterion=METHODS[method].fixed_search or "hessian", candidates=20, rounds=1),
         ),
-        {},
+        RUNTIME_GRID_SETTINGS.get(method, {}),
     )
     quantized, _ = quantize(copy.deepcopy(fp), calib, cfg)
     one_step = calib.t == calib.t[0]

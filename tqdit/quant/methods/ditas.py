@@ -50,6 +50,7 @@ from tqdit.models.adapters import family_of
 from tqdit.quant.calibrate import peak_memory, start_cost
 from tqdit.quant.capture import capture_unit
 from tqdit.quant.config import MethodConfig
+from tqdit.quant.search import SearchConfig
 from tqdit.quant.layers import QuantLinear, QuantMatMul
 from tqdit.quant.quantizers import GroupWeightQuantizer
 from tqdit.quant.wrapping import wrap
@@ -60,6 +61,8 @@ SMOOTHED_ROLES = ("qkv", "proj", "fc1", "fc2")
 @dataclass(frozen=True, kw_only=True)
 class DiTASConfig(MethodConfig):
     runtime_grids = True  # dynamic activation grids: simulated quantization only
+    fixed_search = "minmax"  # every grid is the min/max of its group, computed from the tensor itself
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="minmax"))
     rank: int = 32  # of the low-rank weight term
     alternations: int = 10  # LoftQ alternations
     group_elements: int = 32  # elements per weight group (the code's num_groups)

@@ -50,6 +50,7 @@ from tqdit.data.calibration import select_per_group
 from tqdit.models.adapters import family_of
 from tqdit.quant.calibrate import peak_memory, start_cost
 from tqdit.quant.config import MethodConfig
+from tqdit.quant.search import SearchConfig
 from tqdit.quant.layers import QuantLinear, QuantMatMul, quantization_disabled
 from tqdit.quant.wrapping import wrap
 
@@ -59,6 +60,8 @@ FITNESS = ("fid", "output_mse")
 @dataclass(frozen=True, kw_only=True)
 class QDiTConfig(MethodConfig):
     runtime_grids = True  # dynamic activation grids: simulated quantization only
+    fixed_search = "minmax"  # every grid is the min/max of its group, computed from the tensor itself
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="minmax"))
     group_size: int = 128  # the all-g start and the budget: mean group size ≥ group_size
     group_sizes: list = field(default_factory=lambda: [32, 64, 128, 192, 288])  # the search space
     generations: int = 10  # 0: no search, every layer at group_size
