@@ -13,6 +13,13 @@ counts unless ``--recon-iters`` / ``--recon-act-iters`` shorten it (the result r
 DiT-XL/2 the papers' counts take hours. ``--blocks N`` calibrates the first N DiT blocks only and
 projects the whole model's time as time × blocks / N (every block does the same work: on DiT-XL/2 the
 per-block time of TQ-DiT's search was flat to 12 %, docs/performance.md); peak memory is a block's.
+
+Q-DiT's cost is its search: every candidate is scored by the FID of ``fitness_samples`` samples. The
+benchmark quantizes with the starting group sizes (no search), times one fitness evaluation's sampling
+(``--fitness-samples`` samples, ``--fitness-steps`` DDIM steps as Q-DiT's code, guidance 1.5; feature
+extraction and VAE decoding not included, so a lower bound) and projects the search as evaluations ×
+that time, with the code's settings at most 50 + 10 × 50 evaluations (duplicates are skipped).
+DiTAS runs as configured (low-rank alternations and the smoothing search on ``--num-inputs`` inputs).
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ def main() -> None:
         help="calibrate only the first N DiT blocks (scope blocks.0-N-1) and project "
         "the whole model's time from them (a method's work is per block); default: every block",
     )
+    parser.add_argument("--fitness-samples", type=int, default=800, help="Q-DiT: samples per fitness")
+    parser.add_argument("--fitness-steps", type=int, default=50, help="Q-DiT: DDIM steps per fitness")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -134,8 +143,11 @@ def main() -> None:
         )
         if cuda:
             torch.cuda.empty_cache()
-        cfg = config_from_settings(method, settings, {})  # the method's defaults for its own settings
+        own = {"generations": 0} if method == "qdit" else {}  # Q-DiT's search is projected, below
+        cfg = config_from_settings(method, settings, own)  # the method's defaults for its own settings
         quantized, cost = quantize(copy.deepcopy(model), calib, cfg)
+        if method == "qdit":
+            result["methods"]["qdit_search"] = qdit_search_cost(quantized, args, cfg)
         del quantized  # before the next method: its peak memory must not include this model
         peak = cost["peak_memory_bytes"] / 2**30
         projected = cost["calibration_s"] * total_blocks / blocks
@@ -177,6 +189,31 @@ def main() -> None:
             )
         if args.out:  # after every method: a long run that is stopped keeps what it measured
             atomic_write_json(args.out, result)
+
+
+def qdit_search_cost(model, args, cfg) -> dict:
+    """One Q-DiT fitness evaluation's sampling time on ``model`` and the search it projects to."""
+    from tqdit.pipeline.generate import generate
+
+    diffusion = create_diffusion(f"ddim{args.fitness_steps}")
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    generate(model, diffusion, args.fitness_samples, min(args.fitness_samples, 256), cfg.fitness_seed,
+             cfg_scale=1.5, cfg_channels=3, method="ddim", progress=False)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    evaluations = cfg.population + 10 * cfg.population  # the code's 10 generations, at most
+    total_blocks = len(model.blocks)
+    blocks = args.blocks or total_blocks
+    print(f"qdit search: one fitness evaluation ({args.fitness_samples} samples × {args.fitness_steps} "
+          f"DDIM steps, {blocks} of {total_blocks} blocks quantized) {seconds:.1f} s; the code's search "
+          f"(≤ {evaluations} evaluations) ≈ {evaluations * seconds / 3600:.1f} h of sampling alone", flush=True)
+    return {"fitness_sampling_s": round(seconds, 1), "fitness_samples": args.fitness_samples,
+            "fitness_steps": args.fitness_steps, "evaluations_at_most": evaluations,
+            "projected_search_s": round(evaluations * seconds, 1)}
 
 
 if __name__ == "__main__":
