@@ -210,7 +210,8 @@ def qdit_search_cost(model, args, cfg) -> dict:
     blocks = args.blocks or total_blocks
     print(f"qdit search: one fitness evaluation ({args.fitness_samples} samples × {args.fitness_steps} "
           f"DDIM steps, {blocks} of {total_blocks} blocks quantized) {seconds:.1f} s; the code's search "
-          f"(≤ {evaluations} evaluations) ≈ {evaluations * seconds / 3600:.1f} h of sampling alone", flush=True)
+          f"(≤ {evaluations} evaluations) ≈ {evaluations * seconds / 3600:.1f} h of sampling alone",
+          flush=True)
     return {"fitness_sampling_s": round(seconds, 1), "fitness_samples": args.fitness_samples,
             "fitness_steps": args.fitness_steps, "evaluations_at_most": evaluations,
             "projected_search_s": round(evaluations * seconds, 1)}

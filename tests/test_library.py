@@ -75,7 +75,8 @@ def test_paper_defaults():
     assert (d.rank, d.alternations, d.group_elements, len(d.alphas), d.alphas[1]) == (32, 10, 32, 21, 0.05)
     assert (g.group_size, g.group_sizes, g.population, g.generations, g.parents) == (
         128, [32, 64, 128, 192, 288], 50, 10, 10)
-    assert (g.mutations, g.crossovers, g.mutation_prob, g.fitness, g.fitness_samples) == (25, 25, 0.1, "fid", 800)
+    assert (g.mutations, g.crossovers, g.mutation_prob, g.fitness, g.fitness_samples) == (
+        25, 25, 0.1, "fid", 800)
 
 
 @pytest.mark.parametrize(

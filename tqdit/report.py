@@ -418,7 +418,8 @@ def caption(table: pd.DataFrame) -> str:
 
 
 def metric_selection_note(table: pd.DataFrame) -> str:
-    """Rows whose method chose settings by the evaluation metric itself (Q-DiT's FID-fitness search) say so."""
+    """Rows whose method chose settings by the evaluation metric itself (Q-DiT's FID-fitness search) say
+    so."""
     fitness, generations = "quant.params.fitness", "quant.params.generations"
     if fitness not in table or generations not in table:
         return ""
