@@ -183,12 +183,57 @@ def test_evolution_finds_the_best_admissible_candidate_of_a_known_problem():
     assert [h["best"] for h in history] == sorted([h["best"] for h in history], reverse=True)
 
 
+def reference_gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """GPTQ column by column (no lazy blocks) in float64 NumPy: round column j on its group's grid (from
+    the weights as updated so far, range including 0), push (w_j − q_j)/U_jj · U_j,(j+1:) onto the later
+    columns, U the upper Cholesky factor of the damped inverse Hessian."""
+    w, h = weight.astype(np.float64).copy(), hessian.astype(np.float64).copy()
+    h += 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    out = np.zeros_like(w)
+    for j in range(w.shape[1]):
+        if j % group == 0:
+            block = w[:, j:j + group]
+            low, high = np.minimum(block.min(1), 0), np.maximum(block.max(1), 0)
+            scale = (high - low) / (2**bits - 1)
+            zero = np.round(-low / scale)
+        out[:, j] = (np.clip(np.round(w[:, j] / scale) + zero, 0, 2**bits - 1) - zero) * scale
+        error = (w[:, j] - out[:, j]) / upper[j, j]
+        w[:, j:] -= np.outer(error, upper[j, j:])
+    return out
+
+
+def test_gptq_equals_the_column_by_column_algorithm_and_beats_rounding_on_correlated_inputs():
+    """tqdit's blocked GPTQ against the plain column loop written here (groups aligned with the 128-column
+    blocks, where the reference order finds each grid from fully updated weights); with H = I it is round
+    to nearest; on correlated inputs its output error ‖X(W − Q)ᵀ‖ is well below round to nearest's.
+    Mutations caught: the error not spread within a block; the update between blocks dropped."""
+    from tqdit.quant.methods.qdit import gptq_round
+
+    torch.manual_seed(4)
+    weight = torch.randn(16, 256)
+    mix = torch.randn(256, 256) / 16 + torch.eye(256)
+    x = torch.randn(2048, 256) @ mix  # correlated input channels
+    hessian = 2 * x.T.double() @ x.double() / len(x)
+    rounded = gptq_round(weight, hessian, bits=3, group=128)
+    expected = reference_gptq(weight.numpy(), hessian.numpy(), 3, 128)
+    np.testing.assert_allclose(rounded.numpy(), expected, rtol=0, atol=1e-9)
+    plain = gptq_round(weight, torch.eye(256, dtype=torch.float64), bits=3, group=128)
+    nearest = reference_gptq(weight.numpy(), np.eye(256), 3, 128)
+    np.testing.assert_allclose(plain.numpy(), nearest, rtol=0, atol=1e-12)
+    error_gptq = float((x.double() @ (weight.double() - rounded).T).norm())
+    error_nearest = float((x.double() @ (weight.double() - plain).T).norm())
+    assert error_gptq < 0.8 * error_nearest, (error_gptq, error_nearest)
+
+
 def test_configs_refuse_what_the_methods_cannot_do():
     from tqdit.quant.methods.ditas import DiTASConfig
     from tqdit.quant.methods.qdit import QDiTConfig
 
     with pytest.raises(ValueError, match="group_size=100 must be one of group_sizes"):
         QDiTConfig(group_size=100)
+    with pytest.raises(ValueError, match="weight_rounding=adaround is unknown"):
+        QDiTConfig(weight_rounding="adaround")
     with pytest.raises(ValueError, match="fitness=psnr is unknown"):
         QDiTConfig(fitness="psnr")
     with pytest.raises(ValueError, match="parents=1 must be between 2 and population"):

@@ -566,7 +566,10 @@ class GroupWeightQuantizer(CalibratedState):
         self.register_buffer("lora_right", torch.zeros(rank, in_features))
         self.register_buffer("shift_left", torch.zeros(out_features, rank))
         self.register_buffer("shift_right", torch.zeros(rank, in_features))
-        self._group = group_size
+        # True: the layer's weight parameter already holds its rounded values (Q-DiT's GPTQ, on a grid
+        # whose parameters it chose column by column), so it is used as it is
+        self.register_buffer("rounded_offline", torch.zeros((), dtype=torch.bool))
+        self._group, self._rounded_offline = group_size, False
 
     def set_group_size(self, group_size: int) -> None:
         self.group_size.fill_(group_size)
@@ -574,7 +577,7 @@ class GroupWeightQuantizer(CalibratedState):
 
     def refresh(self) -> None:
         super().refresh()
-        self._group = int(self.group_size)
+        self._group, self._rounded_offline = int(self.group_size), bool(self.rounded_offline)
 
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(shift, L·R), or None without a low-rank term."""
@@ -599,7 +602,7 @@ class GroupWeightQuantizer(CalibratedState):
         return minmax_fake_quant(view, self.bits, (-1,)).reshape(weight.shape)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if not self.enabled or self._rounded_offline:
             return weight
         low_rank = self.low_rank()
         if low_rank is None:
