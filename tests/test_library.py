@@ -77,6 +77,7 @@ def test_paper_defaults():
         128, [32, 64, 128, 192, 288], 50, 10, 10)
     assert (g.mutations, g.crossovers, g.mutation_prob, g.fitness, g.fitness_samples) == (
         25, 25, 0.1, "fid", 800)
+    assert g.weight_rounding == "gptq"  # the released main script's --use_gptq
 
 
 @pytest.mark.parametrize(
