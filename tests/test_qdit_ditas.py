@@ -280,6 +280,10 @@ def test_method_quantizes_reloads_and_fid_fitness_needs_a_score(name, embedded, 
         assert np.mean(list(cost["group_sizes"].values())) >= 32
     else:
         assert set(cost["smoothing_alpha"]) and all(0 <= a <= 1 for a in cost["smoothing_alpha"].values())
+    from tqdit.kernels.lowbit import to_low_bit
+
+    with pytest.raises(ValueError, match="no 8-bit kernel of tqdit runs those yet; keep the model simulated"):
+        to_low_bit(copy.deepcopy(model), "int8")
     path = tmp_path / "state.safetensors"
     save_quant_state(model, path, name, calib.timesteps.numpy())
     fresh = copy.deepcopy(fp)

@@ -42,7 +42,7 @@ from tqdit.models.dit import Mlp, gelu_tanh
 from tqdit.kernels import int8_gemm
 from tqdit.kernels.fp8_gemm import FP8, FP8_MAX  # importing it registers torch.ops.tqdit.fp8_linear_gelu
 from tqdit.quant.layers import QuantLinear, replace_module
-from tqdit.quant.quantizers import UniformQuantizer, per_sample
+from tqdit.quant.quantizers import DynamicQuantizer, GroupWeightQuantizer, UniformQuantizer, per_sample
 
 BACKENDS = ("int8", "fp8")
 
@@ -291,6 +291,10 @@ def to_low_bit(model: nn.Module, backend: str = "fp8", fuse_mlp: bool = True) ->
         raise ValueError(
             "the noise control adds noise instead of rounding: it has no low-bit form; keep it simulated"
         )
+    runtime = [n for n, q in model.named_modules() if isinstance(q, (DynamicQuantizer, GroupWeightQuantizer))]
+    if runtime:
+        raise ValueError(f"{runtime[0]} has a grid computed from its tensor (Q-DiT, DiTAS): no 8-bit kernel "
+                         "of tqdit runs those yet; keep the model simulated")
     fast, fast_name = (Int8Linear, "int8_linear") if backend == "int8" else (Fp8Linear, "fp8_linear")
     counts = {fast_name: 0, "int8_weight_linear": 0, "simulated": 0}
     names = [name for name, module in model.named_modules() if isinstance(module, QuantLinear)]
