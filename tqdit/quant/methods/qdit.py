@@ -100,7 +100,8 @@ class QDiTConfig(MethodConfig):
         if not 0 <= self.mutation_prob <= 1:
             raise ValueError(f"QDiTConfig: mutation_prob={self.mutation_prob} must be in [0, 1]")
         if self.weight_rounding not in ("gptq", "rtn"):
-            raise ValueError(f"QDiTConfig: weight_rounding={self.weight_rounding} is unknown: use gptq or rtn")
+            raise ValueError(f"QDiTConfig: weight_rounding={self.weight_rounding} is unknown: use gptq or "
+                             "rtn")
         if self.fitness not in FITNESS:
             raise ValueError(f"QDiTConfig: fitness={self.fitness} is unknown: use {' or '.join(FITNESS)}")
 
@@ -223,7 +224,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: in
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1
     weight[:, dead] = 0
-    hessian += damp * hessian.diagonal().mean() * torch.eye(columns, dtype=hessian.dtype, device=hessian.device)
+    hessian += damp * hessian.diagonal().mean() * torch.eye(columns, dtype=hessian.dtype,
+                                                            device=hessian.device)
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
     rounded = torch.zeros_like(weight)
     qmax = 2**bits - 1
