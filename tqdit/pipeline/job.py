@@ -32,6 +32,8 @@ from tqdit.metrics import (
     build_extractor,
     extract_features,
     extractor_identity,
+    frechet_distance,
+    gaussian_statistics,
     load_reference,
     reference_features,
 )
@@ -281,6 +283,8 @@ def fid_fitness(cfg: DictConfig, diffusion, decode, num_samples: int, seed: int)
     """model -> FID of ``num_samples`` samples (seed ``seed``, the same for every call) under this job's
     sampler, labels and reference: Q-DiT's search fitness, measured as the job will measure the result."""
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    extractor = build_extractor(cfg.eval.feature_extractor, device, cfg.eval.weights)  # built once
+    cached: dict = {}
 
     def score(model) -> float:
         images, _ = generate(model, diffusion, num_samples, min(cfg.batch_size, num_samples), seed,
@@ -288,7 +292,11 @@ def fid_fitness(cfg: DictConfig, diffusion, decode, num_samples: int, seed: int)
                              cfg_channels=cfg.sampler.cfg_channels, method=cfg.sampler.method,
                              eta=cfg.sampler.eta, clip_denoised=cfg.sampler.clip_denoised, dtype=dtype,
                              decode=decode, progress=False)
-        return evaluate(images, cfg.eval, device)["fid"]
+        if "stats" not in cached:
+            reference = evaluation_reference(cfg.eval, extractor, images.shape[1:])
+            cached["stats"] = reference.get("pool_stats") or gaussian_statistics(reference["pool"])
+        features = extract_features(images, extractor, cfg.eval.batch_size, progress=False)
+        return frechet_distance(gaussian_statistics(features["pool"]), cached["stats"])  # FID only
 
     return score
 
@@ -432,19 +440,21 @@ def save_grid(path: Path, images: np.ndarray, columns: int = 10, rows: int = 10)
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def evaluation_reference(eval_cfg: DictConfig, extractor, image_shape: tuple) -> dict:
+    """The configured reference's features or statistics: the embedded digits, an ADM batch or a folder."""
+    if eval_cfg.reference == "mnist_digits":
+        real_images = load_digits()[0][..., None]
+        return reference_features(
+            real_images, extractor, extractor_identity(extractor), eval_cfg.cache_dir, eval_cfg.batch_size
+        )
+    return load_reference(eval_cfg.reference, extractor, image_shape, eval_cfg.cache_dir, eval_cfg.batch_size)
+
+
 def evaluate(images: np.ndarray, eval_cfg: DictConfig, device: torch.device) -> dict[str, float | None]:
     """Metrics of ``images`` against the configured reference: the embedded digits, an ADM batch or a
     folder."""
     extractor = build_extractor(eval_cfg.feature_extractor, device, eval_cfg.weights)
-    if eval_cfg.reference == "mnist_digits":
-        real_images = load_digits()[0][..., None]
-        reference = reference_features(
-            real_images, extractor, extractor_identity(extractor), eval_cfg.cache_dir, eval_cfg.batch_size
-        )
-    else:
-        reference = load_reference(
-            eval_cfg.reference, extractor, images.shape[1:], eval_cfg.cache_dir, eval_cfg.batch_size
-        )
+    reference = evaluation_reference(eval_cfg, extractor, images.shape[1:])
     generated = extract_features(images, extractor, eval_cfg.batch_size, desc="sample features")
     # ADM: parts of 5000; the embedded evaluation: null = 10 parts of N // 10
     return all_metrics(generated, reference, split_size=eval_cfg.is_split_size, k=eval_cfg.pr_k)

@@ -461,13 +461,16 @@ class GeluMRQ(_MultiRegionQuantizer):
         return f"bits={self.bits}, groups={self.groups}, negative_step={self.negative_scale:.3g}"
 
 
-def minmax_fake_quant(x: torch.Tensor, bits: int, dims, codes_per_range: int | None = None) -> torch.Tensor:
+def minmax_fake_quant(x: torch.Tensor, bits: int, dims, codes_per_range: int | None = None,
+                      clamp_zero: bool = False) -> torch.Tensor:
     """Asymmetric round-to-nearest onto a grid from the min and max over ``dims`` (kept), in float32:
     Δ = (max − min) / D, z = round(−min / Δ), x̂ = (clamp(round(x / Δ) + z, 0, 2^b − 1) − z)·Δ.
 
     D = 2^b − 1 (``codes_per_range`` None: the grid's ends are min and max; Q-DiT's code) or
     ``codes_per_range`` (DiTAS's code divides by 2^b, so the top value is clipped one step below max).
     No gradient path (these grids are not learned). Δ is floored at 1e-5 / D (a constant slice).
+    ``clamp_zero`` (Q-DiT's code): z clamped to [0, 2^b − 1], so a group whose values all share one sign
+    is clipped at one end; DiTAS's code does not clamp (its group min is always a code).
     """
     xf = x.float()
     low, high = xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True)
@@ -475,6 +478,8 @@ def minmax_fake_quant(x: torch.Tensor, bits: int, dims, codes_per_range: int | N
     divisor = qmax if codes_per_range is None else codes_per_range
     scale = (high - low).clamp(min=1e-5) / divisor
     zero_point = torch.round(-low / scale)
+    if clamp_zero:
+        zero_point = zero_point.clamp(0, qmax)
     codes = torch.clamp(torch.round(xf / scale) + zero_point, 0, qmax)
     return ((codes - zero_point) * scale).to(x.dtype)
 
@@ -485,7 +490,8 @@ class DynamicQuantizer(CalibratedState):
 
     ``granularity``:
     - ``token_groups`` (Q-DiT's code): one grid per token and per group of ``group_size`` consecutive
-      channels of the last dimension (``group_size`` 0: the whole token);
+      channels of dimension ``channel_dim`` (``group_size`` 0: the whole token), every other dimension
+      indexing tokens;
     - ``sample`` (DiTAS, per sample): one grid per sample over all its elements.
     ``smoothing`` (DiTAS): a per-channel factor s of the last dimension; the quantizer sees x / s and
     returns its values times s, i.e. Q(x / s)·s — SmoothQuant's migration with s folded back into the
@@ -494,12 +500,13 @@ class DynamicQuantizer(CalibratedState):
     """
 
     def __init__(self, bits: int, granularity: str, group_size: int = 0, channels: int = 0,
-                 codes_per_range: int | None = None):
+                 codes_per_range: int | None = None, channel_dim: int = -1):
         super().__init__()
         self.groups = 1  # no time groups: the grid is the tensor's own
         if granularity not in ("token_groups", "sample"):
             raise ValueError(f"unknown dynamic granularity {granularity!r}: use token_groups or sample")
         self.bits, self.granularity, self.codes_per_range = bits, granularity, codes_per_range
+        self.channel_dim = channel_dim  # -2 for kᵀ of q·kᵀ (its tokens are columns)
         self.register_buffer("group_size", torch.tensor(group_size, dtype=torch.int64))
         self.register_buffer("smoothing", torch.ones(channels))  # (channels,) or () when unused
         self._group = group_size
@@ -525,15 +532,21 @@ class DynamicQuantizer(CalibratedState):
         return self.quantize(x)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.granularity == "sample":
+        if self.granularity == "sample":  # DiTAS
             return minmax_fake_quant(x, self.bits, tuple(range(1, x.dim())), self.codes_per_range)
+        if self.channel_dim != -1:
+            return self._token_groups(x.transpose(self.channel_dim, -1)).transpose(self.channel_dim, -1)
+        return self._token_groups(x)
+
+    def _token_groups(self, x: torch.Tensor) -> torch.Tensor:
         width = x.shape[-1]
         group = self._group or width
         if width % group:
             raise ValueError(f"dynamic group size {group} does not divide the {width} channels of this "
-                             "operand; choose a group size that divides it (or 0 for the whole token)")
-        grouped = x.reshape(*x.shape[:-1], width // group, group)
-        return minmax_fake_quant(grouped, self.bits, (-1,), self.codes_per_range).reshape(x.shape)
+                             "operand; choose quant.params.group_size (and group_sizes) that divide it")
+        grouped = x.reshape(*x.shape[:-1], width // group, group)  # Q-DiT
+        quantized = minmax_fake_quant(grouped, self.bits, (-1,), self.codes_per_range, clamp_zero=True)
+        return quantized.reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, dynamic {self.granularity}, group_size={int(self.group_size)}"
@@ -590,16 +603,17 @@ class GroupWeightQuantizer(CalibratedState):
         group = self._group
         if self.layout == "strided":
             if weight.numel() % group:
-                raise ValueError(f"strided weight groups of {group} do not divide a {tuple(weight.shape)} "
-                                 "weight")
+                raise ValueError(f"strided weight groups of {group} elements do not divide a "
+                                 f"{tuple(weight.shape)} weight; choose a quant.params.group_elements that "
+                                 "does")
             view = weight.reshape(group, -1)
             quantized = minmax_fake_quant(view, self.bits, (0,), codes_per_range=2**self.bits)
             return quantized.reshape(weight.shape)
         if in_features % group:
             raise ValueError(f"weight group size {group} does not divide in_features={in_features}; "
                              "choose a group size that divides it")
-        view = weight.reshape(out_features, in_features // group, group)
-        return minmax_fake_quant(view, self.bits, (-1,)).reshape(weight.shape)
+        view = weight.reshape(out_features, in_features // group, group)  # Q-DiT
+        return minmax_fake_quant(view, self.bits, (-1,), clamp_zero=True).reshape(weight.shape)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self._rounded_offline:
@@ -607,8 +621,8 @@ class GroupWeightQuantizer(CalibratedState):
         low_rank = self.low_rank()
         if low_rank is None:
             return self.quantize_groups(weight)
-        shift, added = (term.to(weight.dtype) for term in low_rank)
-        return self.quantize_groups(weight - shift) + added
+        shift, added = low_rank  # float32, as fitted: the fitted codes, whatever the model's dtype
+        return (self.quantize_groups(weight.float() - shift) + added).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, {self.layout}, group_size={int(self.group_size)}, "

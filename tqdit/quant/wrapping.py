@@ -104,7 +104,7 @@ def _activation_quantizer(
     position: str, cfg: CalibrationConfig, context: TimeGroupContext | None, linear: nn.Linear | None = None
 ) -> nn.Module:
     if cfg.activation_grid != "static":
-        return _dynamic_quantizer(cfg, linear)
+        return _dynamic_quantizer(cfg, linear, position)
     groups = cfg.time_groups if _is_grouped(position, cfg.grouped) else 1
     ctx = context if groups > 1 else None
     if cfg.multi_region and position == "post_softmax":
@@ -114,14 +114,16 @@ def _activation_quantizer(
     return UniformQuantizer(cfg.a_bits, symmetric=position in ("q", "k", "v"), groups=groups, context=ctx)
 
 
-def _dynamic_quantizer(cfg: CalibrationConfig, linear: nn.Linear | None) -> DynamicQuantizer:
+def _dynamic_quantizer(cfg: CalibrationConfig, linear: nn.Linear | None, position: str) -> DynamicQuantizer:
     """Q-DiT's / DiTAS's run-time grids. A Linear's input gets ``group_size`` channel groups (Q-DiT) and
-    smoothing factors (DiTAS); attention operands (in scope=blocks) the whole token or sample."""
+    smoothing factors (DiTAS); attention operands (in scope=blocks) the whole token or sample (kᵀ, the
+    second operand of q·kᵀ, holds tokens in its columns)."""
     if cfg.activation_grid == "sample":  # DiTAS's code divides its range by 2^b
         channels = linear.in_features if (cfg.smoothing and linear is not None) else 0
         return DynamicQuantizer(cfg.a_bits, "sample", channels=channels, codes_per_range=2**cfg.a_bits)
     group_size = cfg.group_size if linear is not None else 0
-    return DynamicQuantizer(cfg.a_bits, "token_groups", group_size=group_size)
+    return DynamicQuantizer(cfg.a_bits, "token_groups", group_size=group_size,
+                            channel_dim=-2 if position == "k" else -1)
 
 
 def _weight_quantizer(cfg: CalibrationConfig, linear: nn.Linear) -> nn.Module:

@@ -120,15 +120,16 @@ def search_smoothing(layer: QuantLinear, inputs: list[torch.Tensor], alphas,
     quantizer = layer.weight_quant
     shift = quantizer.low_rank()[0] if quantizer.low_rank() is not None else 0
     weight_max = quantizer.quantize_groups(layer.weight.float() - shift).abs().amax(0).clamp(min=1e-8)
-    weight = layer.quantized_weight()
+    weight = layer.quantized_weight().float()
+    bias = None if layer.bias is None else layer.bias.float()
     errors = []
     for alpha in alphas:
         layer.act.set_smoothing(smoothing_factors(act_max, weight_max, alpha))
         error = 0.0
         for start in range(0, len(inputs), batch):
             x = torch.stack(inputs[start:start + batch])
-            reference = F.linear(x.float(), layer.weight.float(), layer.bias)
-            error += float((F.linear(layer.act(x).float(), weight.float(), layer.bias) - reference).square()
+            reference = F.linear(x.float(), layer.weight.float(), bias)
+            error += float((F.linear(layer.act(x).float(), weight, bias) - reference).square()
                            .mean(dim=tuple(range(1, x.dim()))).sum())
         errors.append(error)
     best = min(range(len(alphas)), key=errors.__getitem__)
@@ -153,6 +154,10 @@ def quantize(model, calib, config: DiTASConfig):
             module.b_quant.refresh()
             continue
         module.act.refresh()
+        if config.rank > min(module.weight.shape):
+            limit = min(module.weight.shape)
+            raise ValueError(f"DiTASConfig: rank={config.rank} exceeds {name}'s smaller dimension {limit}; "
+                             f"choose quant.params.rank ≤ {limit}")
         if config.rank > 0:
             weight_errors[name] = fit_low_rank(module.weight_quant, module.weight, config.alternations)
         else:

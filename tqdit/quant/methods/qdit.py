@@ -8,7 +8,9 @@ Paper vs released code vs tqdit:
   and timestep at run time; the code computes them per *token* and per group of g input channels
   (asymmetric min/max), which is finer. tqdit follows the code (``DynamicQuantizer(token_groups)``):
   nothing about activations is calibrated, and no sample's grid depends on its batch.
-- **Automatic granularity allocation**: an evolutionary search of one group size per quantized Linear,
+- **Automatic granularity allocation**: an evolutionary search of one group size per quantized Linear
+  (the code searches with symmetric weight and activation grids, ``--w_sym --a_sym``, then quantizes
+  asymmetrically; tqdit searches with the grids it ends with),
   as the code runs it (``evolution.sh``): search space {32, 64, 128, 192, 288} (per layer, the sizes that
   divide its input width), population 50, 10 generations, top 10 kept as parents, 25 mutations (each
   gene resampled with probability 0.1) and 25 uniform crossovers per generation, then random candidates
@@ -31,9 +33,10 @@ Paper vs released code vs tqdit:
   candidates): per DiT block in order, each Linear's Hessian 2·X̂ᵀX̂/n from its dynamically quantized
   inputs in the model quantized so far, GPTQ with blocks of 128 columns, 1 % damping, no reordering, a
   grid per group that includes 0; the code uses block 0's group size for every layer, tqdit each layer's
-  own. Its calibration data: 256 inputs of 50-step DDIM runs with guidance 1.5 (conditional halves, one
-  random step each); tqdit: ``num_inputs`` inputs of the shared calibration set. ``weight_rounding="rtn"``
-  keeps round to nearest (the paper's ablation rows).
+  own. The code's GPTQ pass also finds and rounds the adaLN Linear (its round-to-nearest path leaves it
+  in floating point). Its calibration data: 256 inputs of 50-step DDIM runs with guidance 1.5
+  (conditional halves, one random step each); tqdit: ``num_inputs`` inputs of the shared calibration
+  set. ``weight_rounding="rtn"`` keeps round to nearest (the paper's ablation rows).
 - Scope: the code quantizes only qkv, proj, fc1 and fc2 (``scope=[*.attn.qkv, *.attn.proj, *.mlp.fc*]``);
   under the shared ``scope=blocks`` the adaLN Linear is a gene too, and the attention operands get the
   dynamic per-token grid.
@@ -94,6 +97,9 @@ class QDiTConfig(MethodConfig):
         for key in ("generations", "mutations", "crossovers"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ValueError(f"QDiTConfig: {key}={getattr(self, key)} must be an integer ≥ 0")
+        for key in ("population", "fitness_samples"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"QDiTConfig: {key}={getattr(self, key)} must be a positive integer")
         if not 2 <= self.parents <= self.population:
             raise ValueError(f"QDiTConfig: parents={self.parents} must be between 2 and population="
                              f"{self.population}")
@@ -164,7 +170,8 @@ def evolve(choices: list[list[int]], fitness: Callable[[tuple], float], config: 
 
             new: list = []
             fill(new, config.mutations, mutate)
-            fill(new, config.crossovers, cross)
+            if len(parents) >= 2:
+                fill(new, config.crossovers, cross)
             fill(new, config.population - len(new), random_candidate)
             evaluate(new, generation)
         best = min(scores, key=scores.get)
@@ -267,6 +274,8 @@ def apply_gptq(model, linears: list[str], x, t, y, batch: int, bits: int) -> Non
             return hook
 
         handles = [model.get_submodule(name).act.register_forward_hook(collect(name)) for name in members]
+        for name in members:  # as the code: the unit's own weights unrounded while its inputs are recorded
+            model.get_submodule(name)._frozen_weight = model.get_submodule(name).weight.detach()
         try:
             for start in range(0, len(t), batch):
                 family.predict(model, x[start:start + batch], t[start:start + batch], y[start:start + batch])
@@ -308,6 +317,12 @@ def quantize(model, calib, config: QDiTConfig):
                          f"{bad[0]} ({widths[linears.index(bad[0])]}); choose a group_size that divides "
                          "every "
                          "quantized layer's input width")
+    if config.generations > 0 and not any(max(c) > config.group_size for c in choices):
+        raise ValueError(
+            f"QDiTConfig: no quantized layer of this model admits a group size above group_size="
+            f"{config.group_size} among group_sizes={list(config.group_sizes)} (input widths "
+            f"{sorted(set(widths))}), so under the budget (mean ≥ group_size) the search has one candidate: "
+            "use quant=qdit_embedded for the embedded model, a smaller group_size, or generations=0")
     start_candidate = tuple(config.group_size for _ in linears)
     history: list = []
     chosen = start_candidate
