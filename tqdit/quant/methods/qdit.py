@@ -315,8 +315,7 @@ def quantize(model, calib, config: QDiTConfig):
     if bad:
         raise ValueError(f"QDiTConfig: group_size={config.group_size} does not divide the input width of "
                          f"{bad[0]} ({widths[linears.index(bad[0])]}); choose a group_size that divides "
-                         "every "
-                         "quantized layer's input width")
+                         "every quantized layer's input width")
     if config.generations > 0 and not any(max(c) > config.group_size for c in choices):
         raise ValueError(
             f"QDiTConfig: no quantized layer of this model admits a group size above group_size="
@@ -325,6 +324,7 @@ def quantize(model, calib, config: QDiTConfig):
             "use quant=qdit_embedded for the embedded model, a smaller group_size, or generations=0")
     start_candidate = tuple(config.group_size for _ in linears)
     history: list = []
+    inputs_used = 0
     chosen = start_candidate
     if config.generations > 0:
         if config.fitness == "output_mse":
@@ -333,6 +333,7 @@ def quantize(model, calib, config: QDiTConfig):
             x = calib.x[index].to(device, next(model.parameters()).dtype)
             score = output_mse(model, x, calib.t[index].to(device), calib.y[index].to(device),
                                config.capture_batch)
+            inputs_used = len(index)
         else:
             def score() -> float:
                 return config.score(model)
@@ -349,6 +350,7 @@ def quantize(model, calib, config: QDiTConfig):
         x = calib.x[index].to(device, next(model.parameters()).dtype)
         apply_gptq(model, linears, x, calib.t[index].to(device), calib.y[index].to(device),
                    config.capture_batch, config.w_bits)
+        inputs_used = max(inputs_used, len(index))
         model.quant_modified_parameters = [f"{name}.weight" for name in linears]
     peak, kind = peak_memory(device)
     cost = {
@@ -356,8 +358,7 @@ def quantize(model, calib, config: QDiTConfig):
         "peak_memory_bytes": peak,
         "peak_memory_kind": kind,
         "quantized_layers": len(names),
-        "calibration_inputs": config.num_inputs if config.weight_rounding == "gptq" or (
-            config.fitness == "output_mse" and history) else 0,
+        "calibration_inputs": inputs_used,  # for the output-MSE search and GPTQ (the same draw)
         "group_sizes": dict(zip(linears, chosen)),
         "search_history": history,
     }
