@@ -64,9 +64,7 @@ def calibrate(model: nn.Module, calib: CalibrationSet, cfg: CalibrationConfig, p
         out_shape = family_of(model).output_shape(model)
         probes = torch.randn((len(t), *out_shape), generator=generator).to(device)
 
-    units: dict[str, list[str]] = {}
-    for name in names:
-        units.setdefault(family_of(model).unit_of(name), []).append(name)
+    units = by_unit(model, names)
     bar = tqdm(units.items(), desc="calibrate", unit="unit", disable=not progress)
     for unit, members in bar:
         bar.set_postfix_str(f"{unit}: capturing")  # the unit (a block, or the embedders) it is on
@@ -92,15 +90,38 @@ def calibrate(model: nn.Module, calib: CalibrationSet, cfg: CalibrationConfig, p
             module.freeze()
     if model.quant_context is not None:
         model.quant_context.groups, model.quant_context.single = None, None
+    return model, calibration_cost(start, device, len(names), len(t))
+
+
+def by_unit(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """Scoped module names grouped by their calibration unit (a DiT block, the final layer, ...), in order."""
+    units: dict[str, list[str]] = {}
+    for name in names:
+        units.setdefault(family_of(model).unit_of(name), []).append(name)
+    return units
+
+
+def draw_inputs(model: nn.Module, calib: CalibrationSet, count: int, seed: int):
+    """(x, t, y): ``count`` calibration inputs drawn (seeded) from all steps, on the model's device and
+    dtype — the data of methods without time groups that take no per-step selection of their own."""
+    parameter = next(model.parameters())
+    one_group = np.zeros(len(calib.timesteps), dtype=np.int64)
+    index = select_per_group(calib.step.numpy(), one_group, count, seed)
+    x = calib.x[index].to(parameter.device, parameter.dtype)
+    return x, calib.t[index].to(parameter.device), calib.y[index].to(parameter.device)
+
+
+def calibration_cost(start: float, device: torch.device, quantized_layers: int, inputs: int, **extra) -> dict:
+    """What every method reports: seconds since ``start``, peak memory, layers and inputs, and ``extra``."""
     peak, kind = peak_memory(device)
-    cost = {
+    return {
         "calibration_s": round(time.perf_counter() - start, 2),
         "peak_memory_bytes": peak,
         "peak_memory_kind": kind,
-        "quantized_layers": len(names),
-        "calibration_inputs": len(t),
+        "quantized_layers": quantized_layers,
+        "calibration_inputs": inputs,
+        **extra,
     }
-    return model, cost
 
 
 def start_cost(device: torch.device) -> float:

@@ -37,17 +37,14 @@ full precision); what follows is the released code (``LinearQuant.py``, ``utils_
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tqdit.data.calibration import select_per_group
 from tqdit.models.adapters import family_of
-from tqdit.quant.calibrate import peak_memory, start_cost
+from tqdit.quant.calibrate import by_unit, calibration_cost, draw_inputs, start_cost
 from tqdit.quant.capture import capture_unit
 from tqdit.quant.config import MethodConfig
 from tqdit.quant.search import SearchConfig
@@ -165,29 +162,17 @@ def quantize(model, calib, config: DiTASConfig):
         module.freeze()
     smoothed = [n for n in names if isinstance(model.get_submodule(n), QuantLinear)
                 and family.role_of(n) in SMOOTHED_ROLES] if config.smooth else []
-    one_group = np.zeros(len(calib.timesteps), dtype=np.int64)
-    index = select_per_group(calib.step.numpy(), one_group, config.num_inputs, config.seed)
-    x = calib.x[index].to(device, next(model.parameters()).dtype)
-    t, y = calib.t[index].to(device), calib.y[index].to(device)
+    x, t, y = draw_inputs(model, calib, config.num_inputs, config.seed)
     alphas = {}
-    units: dict[str, list[str]] = {}
-    for name in smoothed:
-        units.setdefault(family.unit_of(name), []).append(name)
-    for unit, members in tqdm(units.items(), desc="ditas smoothing", unit="unit"):
+    for unit, members in tqdm(by_unit(model, smoothed).items(), desc="ditas smoothing", unit="unit"):
         records = capture_unit(model, unit, members, x, t, y, None, False, config.capture_batch)
         for name in members:
             alphas[name] = search_smoothing(model.get_submodule(name), records[name]["inputs"][0],
                                             list(config.alphas), config.capture_batch)
         del records
-    peak, kind = peak_memory(device)
-    cost = {
-        "calibration_s": round(time.perf_counter() - start, 2),
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": kind,
-        "quantized_layers": len(names),
-        "calibration_inputs": len(t) if smoothed else 0,
-        "smoothing_alpha": {name: alpha for name, (alpha, _) in alphas.items()},
-        "weight_error_first_last": {name: [round(e[0], 6), round(e[-1], 6)]
-                                    for name, e in weight_errors.items()},
-    }
-    return model, cost
+    return model, calibration_cost(
+        start, device, len(names), len(t) if smoothed else 0,
+        smoothing_alpha={name: alpha for name, (alpha, _) in alphas.items()},
+        weight_error_first_last={name: [round(e[0], 6), round(e[-1], 6)]
+                                 for name, e in weight_errors.items()},
+    )

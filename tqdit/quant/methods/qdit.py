@@ -47,20 +47,17 @@ PTQ4DiT W4A8 7.75/22.01/190.38/0.7292, Q-DiT W4A8 6.40/18.60/211.72/0.7609; W6A8
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tqdit.data.calibration import select_per_group
 from tqdit.models.adapters import family_of
-from tqdit.quant.calibrate import peak_memory, start_cost
+from tqdit.quant.calibrate import by_unit, calibration_cost, draw_inputs, start_cost
 from tqdit.quant.config import MethodConfig
 from tqdit.quant.search import SearchConfig
-from tqdit.quant.layers import QuantLinear, QuantMatMul, quantization_disabled
+from tqdit.quant.layers import QuantLinear, quantization_disabled
 from tqdit.quant.wrapping import wrap
 
 FITNESS = ("fid", "output_mse")
@@ -260,10 +257,7 @@ def apply_gptq(model, linears: list[str], x, t, y, batch: int, bits: int) -> Non
     from its dynamically quantized inputs in the model as quantized so far (earlier units already rounded),
     then GPTQ with the layer's own group size; the rounded weights replace the layer's weights."""
     family = family_of(model)
-    units: dict[str, list[str]] = {}
-    for name in linears:
-        units.setdefault(family.unit_of(name), []).append(name)
-    for unit, members in tqdm(units.items(), desc="q-dit gptq", unit="unit"):
+    for unit, members in tqdm(by_unit(model, linears).items(), desc="q-dit gptq", unit="unit"):
         sums = {name: [0.0, 0] for name in members}
 
         def collect(name):
@@ -324,16 +318,13 @@ def quantize(model, calib, config: QDiTConfig):
             "use quant=qdit_embedded for the embedded model, a smaller group_size, or generations=0")
     start_candidate = tuple(config.group_size for _ in linears)
     history: list = []
-    inputs_used = 0
     chosen = start_candidate
+    searches_on_inputs = config.generations > 0 and config.fitness == "output_mse"
+    uses_inputs = config.weight_rounding == "gptq" or searches_on_inputs
+    x, t, y = draw_inputs(model, calib, config.num_inputs, config.seed)  # one draw for the search and GPTQ
     if config.generations > 0:
         if config.fitness == "output_mse":
-            one_group = np.zeros(len(calib.timesteps), dtype=np.int64)
-            index = select_per_group(calib.step.numpy(), one_group, config.num_inputs, config.seed)
-            x = calib.x[index].to(device, next(model.parameters()).dtype)
-            score = output_mse(model, x, calib.t[index].to(device), calib.y[index].to(device),
-                               config.capture_batch)
-            inputs_used = len(index)
+            score = output_mse(model, x, t, y, config.capture_batch)
         else:
             def score() -> float:
                 return config.score(model)
@@ -345,21 +336,7 @@ def quantize(model, calib, config: QDiTConfig):
         chosen, history = evolve(choices, fitness, config, start_candidate)
     set_group_sizes(model, linears, chosen)
     if config.weight_rounding == "gptq":
-        one_group = np.zeros(len(calib.timesteps), dtype=np.int64)
-        index = select_per_group(calib.step.numpy(), one_group, config.num_inputs, config.seed)
-        x = calib.x[index].to(device, next(model.parameters()).dtype)
-        apply_gptq(model, linears, x, calib.t[index].to(device), calib.y[index].to(device),
-                   config.capture_batch, config.w_bits)
-        inputs_used = max(inputs_used, len(index))
+        apply_gptq(model, linears, x, t, y, config.capture_batch, config.w_bits)
         model.quant_modified_parameters = [f"{name}.weight" for name in linears]
-    peak, kind = peak_memory(device)
-    cost = {
-        "calibration_s": round(time.perf_counter() - start, 2),
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": kind,
-        "quantized_layers": len(names),
-        "calibration_inputs": inputs_used,  # for the output-MSE search and GPTQ (the same draw)
-        "group_sizes": dict(zip(linears, chosen)),
-        "search_history": history,
-    }
-    return model, cost
+    return model, calibration_cost(start, device, len(names), len(t) if uses_inputs else 0,
+                                   group_sizes=dict(zip(linears, chosen)), search_history=history)
