@@ -201,7 +201,7 @@ def test_reconstruction_rounds_to_floor_or_ceil_and_lowers_block_error(setting):
     }
     recon = ReconConfig(iters=300, act_iters=50, batch=16, lr=2e-2)  # few iterations: a larger step
     reports = reconstruct_blocks(
-        quantized, calib.x[index], calib.t[index], calib.y[index], recon, joint=False, progress=False
+        quantized, calib.x[index], calib.t[index], calib.y[index], recon, order="per_block", progress=False
     )
     for report in reports:
         assert report["error_after"] < report["error_nearest"]
@@ -308,7 +308,7 @@ def test_zero_activation_iterations_keep_the_initial_steps(setting):
     }
     recon = ReconConfig(iters=30, act_iters=0, batch=8)
     reconstruct_blocks(
-        quantized, calib.x[index], calib.t[index], calib.y[index], recon, joint=False, progress=False
+        quantized, calib.x[index], calib.t[index], calib.y[index], recon, order="per_block", progress=False
     )
     for name, q in quantizers(quantized):
         if name in initial:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tqdit.quant.config import CalibrationConfig
-from tqdit.quant.layers import QuantLinear
+from tqdit.quant.layers import QuantLinear, quantization_disabled
 from tqdit.quant.search import SearchConfig
 from tqdit.quant.calibrate import calibrate
 import tqdit.quant.reconstruct as recon_module
@@ -61,8 +61,9 @@ def test_lsq_matches_pytorchs_learnable_fake_quantize(grad_factor):
     torch.testing.assert_close(ours_step.grad, theirs_step.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("joint,precision", [(False, "fp32"), (True, "fp32"), (True, "bf16")])
-def test_fast_engine_matches_eager_on_the_cpu(setting, joint, precision):
+@pytest.mark.parametrize("order,precision", [("per_block", "fp32"), ("weights_first", "fp32"), ("joint", "fp32"),
+                                             ("joint", "bf16")])
+def test_fast_engine_matches_eager_on_the_cpu(setting, order, precision):
     """On the CPU the fast engine runs its device tables without a graph; its rounding decisions and
     learned steps equal the eager loop's bit for bit (same arithmetic, only the schedules' bookkeeping
     differs), in float32 and under bf16 autocast.
@@ -72,7 +73,7 @@ def test_fast_engine_matches_eager_on_the_cpu(setting, joint, precision):
     for engine in ("eager", "fast"):
         quantized, (x, t, y) = initialised(setting)
         cfg = ReconConfig(**SHORT, engine=engine, precision=precision)
-        reconstruct_blocks(quantized, x, t, y, cfg, joint=joint, progress=False)
+        reconstruct_blocks(quantized, x, t, y, cfg, order=order, progress=False)
         results.append(quant_state(quantized))
     eager, fast = results
     assert eager.keys() == fast.keys()
@@ -88,40 +89,70 @@ def test_fast_engine_matches_eager_on_the_cpu(setting, joint, precision):
     assert changed >= 8
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, monkeypatch):
-    """A reconstruction stopped after block 0 (an exception at the start of block 1's fitting, as a kill
-    would leave it) restarts at block 1 and ends with the uninterrupted run's state, bit for bit.
+@pytest.mark.parametrize("order", ["per_block", "weights_first"])
+def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, monkeypatch, order):
+    """A reconstruction stopped at the start of block 1's last fitting (per_block: its only one;
+    weights_first: the step pass, after both rounding units and block 0's steps were saved), as a kill
+    would leave it, restarts there and ends with the uninterrupted run's state, bit for bit.
     Mutations caught: not restoring the batch generator's state, taking block 1's FP target after
-    loading block 0 (its rounded weights), or skipping the saved blocks without loading them."""
+    loading block 0 (its rounded weights), skipping the saved blocks without loading them, or numbering
+    the second pass's files like the first's."""
     cfg = ReconConfig(**SHORT, engine="fast")
     reference, (x, t, y) = initialised(setting)
-    reconstruct_blocks(reference, x, t, y, cfg, joint=False, progress=False)
+    reconstruct_blocks(reference, x, t, y, cfg, order=order, progress=False)
 
     folder = tmp_path / "recon"
     killed, _ = initialised(setting)
     fit = recon_module.reconstruct_block
+    passes = len(recon_module.passes_of(order))
+    calls = []
 
-    def dies_in_block_1(*args, **kwargs):
-        if args[-1] == "block 1":
+    def dies_in_block_1_of_the_last_pass(*args, **kwargs):
+        calls.append(args[-1])
+        if calls.count("block 1") == passes:
             raise KeyboardInterrupt("killed")
         return fit(*args, **kwargs)
 
-    monkeypatch.setattr(recon_module, "reconstruct_block", dies_in_block_1)
+    monkeypatch.setattr(recon_module, "reconstruct_block", dies_in_block_1_of_the_last_pass)
     with pytest.raises(KeyboardInterrupt):
         reconstruct_blocks(
-            killed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), joint=False, progress=False
+            killed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), order=order, progress=False
         )
     monkeypatch.undo()
-    assert sorted(p.name for p in folder.iterdir()) == ["block_000.safetensors"]
+    saved = [f"block_{unit:03d}.safetensors" for unit in range(2 * passes - 1)]
+    assert sorted(p.name for p in folder.iterdir()) == saved
 
     resumed, _ = initialised(setting)
     reports = reconstruct_blocks(
-        resumed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), joint=False, progress=False
+        resumed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), order=order, progress=False
     )
-    assert [r.get("resumed", False) for r in reports] == [True, False]
+    assert [r.get("resumed", False) for r in reports] == [True] * (2 * passes - 1) + [False]
+    assert [r["pass"] for r in reports] == [0, 0, 1, 1][: 2 * passes]
     for key, value in quant_state(reference).items():
         assert torch.equal(resumed.state_dict()[key], value), key
-    assert sorted(p.name for p in folder.iterdir()) == ["block_000.safetensors", "block_001.safetensors"]
+    assert len(list(folder.iterdir())) == 2 * passes
+
+
+def test_weights_first_fits_rounding_with_every_activation_in_full_precision(setting):
+    """Q-Diffusion's order: the first pass rounds every block's weights with activation quantization
+    off in the whole model, so its rounded weights equal those of ``per_block`` without step phase run
+    with every activation quantizer disabled (same batches: the same generator draws). The second
+    pass then moves only activation steps. Mutations caught: the first pass with activations on in the
+    prefix (only the block's own off), or the second pass refitting the rounding."""
+    short = dict(SHORT, act_iters=0)
+    reference, (x, t, y) = initialised(setting)
+    with quantization_disabled(reference, activations_only=True):
+        reconstruct_blocks(reference, x, t, y, ReconConfig(**short), order="per_block", progress=False)
+    ours, _ = initialised(setting)
+    reconstruct_blocks(ours, x, t, y, ReconConfig(**SHORT), order="weights_first", progress=False)
+    start, _ = initialised(setting)
+    weights = [k for k in quant_state(ours) if k.endswith(".weight") and ".blocks." in f".{k}"]
+    assert len(weights) >= 8
+    for key in weights:
+        assert torch.equal(ours.state_dict()[key], reference.state_dict()[key]), key
+    moved = [k for k, v in quant_state(ours).items()
+             if k.endswith(".scale") and not torch.equal(v, start.state_dict()[k])]
+    assert moved and all(".act" in k or "matmul" in k for k in moved)  # the step pass learned steps only
 
 
 def test_checkpoints_of_another_setting_are_not_used(setting, tmp_path):
@@ -129,11 +160,11 @@ def test_checkpoints_of_another_setting_are_not_used(setting, tmp_path):
     folder = tmp_path / "recon"
     model, (x, t, y) = initialised(setting)
     reconstruct_blocks(
-        model, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), joint=True, progress=False
+        model, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), order="joint", progress=False
     )
     other, _ = initialised(setting)
     reports = reconstruct_blocks(
-        other, x, t, y, ReconConfig(**SHORT, seed=1, checkpoint_dir=str(folder)), joint=True, progress=False
+        other, x, t, y, ReconConfig(**SHORT, seed=1, checkpoint_dir=str(folder)), order="joint", progress=False
     )
     assert not any(r.get("resumed") for r in reports)
     fresh, _ = initialised(setting)
@@ -163,7 +194,7 @@ def test_bf16_is_a_setting_of_its_own(setting):
     for precision in ("fp32", "bf16"):
         model, _ = initialised(setting)
         reconstruct_blocks(
-            model, x, t, y, ReconConfig(**SHORT, precision=precision), joint=True, progress=False
+            model, x, t, y, ReconConfig(**SHORT, precision=precision), order="joint", progress=False
         )
         states.append(quant_state(model))
     differs = [
@@ -191,7 +222,7 @@ def test_cuda_graph_engine_matches_eager_on_the_gpu(setting):
             t.cuda(),
             y.cuda(),
             ReconConfig(**{**SHORT, "iters": 200}, engine=engine),
-            joint=True,
+            order="joint",
             progress=False,
         )
         results.append({k: v.cpu() for k, v in quant_state(quantized).items()})

@@ -245,7 +245,8 @@ def hydra_names(message: str, method: str) -> str:
         return message  # already in command-line names (config_from_settings')
     message = message.split(": ", 1)[1]
     names = {"search.p": "quant.p", "time_groups": "groups", "recon": "quant.recon"}
-    names |= {key: f"quant.{key}" for key in ("search", "scope", "grouped", "num_inputs", "capture_batch")}
+    names |= {key: f"quant.{key}" for key in ("search", "scope", "grouped", "num_inputs", "capture_batch",
+                                                    "protocol", "softmax_bits")}
     names |= {key: f"quant.params.{key}" for key in METHODS[method].own_settings}
     pattern = "|".join(re.escape(key) for key in sorted(names, key=len, reverse=True))
     return re.sub(rf"(?<![\w.])({pattern})(?=[=.\s]|$)", lambda m: names[m.group(1)], message)
@@ -258,7 +259,8 @@ def method_config(cfg: DictConfig) -> MethodConfig:
     grouped = OmegaConf.to_container(q.grouped) if OmegaConf.is_list(q.grouped) else q.grouped
     search = SearchConfig(criterion=q.search, rounds=q.rounds, candidates=q.candidates, alpha_min=q.alpha_min,
                           alpha_max=q.alpha_max, p=q.p, percentile=q.percentile, batch=q.search_batch)
-    shared = dict(w_bits=cfg.w_bits, a_bits=cfg.a_bits, scope=scope, time_groups=cfg.groups, grouped=grouped,
+    shared = dict(w_bits=cfg.w_bits, a_bits=cfg.a_bits, protocol=q.protocol, scope=scope,
+                  softmax_bits=q.softmax_bits, time_groups=cfg.groups, grouped=grouped,
                   search=search, num_inputs=q.num_inputs, capture_batch=q.capture_batch, seed=q.seed,
                   recon=ReconConfig(**OmegaConf.to_container(q.recon)))
     return config_from_settings(q.name, shared, OmegaConf.to_container(q.params))
@@ -311,11 +313,12 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path, decode=None
     record = {"method": method, "model_family": family_of(model).name, "w_bits": cfg.w_bits,
               "a_bits": cfg.a_bits,
               "groups": config.time_groups if METHODS[method].uses_time_groups else None,
-              "search": cfg.quant.search, "scope": config.scope, "quantized_layers": 0}
+              "search": cfg.quant.search, "protocol": config.protocol, "scope": config.operand_scope(),
+              "softmax_bits": config.operand_softmax_bits(), "quantized_layers": 0}
     if method == "fp":
-        record.update(w_bits=None, a_bits=None, search=None, scope=None)
+        record.update(w_bits=None, a_bits=None, search=None, protocol=None, scope=None, softmax_bits=None)
         return record
-    record["scope_layers"] = resolve_scope(model, config.scope)
+    record["scope_layers"] = resolve_scope(model, config.operand_scope())
     if METHODS[method].own_settings:
         record["params"] = config.own_settings()
     if METHODS[method].reconstructs:

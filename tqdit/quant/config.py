@@ -27,6 +27,10 @@ POSITIONS = (
     "v",
 )
 BIT_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16: the quantization path as a near no-op check
+# published: each method's own operand set and post-softmax width (its code's); shared: the same operands
+# at the same bits for every method (scope "blocks", post-softmax at a_bits), for ablations.
+PROTOCOLS = ("published", "shared")
+SHARED_SCOPE = "blocks"
 
 
 @dataclass
@@ -35,6 +39,8 @@ class CalibrationConfig:
 
     w_bits: int = 8
     a_bits: int = 8
+    softmax_bits: int = 8  # the post-softmax operand's width (a method's published width, or a_bits)
+    eight_bit_roles: tuple = ()  # roles kept at 8 bits whatever w_bits/a_bits (PTQ4DM's last layer)
     weight_symmetric: bool = True  # per-output-channel weight grids: symmetric, or asymmetric (PTQ4DiT)
     scope: str | list = "blocks"
     multi_region: bool = False
@@ -65,7 +71,12 @@ class MethodConfig:
 
     w_bits: int = 8
     a_bits: int = 8
-    scope: str | list = "blocks"  # a named scope (see ``wrapping.SCOPES``) or module-name patterns
+    # Which operands, at which widths. ``protocol`` fills what is left None: "published" the method's own
+    # (``published_scope``, ``published_softmax_bits``: its released code's), "shared" the same for every
+    # method (scope "blocks", post-softmax at a_bits). A value given here is used under either protocol.
+    protocol: str = "published"
+    scope: str | list | None = None  # a named scope (see ``wrapping.SCOPES``) or module-name patterns
+    softmax_bits: int | None = None  # bits of the post-softmax operand (attention probabilities)
     num_inputs: int = 256  # calibration inputs the scale search sees (split evenly over time groups)
     capture_batch: int = 32  # inputs per forward/backward pass while capturing layer data
     seed: int = 0  # which calibration inputs are drawn, and the Hessian probes
@@ -75,6 +86,9 @@ class MethodConfig:
     # whether its grids are computed at run time (no 8-bit kernel or fused attention for them: simulated).
     fixed_search = None
     runtime_grids = False
+    published_scope = SHARED_SCOPE  # the layers its released code quantizes, as a scope
+    published_softmax_bits = None  # its code's post-softmax width whatever a_bits is (None: a_bits)
+    published_eight_bit_roles = ()  # roles its code keeps at 8 bits whatever the widths
 
     def __post_init__(self):
         for key in ("w_bits", "a_bits"):
@@ -83,6 +97,13 @@ class MethodConfig:
                 _fail(
                     self, f"{key}={value} must be an integer bit width from 2 to 8 (or 16 as a no-op check)"
                 )
+        if self.protocol not in PROTOCOLS:
+            _fail(self, f"protocol={self.protocol!r} is unknown: use {' or '.join(PROTOCOLS)}")
+        if self.softmax_bits is not None and (
+            isinstance(self.softmax_bits, bool) or self.softmax_bits not in BIT_WIDTHS
+        ):
+            _fail(self, f"softmax_bits={self.softmax_bits} must be a bit width from 2 to 8, 16, or None "
+                        "(the protocol's choice)")
         for key in ("num_inputs", "capture_batch"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 _fail(self, f"{key}={getattr(self, key)} must be a positive integer")
@@ -95,6 +116,23 @@ class MethodConfig:
                 f"as its paper does; leave search at its default or use UniformConfig",
             )
 
+    def operand_scope(self) -> str | list:
+        """The scope this config quantizes: ``scope``, else the protocol's."""
+        if self.scope is not None:
+            return self.scope
+        return self.published_scope if self.protocol == "published" else SHARED_SCOPE
+
+    def operand_softmax_bits(self) -> int:
+        """The post-softmax operand's width: ``softmax_bits``, else the protocol's."""
+        if self.softmax_bits is not None:
+            return self.softmax_bits
+        published = self.published_softmax_bits if self.protocol == "published" else None
+        return self.a_bits if published is None else published
+
+    def operand_eight_bit_roles(self) -> tuple:
+        """Roles kept at 8 bits under this protocol (published: the method's code's; shared: none)."""
+        return tuple(self.published_eight_bit_roles) if self.protocol == "published" else ()
+
     def own_settings(self) -> dict:
         """The method's own settings (fields beyond MethodConfig's), as results record them."""
         shared = {f.name for f in fields(MethodConfig)}
@@ -103,7 +141,9 @@ class MethodConfig:
 
     def calibration(self, **fixed) -> CalibrationConfig:
         """The engine's settings: the shared ones, the method's ``fixed`` choices, its own as ``params``."""
-        settings = {f.name: getattr(self, f.name) for f in fields(MethodConfig)}
+        settings = {f.name: getattr(self, f.name) for f in fields(MethodConfig) if f.name != "protocol"}
+        settings.update(scope=self.operand_scope(), softmax_bits=self.operand_softmax_bits(),
+                        eight_bit_roles=self.operand_eight_bit_roles())
         own = {f.name for f in fields(self)}
         for key in ("time_groups", "grouped", "recon"):
             if key in own:

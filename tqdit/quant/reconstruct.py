@@ -11,13 +11,19 @@ The machinery Q-Diffusion and PTQ4DiT build on (after the engine has initialised
 - **LSQ** (Esser et al. 2020): per-tensor activation steps Δ become learnable, with the gradient of
   ``torch._fake_quantize_learnable_per_tensor_affine`` (scaled by 1/√(numel·qmax) as LSQ prescribes).
 - **Reconstruction target** (BRECQ): a block is fed the output of the already quantized blocks
-  before it and fitted to the FP block output on the FP input: loss = mean over inputs of
-  Σ|Ŷ − Y|^p. The conditioning c = t_emb + y_emb is shared by every block and computed once.
+  before it and fitted to the FP block output on the FP input. The loss is |Ŷ − Y|^p summed over
+  dim 1 (the tokens of a block's output) and averaged over the rest (inputs, hidden channels), as
+  BRECQ's, Q-Diffusion's and PTQ4DiT's code compute it (``reduction="dim1"``); ``"all"`` sums over
+  tokens × hidden (D times larger, i.e. the rounding weight λ is in effect λ/D). The conditioning
+  c = t_emb + y_emb is shared by every block and computed once.
 
-``reconstruct_blocks`` runs this block by block, in order; ``joint`` learns rounding and steps
-together (PTQ4DiT), otherwise rounding first with activations in full precision, then steps with
-the rounded weights (Q-Diffusion). Only per-tensor, ungrouped ``UniformQuantizer`` activations learn
-their steps; other quantizers keep their initial parameters.
+``reconstruct_blocks`` runs this block by block, in one of three orders (``ORDERS``): ``joint``
+learns rounding and steps together in one pass (PTQ4DiT's code); ``weights_first`` fits the rounding
+of every block with activation quantization off everywhere, then learns the steps of every block with
+it on (Q-Diffusion's code: two passes over the model); ``per_block`` does both phases of a block before
+the next (rounding with the block's activations in full precision, then its steps). Only per-tensor,
+ungrouped ``UniformQuantizer`` activations learn their steps; other quantizers keep their initial
+parameters.
 """
 
 from __future__ import annotations
@@ -67,7 +73,9 @@ class ReconConfig:
     b_start: float = 20.0
     b_end: float = 2.0
     round_weight: float = 0.01  # λ of the rounding loss
-    p: float = 2.4  # exponent of the reconstruction loss
+    p: float = 2.4  # exponent of the reconstruction loss (the rounding phase's, and the joint phase's)
+    act_p: float | None = None  # the step phase's exponent (Q-Diffusion's code: 2.4 there, 2 for rounding)
+    reduction: str = "dim1"  # dim1: Σ over dim 1, mean over the rest (BRECQ's code) | all: Σ per input
     seed: int = 0
     # How the iterations run (not part of a setting: the result is the same within float rounding, tests
     # check it). "fast": batch indices, β, λ and learning rates as device tables read by a device counter,
@@ -93,11 +101,17 @@ class ReconConfig:
             raise ValueError(
                 f"quant.recon.precision={self.precision!r} is unknown: use one of {', '.join(PRECISIONS)}"
             )
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(
+                f"quant.recon.reduction={self.reduction!r} is unknown: use one of {', '.join(REDUCTIONS)}"
+            )
         if self.log_every < 1:
             raise ValueError("quant.recon.log_every must be a positive number of iterations")
 
 
 ENGINES = ("fast", "eager")
+REDUCTIONS = ("dim1", "all")
+ORDERS = ("joint", "weights_first", "per_block")
 PRECISIONS = ("fp32", "bf16")
 # ReconConfig fields that change how, not what, is computed: left out of checkpoints' fingerprints
 RUN_ONLY = ("engine", "log_every", "checkpoint_dir")
@@ -190,9 +204,14 @@ def _beta(iteration: int, cfg: ReconConfig) -> float | None:
     return cfg.b_end + (cfg.b_start - cfg.b_end) * max(0.0, 1.0 - progress)
 
 
-def lp_loss(prediction: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
-    """BRECQ's reconstruction loss: Σ over features of |ŷ − y|^p, mean over inputs."""
-    return (prediction.float() - target.float()).abs().pow(p).reshape(len(prediction), -1).sum(dim=1).mean()
+def lp_loss(prediction: torch.Tensor, target: torch.Tensor, p: float, reduction: str = "dim1") -> torch.Tensor:
+    """The reconstruction loss |ŷ − y|^p: ``dim1`` sums over dim 1 and averages over the other dims
+    (BRECQ's code, which Q-Diffusion and PTQ4DiT use; for a (batch, tokens, hidden) block output the
+    sum runs over tokens); ``all`` sums over every feature of an input and averages over inputs."""
+    error = (prediction.float() - target.float()).abs().pow(p)
+    if reduction == "dim1":
+        return error.sum(dim=1).mean()
+    return error.reshape(len(error), -1).sum(dim=1).mean()
 
 
 def _swap_activations(block: nn.Module) -> list[tuple[nn.Module, str, LearnedStep]]:
@@ -258,6 +277,7 @@ class Phase:
     learn_rounding: bool
     groups: list[dict]  # Adam parameter groups: {"params", "lr", "cosine": bool}
     index: torch.Tensor  # (iterations, batch) calibration-input indices, drawn up front
+    p: float  # exponent of its reconstruction loss
 
 
 def _learning_rate(group: dict, iteration: int, iterations: int) -> float:
@@ -304,7 +324,7 @@ def _eager_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfi
         rows = phase.index[iteration].to(x_q.device)
         with _arithmetic(cfg, x_q.device):
             prediction = block(x_q[rows], cond[rows])
-        loss = lp_loss(prediction, target[rows], cfg.p)
+        loss = lp_loss(prediction, target[rows], phase.p, cfg.reduction)
         beta = _beta(iteration, cfg) if phase.learn_rounding else None
         if beta is not None:  # β a tensor, as in the fast loop (pow by a Python 2.0 squares: other bits)
             loss = loss + _rounding_term(linears, torch.tensor(beta, device=x_q.device), cfg.round_weight)
@@ -339,7 +359,7 @@ def _fast_loop(block, x_q, cond, target, linears, phase: Phase, cfg: ReconConfig
         rows = index.index_select(0, counter).squeeze(0)
         with _arithmetic(cfg, device):
             prediction = block(x_q.index_select(0, rows), cond.index_select(0, rows))
-        loss = lp_loss(prediction, target.index_select(0, rows), cfg.p)
+        loss = lp_loss(prediction, target.index_select(0, rows), phase.p, cfg.reduction)
         if phase.learn_rounding:  # in the warm-up the term is multiplied by 0 (adds exact zeros)
             loss = loss + _rounding_term(
                 linears,
@@ -392,13 +412,19 @@ def reconstruct_block(
     cond: torch.Tensor,
     target: torch.Tensor,
     cfg: ReconConfig,
-    joint: bool,
+    phases: tuple[str, ...],
     generator: torch.Generator,
     progress: bool,
     label: str,
 ) -> dict:
-    """Fit one block's rounding (and activation steps) so that block(x_q) ≈ target; returns loss numbers."""
+    """Fit one block so that block(x_q) ≈ target, in ``phases`` (in order): ``joint`` (rounding and
+    steps together), ``rounding`` (the block's activations in full precision), ``steps`` (with the
+    weights as they are: rounded by an earlier phase or pass). Returns loss numbers: the block error
+    before (weights rounded to nearest where this call fits the rounding), after, and the fraction of
+    roundings left undecided."""
+    learn_rounding = "joint" in phases or "rounding" in phases
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_quant.enabled]
+    linears = linears if learn_rounding else []
     roundings = []
     for layer in linears:
         roundings.append((layer, layer.weight_quant))
@@ -411,14 +437,14 @@ def reconstruct_block(
         with torch.no_grad():
             return float(
                 sum(
-                    lp_loss(block(x_q[i : i + 256], cond[i : i + 256]), target[i : i + 256], 2.0)
+                    lp_loss(block(x_q[i : i + 256], cond[i : i + 256]), target[i : i + 256], 2.0, "all")
                     * len(x_q[i : i + 256])
                     for i in range(0, n, 256)
                 )
                 / n
             )
 
-    def run(name: str, iterations: int, learn_rounding: bool, learn_steps: bool) -> None:
+    def run(name: str, iterations: int, learn_rounding: bool, learn_steps: bool, p: float) -> None:
         if iterations == 0:  # the phase is off (recon.act_iters=0: steps keep their Lp initialisation)
             return
         swaps = _swap_activations(block) if learn_steps else []
@@ -432,7 +458,7 @@ def reconstruct_block(
         if groups:
             # drawn from the block generator in one call: the same numbers as one draw per iteration
             index = torch.randint(0, n, (iterations, min(cfg.batch, n)), generator=generator)
-            phase = Phase(name, iterations, learn_rounding, groups, index)
+            phase = Phase(name, iterations, learn_rounding, groups, index, p)
             with tqdm(
                 total=iterations, desc=f"{label} {name}", leave=False, disable=not progress, unit="it"
             ) as bar:
@@ -441,11 +467,11 @@ def reconstruct_block(
 
     with torch.no_grad():
         before = _nearest_error(block, linears, roundings, block_error)
-    if joint:
-        run("rounding+steps", cfg.iters, learn_rounding=True, learn_steps=True)
-    else:
+    if "joint" in phases:
+        run("rounding+steps", cfg.iters, learn_rounding=True, learn_steps=True, p=cfg.p)
+    elif "rounding" in phases:
         with quantization_disabled(block, activations_only=True):
-            run("rounding", cfg.iters, learn_rounding=True, learn_steps=False)
+            run("rounding", cfg.iters, learn_rounding=True, learn_steps=False, p=cfg.p)
     soft = (
         torch.cat([layer.weight_quant.h().detach().reshape(-1) for layer in linears])
         if linears
@@ -457,8 +483,9 @@ def reconstruct_block(
             layer.weight = nn.Parameter(layer.weight_quant(layer.weight).detach(), requires_grad=False)
         layer.weight_quant = quantizer
         layer.freeze()
-    if not joint:
-        run("steps", cfg.act_iters, learn_rounding=False, learn_steps=True)
+    if "steps" in phases:
+        run("steps", cfg.act_iters, learn_rounding=False, learn_steps=True,
+            p=cfg.p if cfg.act_p is None else cfg.act_p)
     undecided = float(((soft > 0.01) & (soft < 0.99)).float().mean()) if soft.numel() else 0.0
     return {"error_nearest": before, "error_after": block_error(), "undecided_rounding": undecided}
 
@@ -521,12 +548,12 @@ class BlockCheckpoints:
 
 
 def fingerprint(
-    model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg: ReconConfig, joint: bool
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg: ReconConfig, order: str
 ) -> str:
     """A hash of what a reconstruction's result depends on (see BlockCheckpoints)."""
     digest = hashlib.sha256()
     settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
-    digest.update(json.dumps({"recon": settings, "joint": joint}, sort_keys=True).encode())
+    digest.update(json.dumps({"recon": settings, "order": order}, sort_keys=True).encode())
     for tensor in (x, t, y):
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     with torch.no_grad():
@@ -535,58 +562,72 @@ def fingerprint(
     return digest.hexdigest()
 
 
+def passes_of(order: str) -> list[tuple[tuple[str, ...], bool]]:
+    """The passes over the blocks an order makes: (phases of each block, activations off everywhere)."""
+    if order not in ORDERS:
+        raise ValueError(f"reconstruction order {order!r} is unknown: use one of {', '.join(ORDERS)}")
+    return {
+        "joint": [(("joint",), False)],
+        "per_block": [(("rounding", "steps"), False)],
+        "weights_first": [(("rounding",), True), (("steps",), False)],
+    }[order]
+
+
 def reconstruct_blocks(
     model,
     x: torch.Tensor,
     t: torch.Tensor,
     y: torch.Tensor,
     cfg: ReconConfig,
-    joint: bool,
+    order: str,
     progress: bool = True,
 ) -> list[dict]:
-    """Reconstruct every DiT block in order (inputs from the quantized prefix, targets from FP).
+    """Reconstruct every DiT block in ``order`` (ORDERS; inputs from the quantized prefix, targets from
+    FP); returns one report per block and pass (``pass`` numbers them: 0 and 1 for ``weights_first``).
 
-    With ``cfg.checkpoint_dir``, each finished block is saved there, and blocks already saved under
-    the same fingerprint are loaded instead of fitted (their reports say ``resumed``): the result is
-    the one an uninterrupted run gives, since the batch generator's state is saved with each block.
+    With ``cfg.checkpoint_dir``, each finished block of each pass is saved there, and those already
+    saved under the same fingerprint are loaded instead of fitted (their reports say ``resumed``): the
+    result is the one an uninterrupted run gives, since the batch generator's state is saved with each.
     """
+    passes = passes_of(order)
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(cfg.seed)
     batch = 256
     checkpoints = None
     if cfg.checkpoint_dir is not None:
-        checkpoints = BlockCheckpoints(cfg.checkpoint_dir, fingerprint(model, x, t, y, cfg, joint))
+        checkpoints = BlockCheckpoints(cfg.checkpoint_dir, fingerprint(model, x, t, y, cfg, order))
     family = family_of(model)
     blocks = family.blocks(model)
-    done = checkpoints.finished(len(blocks)) if checkpoints else 0
+    done = checkpoints.finished(len(passes) * len(blocks)) if checkpoints else 0
     with quantization_disabled(model):
-        x_fp, cond_fp = block_inputs(model, x, t, y, batch)
-    _, cond = block_inputs(model, x, t, y, batch)  # the timestep MLP may be quantized (scope "all")
-    x_q = x_fp.clone()
+        x_fp_in, cond_fp = block_inputs(model, x, t, y, batch)
     reports = []
-    for number, stored in enumerate(tqdm(blocks, desc="reconstruct", unit="block", disable=not progress)):
-        block = BlockCall(stored, family.run_block)
-        # the FP target, from the block before it is fitted
-        with torch.no_grad(), quantization_disabled(model):
-            target = _batched(block, x_fp, cond_fp, batch=batch)
-        if number < done:
-            reports.append({**checkpoints.load(number, stored, generator), "resumed": True})
-            with torch.no_grad():
-                x_q = _batched(block, x_q, cond, batch=batch)
-        elif any(isinstance(m, (QuantLinear, QuantMatMul)) for m in block.modules()):
-            reports.append(
-                reconstruct_block(
-                    model, block, x_q, cond, target, cfg, joint, generator, progress, f"block {number}"
-                )
-            )
-            with torch.no_grad():
-                x_q = _batched(block, x_q, cond, batch=batch)
-        else:  # outside the scope: nothing to fit; pass the quantized prefix's output on and report its error
-            with torch.no_grad():
-                x_q = _batched(block, x_q, cond, batch=batch)
-                error = float(lp_loss(x_q, target, 2.0))
-            reports.append({"error_nearest": error, "error_after": error, "undecided_rounding": 0.0})
-        if checkpoints and number >= done:
-            checkpoints.save(number, stored, reports[-1], generator)
-        x_fp = target
+    for number_of_pass, (phases, activations_off) in enumerate(passes):
+        # Q-Diffusion's weight pass runs the whole model with activation quantization off
+        with quantization_disabled(model, activations_only=True) if activations_off else nullcontext():
+            _, cond = block_inputs(model, x, t, y, batch)  # the timestep MLP may be quantized (scope "all")
+            x_fp, x_q = x_fp_in, x_fp_in.clone()
+            label = "reconstruct" + (f" pass {number_of_pass + 1}/{len(passes)}" if len(passes) > 1 else "")
+            for number, stored in enumerate(tqdm(blocks, desc=label, unit="block", disable=not progress)):
+                unit = number_of_pass * len(blocks) + number
+                block = BlockCall(stored, family.run_block)
+                # the FP target, from the block before it is fitted
+                with torch.no_grad(), quantization_disabled(model):
+                    target = _batched(block, x_fp, cond_fp, batch=batch)
+                if unit < done:
+                    report = {**checkpoints.load(unit, stored, generator), "resumed": True}
+                elif any(isinstance(m, (QuantLinear, QuantMatMul)) for m in block.modules()):
+                    report = reconstruct_block(model, block, x_q, cond, target, cfg, phases, generator,
+                                               progress, f"block {number}")
+                else:  # outside the scope: nothing to fit; its error is the quantized prefix's
+                    with torch.no_grad():
+                        error = float(lp_loss(_batched(block, x_q, cond, batch=batch), target, 2.0, "all"))
+                    report = {"error_nearest": error, "error_after": error, "undecided_rounding": 0.0}
+                report["pass"] = number_of_pass
+                reports.append(report)
+                with torch.no_grad():
+                    x_q = _batched(block, x_q, cond, batch=batch)
+                if checkpoints and unit >= done:
+                    checkpoints.save(unit, stored, report, generator)
+                x_fp = target
     return reports

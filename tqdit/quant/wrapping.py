@@ -34,7 +34,9 @@ from tqdit.quant.quantizers import (
 # modulation) and both attention matmuls (q·kᵀ and softmax·V, both operands). "all" adds the timestep
 # MLP and the final layer (adaLN and linear). The patch embedding, the label table and the norms stay in
 # floating point. "linears": the blocks' Linears only, attention in floating point (its fused SDPA
-# kernel) — the W8A8 setting of work that quantizes only the GEMMs. "tq_dit_code": TQ-DiT's released set.
+# kernel) — the W8A8 setting of work that quantizes only the GEMMs. "tq_dit_code": TQ-DiT's released set
+# (less its patch-embedding weights). "all" is also what PTQ4DiT's code (and its Q-Diffusion runs) wrap,
+# less the patch-embedding convolution, which no scope quantizes yet.
 LINEAR_ROLES = ("qkv", "proj", "fc1", "fc2", "adaln")
 SCOPES: dict[str, tuple[str, ...]] = {
     "blocks": LINEAR_ROLES + ("qk_matmul", "av_matmul"),
@@ -42,6 +44,8 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "tq_dit_code": ("qkv", "proj", "fc1", "fc2", "qk_matmul", "av_matmul", "final_linear"),
     "all": LINEAR_ROLES + ("qk_matmul", "av_matmul", "timestep_fc1", "timestep_fc2", "final_adaln",
                           "final_linear"),
+    # every Linear, attention in floating point: PTQ4DM's code (its UNet's attention is einsum, never wrapped)
+    "all_linears": LINEAR_ROLES + ("timestep_fc1", "timestep_fc2", "final_adaln", "final_linear"),
 }
 # The activation operands of a module, by role (a module without a role: "post_norm").
 ROLE_POSITIONS = {"qk_matmul": ("q", "k"), "av_matmul": ("post_softmax", "v"), "fc2": ("post_gelu",),
@@ -107,22 +111,24 @@ def _activation_quantizer(
         return _dynamic_quantizer(cfg, linear, position)
     groups = cfg.time_groups if _is_grouped(position, cfg.grouped) else 1
     ctx = context if groups > 1 else None
+    bits = cfg.softmax_bits if position == "post_softmax" else cfg.a_bits
     if cfg.multi_region and position == "post_softmax":
-        return SoftmaxMRQ(cfg.a_bits, groups, ctx)
+        return SoftmaxMRQ(bits, groups, ctx)
     if cfg.multi_region and position == "post_gelu":
-        return GeluMRQ(cfg.a_bits, groups, ctx)
-    return UniformQuantizer(cfg.a_bits, symmetric=position in ("q", "k", "v"), groups=groups, context=ctx)
+        return GeluMRQ(bits, groups, ctx)
+    return UniformQuantizer(bits, symmetric=position in ("q", "k", "v"), groups=groups, context=ctx)
 
 
 def _dynamic_quantizer(cfg: CalibrationConfig, linear: nn.Linear | None, position: str) -> DynamicQuantizer:
     """Q-DiT's / DiTAS's run-time grids. A Linear's input gets ``group_size`` channel groups (Q-DiT) and
     smoothing factors (DiTAS); attention operands (in scope=blocks) the whole token or sample (kᵀ, the
     second operand of q·kᵀ, holds tokens in its columns)."""
+    bits = cfg.softmax_bits if position == "post_softmax" else cfg.a_bits
     if cfg.activation_grid == "sample":  # DiTAS's code divides its range by 2^b
         channels = linear.in_features if (cfg.smoothing and linear is not None) else 0
-        return DynamicQuantizer(cfg.a_bits, "sample", channels=channels, codes_per_range=2**cfg.a_bits)
+        return DynamicQuantizer(bits, "sample", channels=channels, codes_per_range=2**bits)
     group_size = cfg.group_size if linear is not None else 0
-    return DynamicQuantizer(cfg.a_bits, "token_groups", group_size=group_size,
+    return DynamicQuantizer(bits, "token_groups", group_size=group_size,
                             channel_dim=-2 if position == "k" else -1)
 
 
@@ -171,14 +177,18 @@ def wrap(model: nn.Module, cfg: CalibrationConfig, timesteps: np.ndarray) -> lis
     model.quant_context = context
     model.quant_config = cfg  # the effective settings (what a method chose), saved with the parameters
     device = next(model.parameters()).device
+    family = family_of(model)
     for name in names:
         module = model.get_submodule(name)
         positions = activation_positions(model, name)
+        # PTQ4DM's code keeps its first and last layer at 8 bits whatever the setting's widths
+        own = replace(cfg, w_bits=8, a_bits=8, softmax_bits=8) if family.role_of(name) in cfg.eight_bit_roles \
+            else cfg
         if isinstance(module, MatMul):
-            new = QuantMatMul(*(_activation_quantizer(p, cfg, context) for p in positions))
+            new = QuantMatMul(*(_activation_quantizer(p, own, context) for p in positions))
         else:
-            act = _activation_quantizer(positions[0], cfg, context, module)
-            new = QuantLinear(module, act, _weight_quantizer(cfg, module))
+            act = _activation_quantizer(positions[0], own, context, module)
+            new = QuantLinear(module, act, _weight_quantizer(own, module))
         replace_module(model, name, new.to(module.weight.device if isinstance(module, nn.Linear) else device))
     use_explicit_attention(model)
     if cfg.error_model == "noise":  # a saved noise control being loaded (it calibrates with rounding)

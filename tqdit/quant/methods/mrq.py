@@ -20,10 +20,15 @@ def check_multi_region_bits(config) -> None:
     if config.a_bits < 3:
         raise ValueError(f"{type(config).__name__}: a_bits={config.a_bits}: multi-region quantization needs "
                          "at least 3 bits (one selects the region); use a_bits >= 3")
+    if config.operand_softmax_bits() < 3:
+        raise ValueError(f"{type(config).__name__}: softmax_bits={config.operand_softmax_bits()}: multi-region "
+                         "quantization needs at least 3 bits (one selects the region); use softmax_bits >= 3")
 
 
 @dataclass(frozen=True, kw_only=True)
 class MRQConfig(MethodConfig):
+    published_scope = "tq_dit_code"  # TQ-DiT's code: qkv, proj, fc1, fc2, both matmuls, final linear
+
     def __post_init__(self):
         super().__post_init__()
         check_multi_region_bits(self)

@@ -16,6 +16,8 @@ from tqdit.quant.methods.mrq import check_multi_region_bits
 
 @dataclass(frozen=True, kw_only=True)
 class TQDiTConfig(TimeGroupedConfig):
+    published_scope = "tq_dit_code"  # TQ-DiT's code: qkv, proj, fc1, fc2, both matmuls, final linear
+
     def __post_init__(self):
         super().__post_init__()
         check_multi_region_bits(self)

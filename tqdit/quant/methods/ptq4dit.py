@@ -52,6 +52,8 @@ class PTQ4DiTConfig(QDiffusionConfig):
     p: float = 2.0  # Lp exponent of the initial scale search (the reconstruction's p is recon.p)
     ssc: bool = True  # False: plain CSB with s(X) = max over all calibration inputs
     layers: list = field(default_factory=lambda: list(BALANCED))
+    phase_order: str = "joint"  # rounding and activation steps learned together (its code)
+    phase_orders = ("joint",)
 
     def __post_init__(self):
         super().__post_init__()
@@ -195,6 +197,6 @@ def quantize(model, calib, config: PTQ4DiTConfig):
     x = calib.x[index].to(device, next(model.parameters()).dtype)
     t, y = calib.t[index].to(device), calib.y[index].to(device)
     changed = salience_balance(model, x, t, y, calib.step.numpy()[index], config.layers, config.ssc,
-                               scope=set(resolve_scope(model, config.scope)))
+                               scope=set(resolve_scope(model, config.operand_scope())))
     model.quant_modified_parameters = changed
-    return initialise_and_reconstruct(model, calib, config, index, joint=True, start=start)
+    return initialise_and_reconstruct(model, calib, config, index, start=start)

@@ -37,6 +37,11 @@ class PTQ4DMConfig(MethodConfig):
     std: float = 0.4   # σ of NDTC
     p: float = 2.4     # Lp exponent of the scale search
     fixed_search = "lp"
+    # Its code wraps every Conv2d/Linear and never the attention (einsum), and keeps the first and the
+    # last layer at 8 bits; the first, the patch embedding, stays in floating point here.
+    published_scope = "all_linears"
+    published_softmax_bits = 8  # moot in its scope; PTQ4DiT's harness, which ran it on DiT, used 8
+    published_eight_bit_roles = ("final_linear",)
 
     def __post_init__(self):
         super().__post_init__()

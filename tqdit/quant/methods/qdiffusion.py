@@ -8,10 +8,22 @@ Follows the paper (and its BRECQ-based code where the paper is silent):
   tensor (asymmetric; the post-softmax operand is non-negative, so its codes are unsigned); each
   scale by an Lp (p = 2.4) search over shrink factors of the observed range.
 - **Reconstruction** (``tqdit.quant.reconstruct``): per DiT block, BRECQ-style, inputs from the
-  already quantized blocks and targets from FP; first AdaRound weight rounding with activations in
-  full precision (``recon.iters``, 20k in the paper, β 20→2, warm-up 0.2, λ 0.01, Lp p = 2.4),
-  then LSQ-style activation steps with the rounded weights (``act_iters`` 5k, Adam 4e-4, cosine).
+  already quantized blocks and targets from FP. The paper names the phases, not their order or
+  losses; its code (``scripts/sample_diffusion_ldm.py``) is followed: first AdaRound weight rounding of
+  *every* block with activation quantization off in the whole model (``recon.iters``, 20k, β 20→2,
+  warm-up 0.2, λ 0.01, Lp p = 2, the default of its ``block_reconstruction``), then a second pass
+  learning the activation steps of every block with weights and activations quantized (``act_iters``
+  5k, Adam 4e-4 cosine, p = 2.4 = ``--cali_p``); loss |Ŷ − Y|^p summed over dim 1, averaged over the
+  rest (``recon.reduction=dim1``). ``phase_order=per_block`` runs both phases of a block before the
+  next (tqdit's earlier order). Its code's step learning is the straight-through gradient of the
+  step; tqdit's ``LearnedStep`` scales it by LSQ's constant 1/√(numel·qmax), which Adam's normalised
+  update all but cancels (``tests/test_official_code.py`` measures it).
+- **Operands** (``protocol=published``): as PTQ4DiT ran this baseline on DiT with Q-Diffusion's code —
+  every Linear (timestep MLP, adaLN and final layer included) and both attention matmuls, the
+  attention probabilities at 8 bits (``--sm_abit 8``, also Q-Diffusion's own default) whatever a_bits.
 Not applicable to DiT: the shortcut-splitting quantizer for UNet skip concatenations.
+Left out: the patch-embedding convolution (its code wraps every Conv2d; no tqdit scope quantizes it
+yet) and its layer-wise reconstruction of the first and last layer (tqdit reconstructs blocks only).
 Protocol choices: q, k and v use the engine's symmetric quantizers like every method's.
 """
 
@@ -33,14 +45,23 @@ from tqdit.quant.search import SearchConfig
 class QDiffusionConfig(ReconstructingConfig):
     num_inputs: int = 800  # 25 steps x 32 inputs (PTQ4DiT's setting of this baseline on DiT)
     search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="lp"))
-    recon: ReconConfig = field(default_factory=lambda: ReconConfig(p=2.4, act_lr=4e-4))
+    recon: ReconConfig = field(default_factory=lambda: ReconConfig(p=2.0, act_p=2.4, act_lr=4e-4))
     calib_steps: int = 25  # sampling steps at a uniform stride (all of them when the schedule is shorter)
     p: float = 2.4         # Lp exponent of the initial scale search
+    phase_order: str = "weights_first"  # weights_first (its code: two passes) | per_block
     fixed_search = "lp"
+    phase_orders = ("weights_first", "per_block")
+    # As PTQ4DiT ran this baseline on DiT (its harness is Q-Diffusion's code): every Linear and the
+    # attention matmuls, probabilities at 8 bits (``--sm_abit 8``, also Q-Diffusion's own default).
+    published_scope = "all"
+    published_softmax_bits = 8
 
     def __post_init__(self):
         super().__post_init__()
         check_lp_exponent(self)
+        if self.phase_order not in self.phase_orders:
+            raise ValueError(f"{type(self).__name__}: phase_order={self.phase_order!r}: use one of "
+                             f"{', '.join(self.phase_orders)}")
         if not isinstance(self.calib_steps, int) or self.calib_steps < 1:
             raise ValueError(
                 f"{type(self).__name__}: calib_steps={self.calib_steps} must be a positive integer"
@@ -55,7 +76,7 @@ def calibration_index(calib, config: QDiffusionConfig) -> np.ndarray:
     )
 
 
-def initialise_and_reconstruct(model, calib, config: QDiffusionConfig, index: np.ndarray, joint: bool,
+def initialise_and_reconstruct(model, calib, config: QDiffusionConfig, index: np.ndarray,
                                start: float | None = None):
     """Lp-initialised asymmetric quantizers, then block reconstruction; cost covers both (from ``start``)."""
     start = start_cost(next(model.parameters()).device) if start is None else start
@@ -65,16 +86,18 @@ def initialise_and_reconstruct(model, calib, config: QDiffusionConfig, index: np
     device = next(model.parameters()).device
     x, t, y = calib.x[index].to(device), calib.t[index].to(device), calib.y[index].to(device)
     recon_start = time.perf_counter()
-    reports = reconstruct_blocks(model, x.to(next(model.parameters()).dtype), t, y, cfg.recon, joint=joint)
+    reports = reconstruct_blocks(model, x.to(next(model.parameters()).dtype), t, y, cfg.recon,
+                                 order=config.phase_order)
     peak, kind = peak_memory(device)
     cost.update(
         calibration_s=round(time.perf_counter() - start, 2),
         peak_memory_bytes=peak,
         peak_memory_kind=kind,
         reconstruction={
-            "blocks": len(reports),
+            "blocks": sum(r["pass"] == 0 for r in reports),
             "seconds": round(time.perf_counter() - recon_start, 2),
-            "joint": joint,
+            "order": config.phase_order,
+            "pass": [r["pass"] for r in reports],
             "error_nearest": [round(r["error_nearest"], 6) for r in reports],
             "error_after": [round(r["error_after"], 6) for r in reports],
             "undecided_rounding": max((r["undecided_rounding"] for r in reports), default=0.0),
@@ -92,4 +115,4 @@ def initialise_and_reconstruct(model, calib, config: QDiffusionConfig, index: np
 
 
 def quantize(model, calib, config: QDiffusionConfig):
-    return initialise_and_reconstruct(model, calib, config, calibration_index(calib, config), joint=False)
+    return initialise_and_reconstruct(model, calib, config, calibration_index(calib, config))

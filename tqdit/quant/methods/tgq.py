@@ -19,7 +19,7 @@ from tqdit.quant.config import TimeGroupedConfig
 
 @dataclass(frozen=True, kw_only=True)
 class TGQConfig(TimeGroupedConfig):
-    pass
+    published_scope = "tq_dit_code"  # TQ-DiT's code: qkv, proj, fc1, fc2, both matmuls, final linear
 
 
 def quantize(model, calib, config: TGQConfig):
