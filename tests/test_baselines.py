@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from tqdit.data.calibration import CalibrationSpec, capture, ndtc_steps, select_ndtc, select_uniform_steps
+from tqdit.data.calibration import (CalibrationSpec, calibration_labels, capture, ndtc_steps, select_ndtc,
+                                    select_uniform_steps)
 from tqdit.diffusion import create_diffusion
 from tqdit.quant.config import CalibrationConfig
 from tqdit.quant.layers import quantizers, QuantLinear
@@ -50,11 +51,47 @@ def test_ndtc_steps_follow_the_configured_normal():
     assert (drawn < steps // 2).mean() > 0.55
 
 
-def test_ndtc_selection_takes_trajectory_inputs_of_the_drawn_steps():
+def test_ndtc_selection_with_replacement_takes_trajectory_inputs_of_the_drawn_steps():
     step = np.repeat(np.arange(10), 8)  # 10 sampling steps, 8 inputs each
-    index = select_ndtc(step, 10, 200, 0.4, 0.4, seed=3)
+    index = select_ndtc(step, 10, 200, 0.4, 0.4, seed=3, replacement=True)
     expected = np.sort(ndtc_steps(10, 200, 0.4, 0.4, np.random.default_rng(3)))
     np.testing.assert_array_equal(np.sort(step[index]), expected)
+
+
+def test_ndtc_selection_without_replacement_is_distinct_and_follows_the_normal():
+    """The default draws distinct inputs; while no step runs out, the steps' frequencies follow NDTC's
+    probabilities (chi-square against the normal's mass per step, computed here with scipy).
+    Mutations caught: drawing with replacement, weighting inputs by the step probability without
+    dividing by the step's number of inputs (uneven pools then skew the steps), or the tails not folded
+    into the end steps."""
+    steps, mean, std = 20, 0.4, 0.4
+    per_step = np.where(np.arange(steps) % 2 == 0, 400, 200)  # uneven pools
+    step = np.repeat(np.arange(steps), per_step)
+    edges = stats.norm.cdf(np.arange(1, steps) / steps, mean, std)
+    probs = np.diff(np.concatenate([[0.0], edges, [1.0]]))
+    counts = np.zeros(steps)
+    for seed in range(20):
+        index = select_ndtc(step, steps, 150, mean, std, seed=seed)
+        assert len(np.unique(index)) == len(index) == 150
+        counts += np.bincount(step[index], minlength=steps)
+    assert counts.max() < 0.5 * per_step.min() * 20  # far from exhausting any step: the law is NDTC's
+    assert stats.chisquare(counts, probs * counts.sum()).pvalue > 1e-3
+    with pytest.raises(ValueError, match="distinct calibration inputs"):
+        select_ndtc(step, steps, len(step) + 1, mean, std, seed=0)
+
+
+def test_calibration_labels_spread_over_all_classes():
+    """``spread``: fewer trajectories than classes get distinct classes from the whole range, more get
+    each class equally often (±1); ``first`` is i mod classes. Mutations caught: spread returning the
+    first classes, or one permutation reused without reshuffling per round (still balanced: the seeded
+    draws of two rounds are compared)."""
+    few = calibration_labels(32, 1000, "spread", seed=0)
+    assert len(np.unique(few)) == 32 and few.max() > 500
+    many = calibration_labels(2500, 1000, "spread", seed=0)
+    assert np.bincount(many, minlength=1000).min() == 2 and np.bincount(many).max() == 3
+    assert not np.array_equal(many[:1000], many[1000:2000])
+    np.testing.assert_array_equal(calibration_labels(12, 10, "first", seed=0), np.arange(12) % 10)
+    assert not np.array_equal(calibration_labels(32, 1000, "spread", seed=1), few)
 
 
 def test_uniform_stride_selection_covers_both_ends():

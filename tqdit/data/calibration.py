@@ -15,13 +15,19 @@ method then *selects* its inputs from the shared set (one capture serves the who
 - ``select_uniform_steps``  ``steps`` steps at a uniform stride, ``per_step`` inputs each
   (Q-Diffusion, PTQ4DiT);
 - ``select_ndtc``  PTQ4DM's normally distributed timestep calibration: steps drawn from N(μ, σ)
-  (fractions of the trajectory, counted from the clean end), one input per draw.
+  (fractions of the trajectory, counted from the clean end), distinct inputs.
+
+Labels: ``spread`` (default) draws the trajectories' classes across all classes, seeded — a random
+permutation of the classes per round of ``num_classes`` trajectories, so fewer trajectories than classes
+still see random classes from the whole range and more see each class equally often; ``first`` labels
+trajectory i with class i mod num_classes (32 trajectories of ImageNet then cover classes 0–31 only).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +49,7 @@ class CalibrationSpec:
     seed: int = 1234              # trajectories' seed (kept apart from evaluation seeds)
     cfg_scale: float = 1.5
     cfg_channels: int | None = None
+    labels: str = "spread"        # spread: seeded draw across all classes | first: i mod num_classes
     method: str = "ddpm"
     clip_denoised: bool = False
 
@@ -114,6 +121,24 @@ def select_uniform_steps(
     return np.concatenate(chosen)
 
 
+def calibration_labels(num_samples: int, num_classes: int, policy: str, seed: int) -> np.ndarray:
+    """The trajectories' class labels (see the module docstring for the policies)."""
+    if policy == "first":
+        return np.arange(num_samples) % num_classes
+    if policy != "spread":
+        raise ValueError(f"calibration labels={policy!r} is unknown: use spread or first")
+    rng = np.random.default_rng(seed)
+    rounds = -(-num_samples // num_classes)
+    return np.concatenate([rng.permutation(num_classes) for _ in range(rounds)])[:num_samples]
+
+
+def ndtc_step_probabilities(num_steps: int, mean: float, std: float) -> np.ndarray:
+    """P(step = s) under ``ndtc_steps``: the normal mass of [s, s+1)/num_steps, the tails in the end steps."""
+    edges = np.arange(1, num_steps) / num_steps
+    cdf = np.array([0.5 * (1 + math.erf((e - mean) / (std * math.sqrt(2)))) for e in edges])
+    return np.diff(np.concatenate([[0.0], cdf, [1.0]]))
+
+
 def ndtc_steps(num_steps: int, count: int, mean: float, std: float, rng: np.random.Generator) -> np.ndarray:
     """PTQ4DM's NDTC: ``count`` sampling-step indices (0 = cleanest) with fraction u ~ N(mean, std) of the
     trajectory counted from the clean end, step = clamp(⌊u · num_steps⌋, 0, num_steps − 1)."""
@@ -122,10 +147,24 @@ def ndtc_steps(num_steps: int, count: int, mean: float, std: float, rng: np.rand
 
 
 def select_ndtc(
-    step: np.ndarray, num_steps: int, count: int, mean: float, std: float, seed: int
+    step: np.ndarray, num_steps: int, count: int, mean: float, std: float, seed: int, replacement: bool = False
 ) -> np.ndarray:
-    """Indices of ``count`` inputs whose steps follow NDTC; each draw takes a random input of that step
-    (from a different trajectory while the step has unused ones)."""
+    """Indices of ``count`` inputs whose steps follow NDTC.
+
+    Without replacement (default): ``count`` distinct inputs, each weighted by its step's NDTC
+    probability over the number of inputs of that step — the paper's sampler runs a fresh trajectory
+    for every drawn timestep, so no input repeats; where a step's inputs run out, its further draws
+    go to the other steps in proportion. With replacement: each draw takes a random input of its step
+    (repeats once a step is drawn more often than it has inputs: with 64 inputs per step and 1024
+    draws, about 900 distinct inputs)."""
+    if not replacement:
+        if count > len(step):
+            raise ValueError(f"PTQ4DM wants {count} distinct calibration inputs but the set has {len(step)}; "
+                             "capture more trajectories (quant.calib.num_samples) or lower num_inputs")
+        per_step = np.bincount(step, minlength=num_steps)
+        weight = ndtc_step_probabilities(num_steps, mean, std)[step] / per_step[step]
+        rng = np.random.default_rng(seed)
+        return np.sort(rng.choice(len(step), count, replace=False, p=weight / weight.sum()))
     rng = np.random.default_rng(seed)
     wanted = ndtc_steps(num_steps, count, mean, std, rng)
     chosen = []
@@ -144,7 +183,8 @@ def capture(model, diffusion: GaussianDiffusion, spec: CalibrationSpec) -> Calib
     device = next(model.parameters()).device
     keep = set(kept_steps(spec, diffusion.num_steps))
     indices = np.arange(spec.num_samples)
-    labels = torch.as_tensor(indices % model.num_classes, device=device)
+    labels = torch.as_tensor(calibration_labels(spec.num_samples, model.num_classes, spec.labels, spec.seed),
+                             device=device)
     xs, ts, ys, steps = [], [], [], []
     use_cfg = spec.cfg_scale != 1.0
 

@@ -356,11 +356,15 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path, decode=None
         cfg_channels=cfg.sampler.cfg_channels,
         method=cfg.sampler.method,
         clip_denoised=cfg.sampler.clip_denoised,
+        labels=calib_cfg.labels,
     )
     start = time.perf_counter()
     calib, cached = cached_capture(model, diffusion, spec, cfg.cache_dir)
     record["calibration_capture_s"] = round(time.perf_counter() - start, 2)
     record["calibration_set_cached"] = cached
+    classes = calib.y[calib.y != getattr(model, "null_class", -1)].unique()
+    record["calibration_classes"] = {"labels": spec.labels, "distinct": len(classes),
+                                     "min": int(classes.min()), "max": int(classes.max())}
     _, cost = quantize(model, calib, config)
     for name, value in cost.items():
         if isinstance(value, float) and not math.isfinite(value):

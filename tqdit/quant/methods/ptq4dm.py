@@ -6,12 +6,19 @@ Follows the paper:
   S sampling steps — and the input at each drawn step taken from the FP sampler's own trajectory
   (the released script labels its samples with the loop index, which runs noisiest-first, i.e. the
   timesteps are reversed; not reproduced). μ = 0.4, σ = 0.4 as in the released run scripts;
-  1024 calibration inputs (``num_inputs``).
+  1024 calibration inputs (``num_inputs``), all distinct (``replacement=False``): the paper runs the
+  sampler afresh for every drawn timestep, so no input repeats; here inputs come from the captured
+  trajectories, each weighted by its step's NDTC probability over the step's number of inputs.
+  (The released script in 42Shawn/PTQ4DM calibrates on Gaussian noise at t = 1 with class 1, marked
+  TODO: NDTC itself is not in the released code, so the paper is followed.)
 - **Quantizers**: weights per output channel, symmetric; activations per tensor; every scale chosen
   by an Lp search with p = 2.4 over the range-multiplier grid; no reconstruction.
-Protocol choices (the same for every method): the layer scope ``quant.scope`` and the bit widths
-apply to every scoped layer — the paper's "first and last layer at 8 bits" concerns UNet layers that
-the default DiT scope does not quantize (patch embedding, final layer).
+- **Operands** (``protocol=published``, its code's QDrop-based wrapper): every Linear (blocks,
+  timestep MLP, adaLN, final layer), attention in floating point (its UNet's attention matmuls are
+  einsum calls it never wraps), weights symmetric; the first and last layer at 8 bits whatever the
+  setting's widths (``--disable_8bit_head_stem`` off). The first, the patch-embedding convolution,
+  stays in floating point here (no tqdit scope quantizes it yet); the last, the final Linear, is 8-bit.
+  ``protocol=shared``: scope ``blocks`` at the setting's widths, like every method.
 """
 
 from dataclasses import dataclass, field, replace
@@ -36,6 +43,7 @@ class PTQ4DMConfig(MethodConfig):
     mean: float = 0.4  # μ of NDTC, as a fraction of the trajectory from the clean end
     std: float = 0.4   # σ of NDTC
     p: float = 2.4     # Lp exponent of the scale search
+    replacement: bool = False  # False: distinct inputs (the paper's fresh trajectory per draw)
     fixed_search = "lp"
     # Its code wraps every Conv2d/Linear and never the attention (einsum), and keeps the first and the
     # last layer at 8 bits; the first, the patch embedding, stays in floating point here.
@@ -52,7 +60,7 @@ class PTQ4DMConfig(MethodConfig):
 
 def quantize(model, calib, config: PTQ4DMConfig):
     index = select_ndtc(calib.step.numpy(), len(calib.timesteps), config.num_inputs, config.mean, config.std,
-                        config.seed)
+                        config.seed, replacement=config.replacement)
     search = replace(config.search, criterion="lp", p=config.p)
     return calibrate(
         model,
