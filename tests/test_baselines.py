@@ -10,13 +10,15 @@ from scipy import stats
 from tqdit.data.calibration import (CalibrationSpec, calibration_labels, capture, ndtc_steps, select_ndtc,
                                     select_uniform_steps)
 from tqdit.diffusion import create_diffusion
+from tqdit.models.adapters import family_of
 from tqdit.quant.config import CalibrationConfig
-from tqdit.quant.layers import quantizers, QuantLinear
+from tqdit.quant.layers import quantization_disabled, quantizers, QuantLinear, QuantMatMul
 from tqdit.quant.methods import config_from_settings, quantize
 from tqdit.quant.search import SearchConfig
 from tqdit.quant.state import load_quant_state, save_quant_state
 from tqdit.quant.calibrate import calibrate
-from tqdit.quant.methods.ptq4dit import balancing_factors, fold_adaln, salience_balance
+from tqdit.quant.methods import ptq4dit
+from tqdit.quant.methods.ptq4dit import PTQ4DiTConfig, balancing_factors, fold_adaln, salience_balance
 from tqdit.quant.reconstruct import AdaRoundWeight, ReconConfig, reconstruct_blocks
 
 from test_quant import output_error, tiny_dit
@@ -256,13 +258,14 @@ def test_reconstruction_rounds_to_floor_or_ceil_and_lowers_block_error(setting):
 # ---------------------------------------------------------------- the methods end to end
 
 
-def baseline(method, setting, bits=8, **params):
+def baseline(method, setting, bits=8, protocol="published", **params):
     model, calib = setting
     cfg = config_from_settings(
         method,
         dict(
             w_bits=bits,
             a_bits=bits,
+            protocol=protocol,
             num_inputs=24,
             capture_batch=8,
             search=SearchConfig(criterion="lp", candidates=20),
@@ -276,13 +279,87 @@ def baseline(method, setting, bits=8, **params):
 
 @pytest.mark.parametrize("method", ["ptq4dm", "qdiffusion", "ptq4dit"])
 def test_baselines_quantize_every_scoped_layer(method, setting):
-    fp, quantized, cost, calib = baseline(method, setting, bits=6)
-    assert len(quantizers(quantized)) == 2 * 14 and all(q.enabled for _, q in quantizers(quantized))
-    assert {type(q).__name__ for _, q in quantizers(quantized)} == {"UniformQuantizer"}
+    """The shared protocol: every method quantizes the blocks' 14 modules at the setting's widths."""
+    fp, quantized, cost, calib = baseline(method, setting, bits=6, protocol="shared")
+    uniform = [(n, q) for n, q in quantizers(quantized) if type(q).__name__ == "UniformQuantizer"]
+    assert len(uniform) == 2 * 14 and all(q.enabled for _, q in quantizers(quantized))
+    assert {q.bits for _, q in uniform} == {6}
+    others = {type(q).__name__ for _, q in quantizers(quantized)} - {"UniformQuantizer"}
+    assert others == ({"InputScale"} if method == "ptq4dit" else set())  # PTQ4DiT's run-time factors
     weight_symmetric = {q.symmetric for n, q in quantizers(quantized) if n.endswith("weight_quant")}
     assert weight_symmetric == ({True} if method == "ptq4dm" else {False})
     assert 0 < output_error(fp, quantized, calib) < 0.1
     assert cost["calibration_s"] > 0 and ("reconstruction" in cost) == (method != "ptq4dm")
+
+
+@pytest.mark.parametrize("method,linears,matmuls,input_scales",
+                         [("ptq4dm", 14, 0, 0), ("qdiffusion", 14, 4, 0), ("ptq4dit", 14, 4, 6)])
+def test_published_protocol_quantizes_what_each_code_quantizes(method, linears, matmuls, input_scales, setting):
+    """``protocol=published`` (default): PTQ4DM every Linear (blocks, timestep MLP, final adaLN and
+    Linear) and no attention, its final Linear at 8 bits; Q-Diffusion and PTQ4DiT every Linear and both
+    matmuls with attention probabilities at 8 bits whatever a_bits; PTQ4DiT's balancing factors at run
+    time on qkv, proj, fc1. Mutations caught: PTQ4DM wrapping the attention matmuls, the post-softmax
+    operand at a_bits, PTQ4DM's last layer at the setting's bits, PTQ4DiT folding by default."""
+    fp, quantized, cost, calib = baseline(method, setting, bits=6)
+    modules = dict(quantized.named_modules())
+    assert sum(isinstance(m, QuantLinear) for m in modules.values()) == linears
+    assert sum(isinstance(m, QuantMatMul) for m in modules.values()) == matmuls
+    assert sum(type(q).__name__ == "InputScale" for _, q in quantizers(quantized)) == input_scales
+    final = quantized.final_layer.linear
+    assert (final.weight_quant.bits, final.act.bits) == ((8, 8) if method == "ptq4dm" else (6, 6))
+    assert quantized.blocks[0].attn.qkv.act.bits == 6 and quantized.t_embedder.mlp[2].act.bits == 6
+    for block in quantized.blocks if matmuls else []:
+        assert block.attn.av_matmul.a_quant.bits == 8 and block.attn.av_matmul.b_quant.bits == 6
+    assert 0 < output_error(fp, quantized, calib) < 0.1
+
+
+def operand_of(model, module_name, slot, calib, prepend=False):
+    """What ``module_name`` receives as argument ``slot`` on the calibration inputs, by a forward pre-hook
+    (``prepend``: before the module's own pre-hooks)."""
+    seen = []
+    hook = model.get_submodule(module_name).register_forward_pre_hook(
+        lambda module, args: seen.append(args[slot].detach().clone()), prepend=prepend)
+    with torch.no_grad():
+        model(calib.x[:16], calib.t[:16], calib.y[:16])
+    hook.remove()
+    return torch.cat(seen)
+
+
+def test_ptq4dit_runtime_balancing_as_its_code_and_fold_as_its_paper(setting):
+    """``balance=runtime`` (its code): with quantization off the model is the FP model; the factor b
+    multiplies the layer's input ahead of its quantizer, the weight holds W/b; v (the second operand
+    of softmax·V) and adaLN are the FP model's. ``balance=fold`` (its paper): v's quantizer sees v·b of
+    proj and adaLN's weights change. Mutations caught: the factor applied after the activation
+    quantizer or not at all, the weight left undivided, runtime also folding proj's b into v."""
+    fp, calib = setting
+    index = np.arange(len(calib))[::4]
+    x, t, y = calib.x[index], calib.t[index], calib.y[index]
+    fp = copy.deepcopy(fp)
+    family_of(fp).set_explicit_attention(fp, [True] * len(fp.blocks))  # its matmuls called, as quantized
+    runtime, folded = copy.deepcopy(fp), copy.deepcopy(fp)
+    ptq4dit.balance(runtime, x, t, y, calib, index, PTQ4DiTConfig())
+    ptq4dit.balance(folded, x, t, y, calib, index, PTQ4DiTConfig(balance="fold"))
+    v_fp = operand_of(fp, "blocks.0.attn.av_matmul", 1, calib)
+    for model in (runtime, folded):
+        with quantization_disabled(model), torch.no_grad():
+            reference, out = fp(calib.x[:16], calib.t[:16], calib.y[:16]), model(calib.x[:16], calib.t[:16],
+                                                                               calib.y[:16])
+            torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+            v = operand_of(model, "blocks.0.attn.av_matmul", 1, calib)
+        if model is runtime:
+            torch.testing.assert_close(v, v_fp, rtol=0, atol=1e-6)
+        else:
+            assert (v - v_fp).abs().max() > 1e-3
+    proj = runtime.blocks[0].attn.proj
+    factor = proj.input_scale.factor
+    assert (factor - 1).abs().max() > 1e-2  # not vacuous
+    torch.testing.assert_close(proj.weight * factor, fp.blocks[0].attn.proj.weight, rtol=1e-5, atol=1e-7)
+    raw = operand_of(runtime, "blocks.0.attn.proj", 0, calib, prepend=True)
+    quantizer_input = operand_of(runtime, "blocks.0.attn.proj.act", 0, calib)
+    torch.testing.assert_close(quantizer_input, raw * factor, rtol=1e-6, atol=1e-7)
+    adaln = "blocks.0.adaLN_modulation.1.weight"
+    assert torch.equal(runtime.get_parameter(adaln), fp.get_parameter(adaln))
+    assert not torch.equal(folded.get_parameter(adaln), fp.get_parameter(adaln))
 
 
 @pytest.mark.parametrize("method", ["qdiffusion", "ptq4dit"])

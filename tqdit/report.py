@@ -396,16 +396,20 @@ CAPTION_KEYS = (
     "device",
     "eval.feature_extractor",
     "quant.search",
+    "quant.protocol",
     "quant.scope",
+    "quant.softmax_bits",
     "quant.backend",
     "quant.calib.num_samples",
+    "quant.calib.labels",
     "quant.num_inputs",
 )
 
 
 def caption(table: pd.DataFrame) -> str:
     shared = shared_settings(table)
-    named = ", ".join(f"{k}={shared[k]}" for k in CAPTION_KEYS if k in shared and shared[k] != BLANK)
+    named = ", ".join(f"{k}={shared[k]}" for k in CAPTION_KEYS
+                      if k in shared and shared[k] not in (BLANK, None, "None"))
     by_method = method_specific(table)
     per_method = (f" Settings that differ only between methods (each method's own; values in report.csv): "
                   f"{', '.join(by_method)}." if by_method else "")

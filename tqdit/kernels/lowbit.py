@@ -281,8 +281,9 @@ def to_low_bit(model: nn.Module, backend: str = "fp8", fuse_mlp: bool = True) ->
     """Swap calibrated QuantLinear layers in place for ``backend`` (``int8`` or ``fp8``, see module
     docstring); returns what was converted.
 
-    Layers whose weight quantizer is off (no calibration) or not 8-bit, or whose input quantizer is
-    not 8-bit, are left as they are. With ``fuse_mlp`` (FP8 only), every MLP whose fc1 and fc2 both
+    Layers whose weight quantizer is off (no calibration) or not 8-bit, whose input quantizer is
+    not 8-bit, or whose input is balanced at run time (PTQ4DiT's ``balance=runtime``), are left as
+    they are. With ``fuse_mlp`` (FP8 only), every MLP whose fc1 and fc2 both
     became :class:`Fp8Linear` runs as one :class:`Fp8Mlp` (counted as ``fp8_mlp``).
     """
     if backend not in BACKENDS:
@@ -301,7 +302,8 @@ def to_low_bit(model: nn.Module, backend: str = "fp8", fuse_mlp: bool = True) ->
     for name in names:
         layer = model.get_submodule(name)
         eight_bit = (
-            layer.weight_quant.enabled
+            not hasattr(layer, "input_scale")  # PTQ4DiT's run-time balancing: no kernel applies it; simulated
+            and layer.weight_quant.enabled
             and layer.weight_quant.bits == 8
             and getattr(layer.act, "bits", None) == 8
         )

@@ -41,6 +41,7 @@ class CalibrationConfig:
     a_bits: int = 8
     softmax_bits: int = 8  # the post-softmax operand's width (a method's published width, or a_bits)
     eight_bit_roles: tuple = ()  # roles kept at 8 bits whatever w_bits/a_bits (PTQ4DM's last layer)
+    runtime_scaled_roles: tuple = ()  # roles whose input is multiplied by a factor at run time (PTQ4DiT)
     weight_symmetric: bool = True  # per-output-channel weight grids: symmetric, or asymmetric (PTQ4DiT)
     scope: str | list = "blocks"
     multi_region: bool = False

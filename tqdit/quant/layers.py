@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tqdit.quant.quantizers import InputScale
+
 class QuantLinear(nn.Module):
     """Linear with a fake-quantized input (``act``) and weight (``weight_quant``, per output channel).
 
@@ -36,6 +38,16 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act(x), self.quantized_weight(), self.bias)
+
+    def add_input_scale(self) -> None:
+        """Multiply the input by ``input_scale`` (ones until set) before anything else sees it: a forward
+        pre-hook, so capture hooks record the scaled input that the quantizer quantizes."""
+        self.input_scale = InputScale(self.weight.shape[1]).to(self.weight.device)
+        self.register_forward_pre_hook(_scale_input)
+
+
+def _scale_input(module: QuantLinear, args: tuple) -> tuple:
+    return (module.input_scale(args[0]),) + tuple(args[1:])
 
 
 def _refreeze_after_load(module: QuantLinear, incompatible_keys) -> None:

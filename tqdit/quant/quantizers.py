@@ -86,6 +86,31 @@ def _refresh_after_load(module: CalibratedState, incompatible_keys) -> None:
         module.enabled = False
 
 
+class InputScale(CalibratedState):
+    """b (in_features,) multiplied into a QuantLinear's input ahead of its quantizer: PTQ4DiT's balancing
+    as its code runs it (divided at run time, not folded), so the layer computes Q(x·b)·Q(W/b)ᵀ. A
+    re-parameterisation, not a quantizer: it applies whether quantization is on or off."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("factor", torch.ones(channels))
+
+    @property
+    def enabled(self) -> bool:  # on once set; the switches that turn quantization off do not apply
+        return bool(self.calibrated)
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        pass
+
+    def set_factor(self, factor: torch.Tensor) -> None:
+        self.factor.copy_(factor)
+        self.refresh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor.to(x.dtype)
+
+
 def per_sample(context: TimeGroupContext | None, values: torch.Tensor, batch: int) -> torch.Tensor:
     """(groups,) parameter values -> (batch,): each sample's time group's, or the one value of an
     ungrouped quantizer (``context`` None) for all — a device gather, no Python branch per group."""

@@ -189,6 +189,8 @@ def wrap(model: nn.Module, cfg: CalibrationConfig, timesteps: np.ndarray) -> lis
         else:
             act = _activation_quantizer(positions[0], own, context, module)
             new = QuantLinear(module, act, _weight_quantizer(own, module))
+            if family.role_of(name) in cfg.runtime_scaled_roles:
+                new.add_input_scale()
         replace_module(model, name, new.to(module.weight.device if isinstance(module, nn.Linear) else device))
     use_explicit_attention(model)
     if cfg.error_model == "noise":  # a saved noise control being loaded (it calibrates with rounding)

@@ -5,6 +5,11 @@ post-softmax and post-GELU operands use multi-region quantizers, every grouped a
 quantizer (MRQ ones included) holds one parameter set per time group, and scales are chosen by
 the Hessian-guided criterion (PTQ4ViT metric, 100 candidates 0.01..1.2, 3 alternating W/A rounds,
 calibration inputs split evenly over the groups) with a non-degenerate loss (``search.py``).
+Operands (``protocol=published``, the released code's set, scope ``tq_dit_code``): qkv, proj, fc1,
+fc2, both attention matmuls (probabilities at a_bits) and the final Linear; adaLN, the timestep MLP
+and the label table in floating point. The code's weight-only quantization of the patch embedding is
+left out (no tqdit scope quantizes a convolution yet). ``protocol=shared``: scope ``blocks`` (adaLN
+quantized too), like every method. The same holds for ``mrq`` and ``tgq``, its parts.
 """
 
 from dataclasses import dataclass

@@ -9,16 +9,28 @@ Follows the paper:
   code does it over samples): for each calibration step t, ρ_t = Spearman(s(X⁽ᵗ⁾), s(W));
   η = softmax(−ρ) over the steps; s(X) := Σ_t η_t s(X⁽ᵗ⁾). Steps where activation and weight
   salience are less correlated (complementary) weigh more.
-- **Re-parameterization folded offline**, which the released code never does (it divides at run
-  time): b for qkv and fc1 goes into the block's adaLN modulation — modulate(x) = LN(x)(1 + scale)
+- **Re-parameterization** (``balance``): ``runtime`` (default) as the released code runs it — the
+  layer's input is multiplied by b at run time ahead of its quantizer (``InputScale``) and its weight
+  divided by b — or ``fold``, offline as the paper describes it: b for qkv and fc1 goes into the
+  block's adaLN modulation — modulate(x) = LN(x)(1 + scale)
   + shift becomes LN(x)(1 + scale') + shift' with shift' = b·shift and 1 + scale' = b(1 + scale),
   i.e. rows of the adaLN Linear scaled by b and the scale bias b·bias + b − 1; b for proj goes into
   the v rows of qkv (the attention output is linear in v per channel). The weights are divided by
   b. The FP model's output is unchanged (tests check ≤ 1e-5). Within a block proj is balanced
   first, since its fold changes qkv's weight rows and so qkv's weight salience.
+  Paper vs code: the paper presents the fold as exact, which it is in floating point only: the fold
+  hands v's quantizer v·b and the quantized adaLN rows carry b, while the code leaves v and adaLN
+  unchanged. The paper's numbers come from the code, so ``runtime`` is the default: it reproduces
+  what the authors ran; ``fold`` is the paper's deployment form.
 - Then the Q-Diffusion-style reconstruction it builds on (``tqdit.quant.reconstruct``), with
-  rounding and activation steps learned jointly (20k iterations per block, β 20→2, warm-up 0.2,
-  λ 0.01, Lp p = 2, activation lr 4e-5).
+  rounding and activation steps learned jointly in one pass over the blocks, as its code
+  (``phase_order=joint``; 20k iterations per block, β 20→2, warm-up 0.2, λ 0.01, Lp p = 2 summed
+  over dim 1 and averaged over the rest as its ``lp_loss``, activation lr 4e-5).
+- **Operands** (``protocol=published``, its code's ``quant_model``): every Linear (blocks, timestep
+  MLP, adaLN, final layer) and both attention matmuls, attention probabilities at 8 bits whatever
+  a_bits (``--sm_abit 8`` in every README command). Its patch-embedding convolution is left in
+  floating point here (no tqdit scope quantizes a convolution yet). ``protocol=shared``: scope
+  ``blocks`` with the post-softmax operand at a_bits, like every method.
 - Quantizers as its code: weights per output channel, asymmetric; activations per tensor,
   asymmetric (non-negative post-softmax → unsigned codes). Calibration: 25 steps × 32 inputs from
   FP trajectories with guidance (uniform stride).
@@ -36,9 +48,11 @@ import torch
 
 from tqdit.models.adapters import TQDIT, family_of
 from tqdit.quant.calibrate import start_cost
-from tqdit.quant.methods.qdiffusion import QDiffusionConfig, calibration_index, initialise_and_reconstruct
+from tqdit.quant.layers import quantization_disabled
+from tqdit.quant.methods.qdiffusion import (QDiffusionConfig, calibration_index, engine_config,
+                                            initialise_and_reconstruct)
 from tqdit.quant.reconstruct import ReconConfig
-from tqdit.quant.wrapping import resolve_scope
+from tqdit.quant.wrapping import resolve_scope, wrap
 
 BALANCED = ("attn.proj", "attn.qkv", "mlp.fc1")  # proj first: its fold changes qkv's rows
 ROLE_OF = {"attn.proj": "proj", "attn.qkv": "qkv", "mlp.fc1": "fc1"}  # the layers' roles in any DiT family
@@ -53,10 +67,13 @@ class PTQ4DiTConfig(QDiffusionConfig):
     ssc: bool = True  # False: plain CSB with s(X) = max over all calibration inputs
     layers: list = field(default_factory=lambda: list(BALANCED))
     phase_order: str = "joint"  # rounding and activation steps learned together (its code)
+    balance: str = "runtime"  # runtime: x·b ahead of the quantizer, as its code | fold: into adaLN and v (paper)
     phase_orders = ("joint",)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.balance not in ("runtime", "fold"):
+            raise ValueError(f"PTQ4DiTConfig: balance={self.balance!r}: use runtime (its code) or fold (its paper)")
         unknown = sorted(set(self.layers) - set(BALANCED))
         if unknown:
             raise ValueError(f"PTQ4DiTConfig: layers={list(self.layers)}: PTQ4DiT balances only "
@@ -79,7 +96,7 @@ def input_salience_per_step(
     row_of_step = {int(s): i for i, s in enumerate(steps)}
     rows = torch.as_tensor([row_of_step[int(s)] for s in step])
     result = {
-        name: torch.zeros(len(steps), model.get_submodule(name).in_features, device=x.device)
+        name: torch.zeros(len(steps), model.get_submodule(name).weight.shape[1], device=x.device)
         for name in names
     }
     current = {}
@@ -159,13 +176,30 @@ def balance_block(block, factors: dict[str, torch.Tensor], family=TQDIT) -> list
     return changed
 
 
+@torch.no_grad()
+def balance_at_run_time(block, factors: dict[str, torch.Tensor], family=TQDIT) -> list[str]:
+    """Apply CSB as PTQ4DiT's code does to one wrapped DiT block: the layer's ``input_scale`` becomes b
+    (its input is multiplied by b at run time, ahead of its quantizer) and its weight is divided by b;
+    returns the changed parameter names, relative to the block."""
+    changed = []
+    for layer, b in factors.items():
+        local = family.block_roles[ROLE_OF[layer]]
+        module = block.get_submodule(local)
+        module.input_scale.set_factor(b)
+        module.weight /= b.to(module.weight.dtype)[None, :]
+        changed.append(f"{local}.weight")
+    return changed
+
+
 def salience_balance(model, x, t, y, step: np.ndarray, layers=BALANCED, ssc: bool = True,
-                     scope: set[str] | None = None) -> list[str]:
+                     scope: set[str] | None = None, runtime: bool = False) -> list[str]:
     """CSB + SSC on every block (or on the layers named in ``scope``: the quantized ones), folded into
-    the weights; returns the changed parameter names.
+    the weights, or with ``runtime`` set as run-time input factors of the wrapped model's layers;
+    returns the changed parameter names.
 
     Layers are balanced in the order of ``layers`` (proj before qkv), each from saliences measured on
-    the model as it is at that point, so a later layer sees the earlier folds.
+    the model as it is at that point, so a later layer sees the earlier folds (run-time factors change
+    no other layer's input or weight).
     """
     unknown = set(layers) - set(BALANCED)
     if unknown:
@@ -184,9 +218,8 @@ def salience_balance(model, x, t, y, step: np.ndarray, layers=BALANCED, ssc: boo
         for i in blocks:
             block = family.blocks(model)[i]
             b = balancing_factors(block.get_submodule(local).weight, salience[name_of[i]], ssc)
-            changed |= {
-                f"{family.block_list}.{i}.{name}" for name in balance_block(block, {layer: b}, family)
-            }
+            apply = balance_at_run_time if runtime else balance_block
+            changed |= {f"{family.block_list}.{i}.{name}" for name in apply(block, {layer: b}, family)}
     return sorted(changed)
 
 
@@ -196,7 +229,24 @@ def quantize(model, calib, config: PTQ4DiTConfig):
     index = calibration_index(calib, config)
     x = calib.x[index].to(device, next(model.parameters()).dtype)
     t, y = calib.t[index].to(device), calib.y[index].to(device)
-    changed = salience_balance(model, x, t, y, calib.step.numpy()[index], config.layers, config.ssc,
-                               scope=set(resolve_scope(model, config.operand_scope())))
+    cfg, changed = balance(model, x, t, y, calib, index, config)
     model.quant_modified_parameters = changed
-    return initialise_and_reconstruct(model, calib, config, index, start=start)
+    return initialise_and_reconstruct(model, calib, config, index, start=start, cfg=cfg)
+
+
+def balance(model, x, t, y, calib, index, config: PTQ4DiTConfig):
+    """CSB + SSC as ``config.balance`` says, on the calibration inputs x, t, y (``calib``'s ``index``);
+    returns the engine's settings and the changed parameter names. ``runtime`` wraps the model first
+    (the factors live in its wrapped layers) and measures the saliences with quantization off."""
+    scope = set(resolve_scope(model, config.operand_scope()))
+    cfg = engine_config(config, runtime_scaled_roles=tuple(ROLE_OF[layer] for layer in config.layers)
+                        if config.balance == "runtime" else ())
+    if config.balance == "runtime":  # factors live in the wrapped layers: wrap first, measure in FP
+        wrap(model, cfg, calib.timesteps.numpy())
+        with quantization_disabled(model):
+            changed = salience_balance(model, x, t, y, calib.step.numpy()[index], config.layers, config.ssc,
+                                       scope=scope, runtime=True)
+    else:
+        changed = salience_balance(model, x, t, y, calib.step.numpy()[index], config.layers, config.ssc,
+                                   scope=scope)
+    return cfg, changed

@@ -76,12 +76,19 @@ def calibration_index(calib, config: QDiffusionConfig) -> np.ndarray:
     )
 
 
-def initialise_and_reconstruct(model, calib, config: QDiffusionConfig, index: np.ndarray,
-                               start: float | None = None):
-    """Lp-initialised asymmetric quantizers, then block reconstruction; cost covers both (from ``start``)."""
-    start = start_cost(next(model.parameters()).device) if start is None else start
+def engine_config(config: QDiffusionConfig, **fixed):
+    """The engine's settings for both methods: Lp-searched asymmetric per-channel weights, per-tensor
+    activations (``fixed``: a method's further choices)."""
     search = replace(config.search, criterion="lp", p=config.p)
-    cfg = config.calibration(multi_region=False, weight_symmetric=False, search=search)
+    return config.calibration(multi_region=False, weight_symmetric=False, search=search, **fixed)
+
+
+def initialise_and_reconstruct(model, calib, config: QDiffusionConfig, index: np.ndarray,
+                               start: float | None = None, cfg=None):
+    """Lp-initialised asymmetric quantizers, then block reconstruction; cost covers both (from ``start``).
+    ``cfg``: the engine's settings (default ``engine_config(config)``)."""
+    start = start_cost(next(model.parameters()).device) if start is None else start
+    cfg = engine_config(config) if cfg is None else cfg
     model, cost = calibrate(model, calib, cfg, index=index, started=start)
     device = next(model.parameters()).device
     x, t, y = calib.x[index].to(device), calib.t[index].to(device), calib.y[index].to(device)
