@@ -294,7 +294,8 @@ def test_baselines_quantize_every_scoped_layer(method, setting):
 
 @pytest.mark.parametrize("method,linears,matmuls,input_scales",
                          [("ptq4dm", 14, 0, 0), ("qdiffusion", 14, 4, 0), ("ptq4dit", 14, 4, 6)])
-def test_published_protocol_quantizes_what_each_code_quantizes(method, linears, matmuls, input_scales, setting):
+def test_published_protocol_quantizes_what_each_code_quantizes(method, linears, matmuls, input_scales,
+                                                               setting):
     """``protocol=published`` (default): PTQ4DM every Linear (blocks, timestep MLP, final adaLN and
     Linear) and no attention, its final Linear at 8 bits; Q-Diffusion and PTQ4DiT every Linear and both
     matmuls with attention probabilities at 8 bits whatever a_bits; PTQ4DiT's balancing factors at run

@@ -56,7 +56,7 @@ def test_one_record_per_method_says_what_it_does():
     assert {n for n, m in METHODS.items() if m.reconstructs} == {"qdiffusion", "ptq4dit"}
     assert {n: m.fixed_search for n, m in METHODS.items() if m.fixed_search} == {
         "ptq4dm": "lp", "qdiffusion": "lp", "ptq4dit": "lp", "qdit": "minmax", "ditas": "minmax"}
-    assert METHODS["ptq4dm"].own_settings == ("mean", "std", "p")
+    assert METHODS["ptq4dm"].own_settings == ("mean", "std", "p", "replacement")
     for method in METHODS.values():
         assert method_of(method.config_class()) is method
     with pytest.raises(TypeError, match="CalibrationConfig is not a method config"):
@@ -67,8 +67,17 @@ def test_paper_defaults():
     """Defaults reproduce what the authors ran (references.md): calibration sizes, exponents, schedules."""
     assert (tqdit.PTQ4DMConfig().num_inputs, tqdit.PTQ4DMConfig().p) == (1024, 2.4)
     q, p = tqdit.QDiffusionConfig(), tqdit.PTQ4DiTConfig()
-    assert (q.num_inputs, q.calib_steps, q.p, q.recon.p, q.recon.act_lr) == (800, 25, 2.4, 2.4, 4e-4)
+    assert (q.num_inputs, q.calib_steps, q.p, q.recon.act_lr) == (800, 25, 2.4, 4e-4)
+    assert (q.recon.p, q.recon.act_p, q.phase_order) == (2.0, 2.4, "weights_first")  # its script's passes
     assert (p.num_inputs, p.calib_steps, p.p, p.recon.p, p.recon.act_lr) == (800, 25, 2.0, 2.0, 4e-5)
+    assert (p.phase_order, p.balance, q.recon.reduction) == ("joint", "runtime", "dim1")
+    assert tqdit.PTQ4DMConfig().replacement is False
+    # operands as published: post-softmax 8 bits for both reconstruction baselines at W6A6
+    assert q.operand_softmax_bits() == p.operand_softmax_bits() == 8 and q.operand_scope() == "all"
+    assert replace(q, a_bits=6).operand_softmax_bits() == 8
+    assert replace(q, a_bits=6, protocol="shared").operand_softmax_bits() == 6
+    assert replace(q, protocol="shared").operand_scope() == "blocks"
+    assert tqdit.PTQ4DMConfig().operand_eight_bit_roles() == ("final_linear",)
     assert (q.recon.iters, q.recon.act_iters, q.recon.round_weight) == (20000, 5000, 0.01)
     assert tqdit.TQDiTConfig().time_groups == 10 and tqdit.TQDiTConfig().search.criterion == "hessian"
     d, g = tqdit.DiTASConfig(), tqdit.QDiTConfig()
@@ -108,7 +117,8 @@ def test_a_config_refuses_what_its_method_cannot_honour(build, message):
 def test_settings_a_method_does_not_have_are_not_accepted():
     with pytest.raises(TypeError, match="time_groups"):
         tqdit.UniformConfig(time_groups=5)  # uniform has one grid for all timesteps: not silently 1
-    with pytest.raises(ValueError, match=r"unknown keys \['mu'\] for quant=ptq4dm; known keys: mean, p, std"):
+    known = "known keys: mean, p, replacement, std"
+    with pytest.raises(ValueError, match=rf"unknown keys \['mu'\] for quant=ptq4dm; {known}"):
         config_from_settings("ptq4dm", {}, {"mu": 0.3})
     with pytest.raises(ValueError, match="quant=tgq takes no method parameters"):
         config_from_settings("tgq", {}, {"mean": 0.3})
@@ -138,8 +148,11 @@ def test_the_engine_runs_exactly_what_the_config_says(setting, config, multi_reg
     config = replace(config, num_inputs=12, capture_batch=8, search=search)
     quantized, cost = tqdit.quantize(copy.deepcopy(model), calib, config)
     used = quantized.quant_config
-    shared = {f.name for f in fields(MethodConfig)}
+    shared = {f.name for f in fields(MethodConfig)} - {"protocol", "scope", "softmax_bits"}
     assert {k: getattr(used, k) for k in shared} == {k: getattr(config, k) for k in shared}
+    # the protocol's choices, resolved: TQ-DiT's parts quantize its code's set, uniform the shared one
+    assert (used.scope, used.softmax_bits) == (config.operand_scope(), config.operand_softmax_bits())
+    assert used.scope == ("blocks" if isinstance(config, tqdit.UniformConfig) else "tq_dit_code")
     assert (used.multi_region, used.time_groups) == (multi_region, groups)
     kinds = {type(q) for _, q in quantizers(quantized)}
     assert (SoftmaxMRQ in kinds and GeluMRQ in kinds) == multi_region

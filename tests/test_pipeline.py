@@ -186,7 +186,12 @@ def test_quantized_job_records_method_and_reloads_its_calibration(tmp_path):
     results = json.loads((job / "results.json").read_text())
     quant = results["quant"]
     assert (quant["method"], quant["w_bits"], quant["a_bits"], quant["groups"]) == ("mrq_tgq", 4, 8, 2)
-    assert quant["quantized_layers"] == 28 and len(quant["scope_layers"]) == 28 and quant["scope"] == "blocks"
+    # TQ-DiT's published operands: qkv, proj, fc1, fc2 and both matmuls of 4 blocks, and the final Linear
+    assert quant["quantized_layers"] == 25 and len(quant["scope_layers"]) == 25
+    assert (quant["protocol"], quant["scope"], quant["softmax_bits"]) == ("published", "tq_dit_code", 8)
+    classes = quant["calibration_classes"]  # 4 trajectories, 4 distinct digits drawn across all 10
+    assert (classes["labels"], classes["distinct"]) == ("spread", 4)
+    assert 0 <= classes["min"] < classes["max"] <= 9
     assert (
         quant["calibration_s"] > 0
         and quant["peak_memory_bytes"] > 0
@@ -236,9 +241,9 @@ def test_quantized_job_records_method_and_reloads_its_calibration(tmp_path):
 
 
 def test_int8_job_runs_the_integer_path_and_records_it(tmp_path):
-    job = run_job(tmp_path, "int8", "quant=tgq", "bits=8", "quant.backend=int8")
+    job = run_job(tmp_path, "int8", "quant=tgq", "bits=8", "quant.backend=int8", "quant.protocol=shared")
     quant = json.loads((job / "results.json").read_text())["quant"]
-    # every Linear of the 4 blocks has a uniform input under TGQ: all 20 run as int8 matmuls
+    # every Linear of the 4 blocks (the shared scope) has a uniform input under TGQ: all 20 run in int8
     assert quant["lowbit"] == {"int8_linear": 20, "int8_weight_linear": 0, "simulated": 0}
     model_bytes = sum(
         t.numel() * t.element_size() for t in load_file(ROOT / "tqdit/assets/dit_mnist.safetensors").values()

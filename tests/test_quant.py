@@ -202,7 +202,9 @@ def test_hessian_search_beats_minmax_on_a_constructed_layer():
     assert hessian < mse < minmax, (hessian, mse, minmax)  # the output MSE does not know which outputs matter
 
 
-def calibrated(method: str, bits: int = 8, groups: int = 2, search: str = "hessian"):
+def calibrated(method: str, bits: int = 8, groups: int = 2, search: str = "hessian",
+               protocol: str = "shared"):
+    """``method`` calibrated on a tiny DiT; the shared protocol by default (scope ``blocks``: 14 modules)."""
     torch.manual_seed(0)
     model = tiny_dit()
     diffusion = create_diffusion(6)
@@ -212,6 +214,7 @@ def calibrated(method: str, bits: int = 8, groups: int = 2, search: str = "hessi
         dict(
             w_bits=bits,
             a_bits=bits,
+            protocol=protocol,
             time_groups=groups,
             num_inputs=12,
             capture_batch=8,

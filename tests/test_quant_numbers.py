@@ -70,6 +70,7 @@ def grouped_calibration():
         dict(
             w_bits=BITS,
             a_bits=BITS,
+            scope="blocks",  # the 14 Linears and matmuls of the two blocks
             time_groups=GROUPS,
             num_inputs=len(calib),
             capture_batch=16,

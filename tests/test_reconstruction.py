@@ -61,8 +61,8 @@ def test_lsq_matches_pytorchs_learnable_fake_quantize(grad_factor):
     torch.testing.assert_close(ours_step.grad, theirs_step.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("order,precision", [("per_block", "fp32"), ("weights_first", "fp32"), ("joint", "fp32"),
-                                             ("joint", "bf16")])
+@pytest.mark.parametrize("order,precision", [("per_block", "fp32"), ("weights_first", "fp32"),
+                                             ("joint", "fp32"), ("joint", "bf16")])
 def test_fast_engine_matches_eager_on_the_cpu(setting, order, precision):
     """On the CPU the fast engine runs its device tables without a graph; its rounding decisions and
     learned steps equal the eager loop's bit for bit (same arithmetic, only the schedules' bookkeeping
@@ -164,7 +164,8 @@ def test_checkpoints_of_another_setting_are_not_used(setting, tmp_path):
     )
     other, _ = initialised(setting)
     reports = reconstruct_blocks(
-        other, x, t, y, ReconConfig(**SHORT, seed=1, checkpoint_dir=str(folder)), order="joint", progress=False
+        other, x, t, y, ReconConfig(**SHORT, seed=1, checkpoint_dir=str(folder)), order="joint",
+        progress=False
     )
     assert not any(r.get("resumed") for r in reports)
     fresh, _ = initialised(setting)

@@ -147,7 +147,8 @@ def ndtc_steps(num_steps: int, count: int, mean: float, std: float, rng: np.rand
 
 
 def select_ndtc(
-    step: np.ndarray, num_steps: int, count: int, mean: float, std: float, seed: int, replacement: bool = False
+    step: np.ndarray, num_steps: int, count: int, mean: float, std: float, seed: int,
+    replacement: bool = False,
 ) -> np.ndarray:
     """Indices of ``count`` inputs whose steps follow NDTC.
 

@@ -115,7 +115,7 @@ def activation_ranges(model: nn.Module) -> list[dict]:
 
     rows = []
     for name, q in quantizers(model):
-        if not q.enabled or name.endswith("weight_quant"):
+        if not q.enabled or name.endswith("weight_quant") or isinstance(q, InputScale):
             continue
         layer, _, operand = name.rpartition(".")
         for group in range(q.groups):

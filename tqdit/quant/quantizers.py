@@ -22,7 +22,7 @@ import torch.nn as nn
 # DiT uses has its minimum at −0.170041 (x ≈ −0.7525), the erf GELU at −0.169971 (x ≈ −0.7518):
 # the code's constant is the erf one, so the tanh GELU's lowest values (below −0.16997) are clipped
 # onto the most negative code by at most 7.1e-5, 5 % of the negative step at 8 bits (1.3 % at 6).
-GELU_MIN = 0.16997
+GELU_MIN = 0.16997124254703522  # the code's constant to the digit (tests/test_official_code.py)
 
 
 class TimeGroupContext:

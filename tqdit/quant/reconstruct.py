@@ -128,7 +128,7 @@ class AdaRoundWeight(nn.Module):
         self.register_buffer("zero_point", quantizer.zero_point[0].reshape(shape).to(weight.device).float())
         scaled = weight.detach().float().contiguous() / self.scale  # row-major: the fused kernels index so
         self.register_buffer("floor", torch.floor(scaled))
-        rest = (scaled - self.floor).clamp(1e-4, 1 - 1e-4)
+        rest = scaled - self.floor  # in [0, 1): V stays finite (γ < 0 < 1 < ζ), as AdaRound's code
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))  # h(v) = rest
         self.hard = False
         self.enabled = True
@@ -196,15 +196,21 @@ class LearnedStep(nn.Module):
 
 
 def _beta(iteration: int, cfg: ReconConfig) -> float | None:
-    """Rounding-loss temperature at ``iteration``; None during the warm-up (no rounding loss)."""
+    """Rounding-loss temperature at ``iteration`` (from 0); None during the warm-up (no rounding loss).
+
+    As BRECQ's ``LossFunction`` (Q-Diffusion's, PTQ4DiT's): its counter is incremented before use, so
+    iteration i is count i + 1; the loss is off while count < warmup·iters, and β decays linearly from
+    b_start at count = warmup·iters to exactly b_end at the last iteration."""
     warm = cfg.warmup * cfg.iters
-    if iteration < warm:
+    count = iteration + 1
+    if count < warm:
         return None
-    progress = (iteration - warm) / max(cfg.iters - warm, 1)
+    progress = (count - warm) / max(cfg.iters - warm, 1)
     return cfg.b_end + (cfg.b_start - cfg.b_end) * max(0.0, 1.0 - progress)
 
 
-def lp_loss(prediction: torch.Tensor, target: torch.Tensor, p: float, reduction: str = "dim1") -> torch.Tensor:
+def lp_loss(prediction: torch.Tensor, target: torch.Tensor, p: float,
+            reduction: str = "dim1") -> torch.Tensor:
     """The reconstruction loss |ŷ − y|^p: ``dim1`` sums over dim 1 and averages over the other dims
     (BRECQ's code, which Q-Diffusion and PTQ4DiT use; for a (batch, tokens, hidden) block output the
     sum runs over tokens); ``all`` sums over every feature of an input and averages over inputs."""

@@ -51,6 +51,8 @@ def load_quant_state(model, path: str | Path) -> tuple[str, CalibrationConfig, d
     config = json.loads(metadata["config"])
     config["search"] = SearchConfig(**config["search"])
     config["recon"] = ReconConfig(**config.get("recon", {}))
+    for key in ("eight_bit_roles", "runtime_scaled_roles"):  # JSON gave lists; the config holds tuples
+        config[key] = tuple(config.get(key, ()))
     cfg = CalibrationConfig(**config)
     wrap(model, cfg, np.array(json.loads(metadata["timesteps"])))
     device = next(model.parameters()).device

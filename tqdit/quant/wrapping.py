@@ -47,6 +47,9 @@ SCOPES: dict[str, tuple[str, ...]] = {
     # every Linear, attention in floating point: PTQ4DM's code (its UNet's attention is einsum, never wrapped)
     "all_linears": LINEAR_ROLES + ("timestep_fc1", "timestep_fc2", "final_adaln", "final_linear"),
 }
+# Scopes that mean "every such layer": a family without some of their roles (diffusers' DiT has no
+# shared timestep MLP: each block embeds the timestep itself) quantizes those it has.
+EVERY_ROLE_THERE_IS = ("all", "all_linears")
 # The activation operands of a module, by role (a module without a role: "post_norm").
 ROLE_POSITIONS = {"qk_matmul": ("q", "k"), "av_matmul": ("post_softmax", "v"), "fc2": ("post_gelu",),
                   "proj": ("attn_out",), "timestep_fc1": ("timestep_freq",), "timestep_fc2": ("post_silu",),
@@ -61,7 +64,7 @@ def scope_patterns(model: nn.Module, scope: str | list[str]) -> list[str]:
                              "module-name patterns")
         family = family_of(model)
         missing = [role for role in SCOPES[scope] if not family.role_patterns(role)]
-        if missing:
+        if missing and scope not in EVERY_ROLE_THERE_IS:
             raise ValueError(f"scope={scope} needs roles {missing}, which {family.name} models lack; "
                              "use scope=blocks or a list of module-name patterns")
         return [pattern for role in SCOPES[scope] for pattern in family.role_patterns(role)]
@@ -182,8 +185,8 @@ def wrap(model: nn.Module, cfg: CalibrationConfig, timesteps: np.ndarray) -> lis
         module = model.get_submodule(name)
         positions = activation_positions(model, name)
         # PTQ4DM's code keeps its first and last layer at 8 bits whatever the setting's widths
-        own = replace(cfg, w_bits=8, a_bits=8, softmax_bits=8) if family.role_of(name) in cfg.eight_bit_roles \
-            else cfg
+        eight_bit = family.role_of(name) in cfg.eight_bit_roles
+        own = replace(cfg, w_bits=8, a_bits=8, softmax_bits=8) if eight_bit else cfg
         if isinstance(module, MatMul):
             new = QuantMatMul(*(_activation_quantizer(p, own, context) for p in positions))
         else:

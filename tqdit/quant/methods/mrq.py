@@ -21,8 +21,9 @@ def check_multi_region_bits(config) -> None:
         raise ValueError(f"{type(config).__name__}: a_bits={config.a_bits}: multi-region quantization needs "
                          "at least 3 bits (one selects the region); use a_bits >= 3")
     if config.operand_softmax_bits() < 3:
-        raise ValueError(f"{type(config).__name__}: softmax_bits={config.operand_softmax_bits()}: multi-region "
-                         "quantization needs at least 3 bits (one selects the region); use softmax_bits >= 3")
+        raise ValueError(f"{type(config).__name__}: softmax_bits={config.operand_softmax_bits()}: "
+                         "multi-region quantization needs at least 3 bits (one selects the region); "
+                         "use softmax_bits >= 3")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,10 @@ Follows the paper:
   (The released script in 42Shawn/PTQ4DM calibrates on Gaussian noise at t = 1 with class 1, marked
   TODO: NDTC itself is not in the released code, so the paper is followed.)
 - **Quantizers**: weights per output channel, symmetric; activations per tensor; every scale chosen
-  by an Lp search with p = 2.4 over the range-multiplier grid; no reconstruction.
+  by an Lp search with p = 2.4 over its code's grid (QDrop's ``perform_1D_search``: 1/100, …, 100/100
+  of the observed range); no reconstruction. Deviation: its code's activation quantizers are
+  symmetric (one-sided where the data are), searched in 2-D over range and zero point where a
+  tensor has both signs; here activations are asymmetric on α·[min, max] like every method's.
 - **Operands** (``protocol=published``, its code's QDrop-based wrapper): every Linear (blocks,
   timestep MLP, adaLN, final layer), attention in floating point (its UNet's attention matmuls are
   einsum calls it never wraps), weights symmetric; the first and last layer at 8 bits whatever the
@@ -39,7 +42,9 @@ def check_lp_exponent(config) -> None:
 @dataclass(frozen=True, kw_only=True)
 class PTQ4DMConfig(MethodConfig):
     num_inputs: int = 1024  # the paper's calibration size
-    search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="lp"))
+    # its code's (QDrop's) grid: 100 thresholds 1/100, ..., 100/100 of the observed range, never widened
+    search: SearchConfig = field(
+        default_factory=lambda: SearchConfig(criterion="lp", candidates=100, alpha_min=0.01, alpha_max=1.0))
     mean: float = 0.4  # μ of NDTC, as a fraction of the trajectory from the clean end
     std: float = 0.4   # σ of NDTC
     p: float = 2.4     # Lp exponent of the scale search

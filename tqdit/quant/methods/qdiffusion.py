@@ -6,7 +6,8 @@ Follows the paper (and its BRECQ-based code where the paper is silent):
   (25 steps × 32 inputs = 800 by default, PTQ4DiT's DiT setting of this baseline).
 - **Initialisation**: weights per output channel (asymmetric, BRECQ's quantizer), activations per
   tensor (asymmetric; the post-softmax operand is non-negative, so its codes are unsigned); each
-  scale by an Lp (p = 2.4) search over shrink factors of the observed range.
+  scale by an Lp (p = 2.4) search over its code's 80 shrink factors 1.00, 0.99, …, 0.21 of the
+  observed range (``UniformAffineQuantizer.init_quantization_scale``, scale_method ``mse``).
 - **Reconstruction** (``tqdit.quant.reconstruct``): per DiT block, BRECQ-style, inputs from the
   already quantized blocks and targets from FP. The paper names the phases, not their order or
   losses; its code (``scripts/sample_diffusion_ldm.py``) is followed: first AdaRound weight rounding of
@@ -44,7 +45,9 @@ from tqdit.quant.search import SearchConfig
 @dataclass(frozen=True, kw_only=True)
 class QDiffusionConfig(ReconstructingConfig):
     num_inputs: int = 800  # 25 steps x 32 inputs (PTQ4DiT's setting of this baseline on DiT)
-    search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="lp"))
+    # its code's init grid: 80 shrink factors 1.00, 0.99, ..., 0.21 of the observed range (never widened)
+    search: SearchConfig = field(
+        default_factory=lambda: SearchConfig(criterion="lp", candidates=80, alpha_min=0.21, alpha_max=1.0))
     recon: ReconConfig = field(default_factory=lambda: ReconConfig(p=2.0, act_p=2.4, act_lr=4e-4))
     calib_steps: int = 25  # sampling steps at a uniform stride (all of them when the schedule is shorter)
     p: float = 2.4         # Lp exponent of the initial scale search
