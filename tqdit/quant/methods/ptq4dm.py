@@ -9,8 +9,11 @@ Follows the paper:
   1024 calibration inputs (``num_inputs``), all distinct (``replacement=False``): the paper runs the
   sampler afresh for every drawn timestep, so no input repeats; here inputs come from the captured
   trajectories, each weighted by its step's NDTC probability over the step's number of inputs.
-  (The released script in 42Shawn/PTQ4DM calibrates on Gaussian noise at t = 1 with class 1, marked
-  TODO: NDTC itself is not in the released code, so the paper is followed.)
+  The released improved-diffusion script has NDTC (``generate_t``, t_mode ``normal``: t = int(u·T),
+  one sampler trajectory per calibration sample, so its inputs are distinct too), but keeps sample i
+  at the loop index, which runs noisiest-first (timesteps reversed), truncates toward zero (a negative
+  draw matches no step and leaves a zero input) and labels every sample class 1 (marked TODO); its
+  guided-diffusion script calibrates on noise at t = 1. The paper is followed where they differ.
 - **Quantizers**: weights per output channel, symmetric; activations per tensor; every scale chosen
   by an Lp search with p = 2.4 over its code's grid (QDrop's ``perform_1D_search``: 1/100, …, 100/100
   of the observed range); no reconstruction. Deviation: its code's activation quantizers are
