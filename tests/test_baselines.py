@@ -293,11 +293,12 @@ def test_baselines_quantize_every_scoped_layer(method, setting):
 
 
 @pytest.mark.parametrize("method,linears,matmuls,input_scales",
-                         [("ptq4dm", 14, 0, 0), ("qdiffusion", 14, 4, 0), ("ptq4dit", 14, 4, 6)])
+                         [("ptq4dm", 15, 0, 0), ("qdiffusion", 15, 4, 0), ("ptq4dit", 15, 4, 6)])
 def test_published_protocol_quantizes_what_each_code_quantizes(method, linears, matmuls, input_scales,
                                                                setting):
     """``protocol=published`` (default): PTQ4DM every Linear (blocks, timestep MLP, final adaLN and
-    Linear) and no attention, its final Linear at 8 bits; Q-Diffusion and PTQ4DiT every Linear and both
+    Linear, the patch embedding as a Linear over patches) and no attention, its first and last layer at
+    8 bits; Q-Diffusion and PTQ4DiT every Linear and both
     matmuls with attention probabilities at 8 bits whatever a_bits; PTQ4DiT's balancing factors at run
     time on qkv, proj, fc1. Mutations caught: PTQ4DM wrapping the attention matmuls, the post-softmax
     operand at a_bits, PTQ4DM's last layer at the setting's bits, PTQ4DiT folding by default."""
@@ -307,7 +308,9 @@ def test_published_protocol_quantizes_what_each_code_quantizes(method, linears, 
     assert sum(isinstance(m, QuantMatMul) for m in modules.values()) == matmuls
     assert sum(type(q).__name__ == "InputScale" for _, q in quantizers(quantized)) == input_scales
     final = quantized.final_layer.linear
-    assert (final.weight_quant.bits, final.act.bits) == ((8, 8) if method == "ptq4dm" else (6, 6))
+    first = quantized.x_embedder.proj.linear
+    for layer in (first, final):
+        assert (layer.weight_quant.bits, layer.act.bits) == ((8, 8) if method == "ptq4dm" else (6, 6))
     assert quantized.blocks[0].attn.qkv.act.bits == 6 and quantized.t_embedder.mlp[2].act.bits == 6
     for block in quantized.blocks if matmuls else []:
         assert block.attn.av_matmul.a_quant.bits == 8 and block.attn.av_matmul.b_quant.bits == 6

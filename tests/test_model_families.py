@@ -73,7 +73,7 @@ def test_families_are_found_and_name_the_same_roles(pair):
     # "all" means every such layer there is: diffusers' DiT has no shared timestep MLP (each block embeds
     # the timestep itself), so it gets the blocks' layers and the final adaLN and Linear
     assert set(resolve_scope(transformer, "all")) == set(resolve_scope(transformer, "blocks")) | {
-        "proj_out_1", "proj_out_2"}
+        "pos_embed.proj", "proj_out_1", "proj_out_2"}
 
 
 def output(model, inputs):

@@ -348,10 +348,47 @@ def test_saved_parameters_reload_to_the_same_model(tmp_path):
         assert not torch.equal(fresh(x[:2], t[2:], y[:2]), fresh(x[:2], t[:2], y[:2]))
 
 
+def test_patch_embedding_is_quantized_as_the_linear_over_patches_it_is(tmp_path):
+    """``PatchLinear`` computes the patch-embedding convolution (to float summation order); wrapped, its
+    input is quantized per tensor and its weight per output channel like any Linear, and a saved model
+    reloads to the same function. Mutations caught: patches unfolded in another order (a transposed
+    kernel), or the output reshaped row-for-column."""
+    from tqdit.quant.layers import PatchLinear
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=2, stride=2)
+    x = torch.randn(4, 3, 6, 10)
+    torch.testing.assert_close(PatchLinear(conv)(x), conv(x), rtol=1e-5, atol=1e-6)
+    fp = tiny_dit()
+    diffusion = create_diffusion(6)
+    calib = capture(fp, diffusion, CalibrationSpec(num_samples=4, cfg_scale=1.5))
+    cfg = config_from_settings("uniform", dict(w_bits=6, a_bits=6, scope=["x_embedder.proj", "blocks.0.*"],
+                                              num_inputs=12, capture_batch=8), {})
+    quantized, cost = quantize(copy.deepcopy(fp), calib, cfg)
+    patch = quantized.x_embedder.proj
+    assert isinstance(patch, PatchLinear) and patch.linear.act.bits == patch.linear.weight_quant.bits == 6
+    assert patch.linear.weight_quant.scale.numel() == fp.x_embedder.proj.out_channels  # per output channel
+    assert cost["quantized_layers"] == 8 and output_error(fp, quantized, calib) > 0
+    seen = []
+    hook = patch.linear.act.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        quantized(calib.x[:4], calib.t[:4], calib.y[:4])
+    hook.remove()
+    patches = F.unfold(calib.x[:4], 2, stride=2).transpose(1, 2)
+    torch.testing.assert_close(seen[0], patches)  # the quantizer sees the patches
+    path = tmp_path / "quant_params.safetensors"
+    save_quant_state(quantized, path, "uniform", diffusion.timesteps)
+    fresh = copy.deepcopy(fp)
+    load_quant_state(fresh, path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(calib.x[:4], calib.t[:4], calib.y[:4]),
+                                   quantized(calib.x[:4], calib.t[:4], calib.y[:4]), atol=0, rtol=0)
+
+
 def test_scope_is_shared_and_resolvable():
     model = tiny_dit()
     assert len(resolve_scope(model, "blocks")) == 14
-    assert len(resolve_scope(model, "all")) == 18
+    assert len(resolve_scope(model, "all")) == 19 and resolve_scope(model, "all")[0] == "x_embedder.proj"
     assert resolve_scope(model, "linears") == [n for n in resolve_scope(model, "blocks") if "matmul" not in n]
     assert resolve_scope(model, ["blocks.0.mlp.*"]) == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
     with pytest.raises(ValueError, match="matches no Linear"):

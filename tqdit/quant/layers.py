@@ -46,6 +46,34 @@ class QuantLinear(nn.Module):
         self.register_forward_pre_hook(_scale_input)
 
 
+class PatchLinear(nn.Module):
+    """A patch-embedding Conv2d (kernel = stride = patch size, no padding) computed as what it is: one
+    Linear over every non-overlapping patch, unfolded channel-major as the kernel's weight is laid out.
+    The engine then quantizes it like any Linear (its input per tensor, its weight per output channel),
+    as the methods' code quantize the convolution. Equal to the convolution up to float summation order."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        plain = conv.groups == 1 and tuple(conv.dilation) == (1, 1) and tuple(conv.padding) == (0, 0)
+        if tuple(conv.kernel_size) != tuple(conv.stride) or not plain:
+            raise ValueError(f"{conv} is not a patch embedding (kernel = stride, no padding, one group): "
+                             "leave it out of the scope")
+        self.patch = tuple(conv.kernel_size)
+        weight = conv.weight.detach()
+        self.linear = nn.Linear(weight[0].numel(), conv.out_channels, bias=conv.bias is not None,
+                                device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.linear.weight.copy_(weight.reshape(conv.out_channels, -1))
+            if conv.bias is not None:
+                self.linear.bias.copy_(conv.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (batch, patches, C·p·p)
+        out = self.linear(patches).transpose(1, 2)
+        return out.reshape(batch, -1, height // self.patch[0], width // self.patch[1])
+
+
 def _scale_input(module: QuantLinear, args: tuple) -> tuple:
     return (module.input_scale(args[0]),) + tuple(args[1:])
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from tqdit.models.adapters import TQDIT, family_of
 from tqdit.models.dit import MatMul
 from tqdit.quant.config import POSITIONS, CalibrationConfig
-from tqdit.quant.layers import QuantLinear, QuantMatMul, quantizers, replace_module
+from tqdit.quant.layers import PatchLinear, QuantLinear, QuantMatMul, quantizers, replace_module
 from tqdit.quant.quantizers import (
     DynamicQuantizer,
     GeluMRQ,
@@ -30,22 +30,24 @@ from tqdit.quant.quantizers import (
     UniformQuantizer,
 )
 
-# Named scopes, as roles. "blocks" (default): every Linear in the DiT blocks (qkv, proj, fc1, fc2, adaLN
-# modulation) and both attention matmuls (q·kᵀ and softmax·V, both operands). "all" adds the timestep
-# MLP and the final layer (adaLN and linear). The patch embedding, the label table and the norms stay in
-# floating point. "linears": the blocks' Linears only, attention in floating point (its fused SDPA
-# kernel) — the W8A8 setting of work that quantizes only the GEMMs. "tq_dit_code": TQ-DiT's released set
-# (less its patch-embedding weights). "all" is also what PTQ4DiT's code (and its Q-Diffusion runs) wrap,
-# less the patch-embedding convolution, which no scope quantizes yet.
+# Named scopes, as roles. "blocks": every Linear in the DiT blocks (qkv, proj, fc1, fc2, adaLN modulation)
+# and both attention matmuls (q·kᵀ and softmax·V, both operands). "all" adds the timestep MLP, the final
+# layer (adaLN and linear) and the patch embedding (a Conv2d, quantized as the Linear over patches it is:
+# ``PatchLinear``); it is what PTQ4DiT's code (and its Q-Diffusion runs) wrap. The label table and the
+# norms stay in floating point. "linears": the blocks' Linears only, attention in floating point (its
+# fused SDPA kernel) — the W8A8 setting of work that quantizes only the GEMMs. "tq_dit_code": TQ-DiT's
+# released set (less its weight-only patch embedding).
 LINEAR_ROLES = ("qkv", "proj", "fc1", "fc2", "adaln")
 SCOPES: dict[str, tuple[str, ...]] = {
     "blocks": LINEAR_ROLES + ("qk_matmul", "av_matmul"),
     "linears": LINEAR_ROLES,
     "tq_dit_code": ("qkv", "proj", "fc1", "fc2", "qk_matmul", "av_matmul", "final_linear"),
-    "all": LINEAR_ROLES + ("qk_matmul", "av_matmul", "timestep_fc1", "timestep_fc2", "final_adaln",
-                          "final_linear"),
-    # every Linear, attention in floating point: PTQ4DM's code (its UNet's attention is einsum, never wrapped)
-    "all_linears": LINEAR_ROLES + ("timestep_fc1", "timestep_fc2", "final_adaln", "final_linear"),
+    "all": ("patch_embed",) + LINEAR_ROLES + ("qk_matmul", "av_matmul", "timestep_fc1", "timestep_fc2",
+                                              "final_adaln", "final_linear"),
+    # every Linear and the patch embedding, attention in floating point: PTQ4DM's code (its UNet's attention
+    # is einsum, never wrapped)
+    "all_linears": ("patch_embed",) + LINEAR_ROLES + ("timestep_fc1", "timestep_fc2", "final_adaln",
+                                                      "final_linear"),
 }
 # Scopes that mean "every such layer": a family without some of their roles (diffusers' DiT has no
 # shared timestep MLP: each block embeds the timestep itself) quantizes those it has.
@@ -72,13 +74,15 @@ def scope_patterns(model: nn.Module, scope: str | list[str]) -> list[str]:
 
 
 def resolve_scope(model: nn.Module, scope: str | list[str]) -> list[str]:
-    """Names of the Linear/MatMul modules that ``scope`` (a SCOPES key or a pattern list) selects."""
+    """Names of the Linear/MatMul modules (and the patch-embedding Conv2d) that ``scope`` (a SCOPES key or a
+    pattern list) selects."""
     family_of(model).prepare(model)
     patterns = scope_patterns(model, scope)
     names = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, MatMul)) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        if isinstance(module, (nn.Linear, MatMul, nn.Conv2d))
+        and any(fnmatch.fnmatchcase(name, p) for p in patterns)
     ]
     if not names:
         raise ValueError(f"scope {patterns} matches no Linear or attention matmul of the model")
@@ -181,24 +185,31 @@ def wrap(model: nn.Module, cfg: CalibrationConfig, timesteps: np.ndarray) -> lis
     model.quant_config = cfg  # the effective settings (what a method chose), saved with the parameters
     device = next(model.parameters()).device
     family = family_of(model)
+    wrapped = []
     for name in names:
         module = model.get_submodule(name)
         positions = activation_positions(model, name)
+        role = family.role_of(name)
+        if isinstance(module, nn.Conv2d):  # the patch embedding: quantized as the Linear it is
+            patch = PatchLinear(module)
+            replace_module(model, name, patch)
+            name, module = f"{name}.linear", patch.linear
+        wrapped.append(name)
         # PTQ4DM's code keeps its first and last layer at 8 bits whatever the setting's widths
-        eight_bit = family.role_of(name) in cfg.eight_bit_roles
+        eight_bit = role in cfg.eight_bit_roles
         own = replace(cfg, w_bits=8, a_bits=8, softmax_bits=8) if eight_bit else cfg
         if isinstance(module, MatMul):
             new = QuantMatMul(*(_activation_quantizer(p, own, context) for p in positions))
         else:
             act = _activation_quantizer(positions[0], own, context, module)
             new = QuantLinear(module, act, _weight_quantizer(own, module))
-            if family.role_of(name) in cfg.runtime_scaled_roles:
+            if role in cfg.runtime_scaled_roles:
                 new.add_input_scale()
         replace_module(model, name, new.to(module.weight.device if isinstance(module, nn.Linear) else device))
     use_explicit_attention(model)
     if cfg.error_model == "noise":  # a saved noise control being loaded (it calibrates with rounding)
         add_noise_instead_of_rounding(model)
-    return names
+    return wrapped
 
 
 def use_explicit_attention(model: nn.Module) -> None:

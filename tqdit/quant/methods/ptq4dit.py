@@ -28,10 +28,10 @@ Follows the paper:
   (``phase_order=joint``; 20k iterations per block, β 20→2, warm-up 0.2, λ 0.01, Lp p = 2 summed
   over dim 1 and averaged over the rest as its ``lp_loss``, activation lr 4e-5).
 - **Operands** (``protocol=published``, its code's ``quant_model``): every Linear (blocks, timestep
-  MLP, adaLN, final layer) and both attention matmuls, attention probabilities at 8 bits whatever
-  a_bits (``--sm_abit 8`` in every README command). Its patch-embedding convolution is left in
-  floating point here (no tqdit scope quantizes a convolution yet). ``protocol=shared``: scope
-  ``blocks`` with the post-softmax operand at a_bits, like every method.
+  MLP, adaLN, final layer), the patch-embedding convolution and both attention matmuls, attention
+  probabilities at 8 bits whatever a_bits (``--sm_abit 8`` in every README command); the first and
+  last layer are not reconstructed (blocks only). ``protocol=shared``: scope ``blocks`` with the
+  post-softmax operand at a_bits, like every method.
 - Quantizers as its code: weights per output channel, asymmetric; activations per tensor,
   asymmetric (non-negative post-softmax → unsigned codes). Calibration: 25 steps × 32 inputs from
   FP trajectories with guidance (uniform stride).

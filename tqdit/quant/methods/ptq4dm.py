@@ -20,10 +20,10 @@ Follows the paper:
   symmetric (one-sided where the data are), searched in 2-D over range and zero point where a
   tensor has both signs; here activations are asymmetric on α·[min, max] like every method's.
 - **Operands** (``protocol=published``, its code's QDrop-based wrapper): every Linear (blocks,
-  timestep MLP, adaLN, final layer), attention in floating point (its UNet's attention matmuls are
-  einsum calls it never wraps), weights symmetric; the first and last layer at 8 bits whatever the
-  setting's widths (``--disable_8bit_head_stem`` off). The first, the patch-embedding convolution,
-  stays in floating point here (no tqdit scope quantizes it yet); the last, the final Linear, is 8-bit.
+  timestep MLP, adaLN, final layer) and the patch-embedding convolution, attention in floating point
+  (its UNet's attention matmuls are einsum calls it never wraps), weights symmetric; the first and the
+  last layer (patch embedding, final Linear) at 8 bits whatever the setting's widths
+  (``--disable_8bit_head_stem`` off).
   ``protocol=shared``: scope ``blocks`` at the setting's widths, like every method.
 """
 
@@ -54,10 +54,10 @@ class PTQ4DMConfig(MethodConfig):
     replacement: bool = False  # False: distinct inputs (the paper's fresh trajectory per draw)
     fixed_search = "lp"
     # Its code wraps every Conv2d/Linear and never the attention (einsum), and keeps the first and the
-    # last layer at 8 bits; the first, the patch embedding, stays in floating point here.
+    # last layer (here the patch embedding and the final Linear) at 8 bits.
     published_scope = "all_linears"
     published_softmax_bits = 8  # moot in its scope; PTQ4DiT's harness, which ran it on DiT, used 8
-    published_eight_bit_roles = ("final_linear",)
+    published_eight_bit_roles = ("patch_embed", "final_linear")
 
     def __post_init__(self):
         super().__post_init__()

@@ -20,11 +20,12 @@ Follows the paper (and its BRECQ-based code where the paper is silent):
   step; tqdit's ``LearnedStep`` scales it by LSQ's constant 1/√(numel·qmax), which Adam's normalised
   update all but cancels (``tests/test_official_code.py`` measures it).
 - **Operands** (``protocol=published``): as PTQ4DiT ran this baseline on DiT with Q-Diffusion's code —
-  every Linear (timestep MLP, adaLN and final layer included) and both attention matmuls, the
+  every Linear (timestep MLP, adaLN and final layer included), the patch-embedding convolution (as
+  the Linear over patches it is) and both attention matmuls, the
   attention probabilities at 8 bits (``--sm_abit 8``, also Q-Diffusion's own default) whatever a_bits.
 Not applicable to DiT: the shortcut-splitting quantizer for UNet skip concatenations.
-Left out: the patch-embedding convolution (its code wraps every Conv2d; no tqdit scope quantizes it
-yet) and its layer-wise reconstruction of the first and last layer (tqdit reconstructs blocks only).
+Left out: its layer-wise reconstruction of the first and last layer (tqdit reconstructs blocks only;
+the patch embedding and final layer keep their Lp-initialised grids).
 Protocol choices: q, k and v use the engine's symmetric quantizers like every method's.
 """
 
