@@ -77,7 +77,7 @@ def test_paper_defaults():
     assert replace(q, a_bits=6).operand_softmax_bits() == 8
     assert replace(q, a_bits=6, protocol="shared").operand_softmax_bits() == 6
     assert replace(q, protocol="shared").operand_scope() == "blocks"
-    assert tqdit.PTQ4DMConfig().operand_eight_bit_roles() == ("final_linear",)
+    assert tqdit.PTQ4DMConfig().operand_eight_bit_roles() == ("patch_embed", "final_linear")
     assert (q.recon.iters, q.recon.act_iters, q.recon.round_weight) == (20000, 5000, 0.01)
     assert tqdit.TQDiTConfig().time_groups == 10 and tqdit.TQDiTConfig().search.criterion == "hessian"
     d, g = tqdit.DiTASConfig(), tqdit.QDiTConfig()

@@ -43,7 +43,11 @@ def needs_cuda(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
-def calibrated(method: str, device: str = "cpu", dtype=torch.float32, scope: str = "blocks"):
+def calibrated(method: str, device: str = "cpu", dtype=torch.float32, scope: str = "blocks", **params):
+    """``method`` at W8A8 on a tiny DiT; PTQ4DiT with its folded balancing unless ``params`` say otherwise
+    (its run-time factors have no 8-bit kernel: such layers stay simulated, see the test below)."""
+    if method == "ptq4dit":
+        params = {"balance": "fold", **params}
     torch.manual_seed(0)
     fp = tiny_dit().to(device=device, dtype=dtype)
     calib = capture(fp, create_diffusion(6), CalibrationSpec(num_samples=4, cfg_scale=1.5))
@@ -60,10 +64,27 @@ def calibrated(method: str, device: str = "cpu", dtype=torch.float32, scope: str
             recon=ReconConfig(iters=20, act_iters=10, batch=8),
             search=SearchConfig(criterion=search, candidates=20, rounds=1),
         ),
-        {},
+        params,
     )
     quantized, _ = quantize(copy.deepcopy(fp), calib, cfg)
     return fp, quantized, calib
+
+
+def test_run_time_balanced_layers_stay_simulated():
+    """PTQ4DiT's default ``balance=runtime`` multiplies qkv's, proj's and fc1's inputs by its factor ahead
+    of their quantizers; no 8-bit kernel applies it, so ``to_low_bit`` leaves those 6 layers (2 blocks)
+    simulated and converting one directly is refused. Mutation caught: ``to_low_bit`` ignoring
+    ``input_scale`` (the model's output then moves by the factors, far beyond float rounding)."""
+    _, quantized, calib = calibrated("ptq4dit", balance="runtime")
+    x, t, y = calib.x[:4], calib.t[:4], calib.y[:4]
+    with torch.no_grad():
+        reference = quantized(x, t, y)
+    with pytest.raises(ValueError, match="run-time balancing factor"):
+        Int8Linear(quantized.blocks[0].attn.qkv)
+    counts = to_low_bit(quantized, "int8")
+    assert counts["simulated"] == 6 and counts["int8_linear"] == 4  # fc2 and adaLN of both blocks
+    with torch.no_grad():
+        assert (quantized(x, t, y) - reference).abs().max() < 1e-3 * reference.abs().max()
 
 
 @pytest.mark.parametrize("method", ["mrq_tgq", "ptq4dit"])  # symmetric int8 weights; asymmetric uint8 weights

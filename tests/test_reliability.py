@@ -253,7 +253,8 @@ def test_nan_in_calibration_names_the_layer_and_time_group():
         ),
         (
             "quant=ptq4dm +quant.params.mu=0.3",
-            "error: quant.params has unknown keys ['mu'] for quant=ptq4dm; known keys: mean, p, std",
+            "error: quant.params has unknown keys ['mu'] for quant=ptq4dm; "
+            "known keys: mean, p, replacement, std",
         ),
         (
             "quant.backend=fp8 device=cpu",

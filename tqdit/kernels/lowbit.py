@@ -88,11 +88,20 @@ def fp8_bias_supported(device: torch.device | str = "cuda") -> bool:
     return fp8_supported(device) and _rowwise_fp8_matmul_correct(torch.device(device), with_bias=True)
 
 
+def refuse_input_scale(layer: QuantLinear) -> None:
+    """The 8-bit layers compute x·W only: a layer whose input is balanced at run time (PTQ4DiT's
+    ``balance=runtime``) would lose its factor; ``to_low_bit`` leaves those simulated."""
+    if hasattr(layer, "input_scale"):
+        raise ValueError("this layer multiplies its input by PTQ4DiT's run-time balancing factor, which the "
+                         "8-bit kernels do not apply; keep it simulated (or calibrate with balance=fold)")
+
+
 class Fp8Linear(nn.Module):
     """y = x W̃ᵀ + b on FP8 tensor cores with static calibrated scales (see module docstring)."""
 
     def __init__(self, layer: QuantLinear):
         super().__init__()
+        refuse_input_scale(layer)
         act = layer.act
         out_features, in_features = layer.weight.shape
         if in_features % 16 or out_features % 16:
@@ -206,6 +215,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, layer: QuantLinear):
         super().__init__()
+        refuse_input_scale(layer)
         act, wq = layer.act, layer.weight_quant
         codes, scale, zero_point = weight_codes(layer)
         self.out_features, self.in_features = codes.shape
@@ -261,6 +271,7 @@ class Int8WeightLinear(nn.Module):
 
     def __init__(self, layer: QuantLinear):
         super().__init__()
+        refuse_input_scale(layer)
         wq = layer.weight_quant
         self.act = layer.act
         codes, scale, zero_point = weight_codes(layer)
