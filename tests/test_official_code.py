@@ -450,6 +450,17 @@ def exact_ties(x: torch.Tensor, split: float, levels: int) -> torch.Tensor:
     return ratio - ratio.floor() == 0.5
 
 
+def twin_cases(x: torch.Tensor):
+    """(bits, levels L, split s = 2^-i, i, tqdit's output, its exact ties) for the fixture's 8 and 4 bits
+    and all 20 splits."""
+    for bits in (8, 4):
+        levels = 2 ** (bits - 1) - 1
+        quantizer = SoftmaxMRQ(bits)
+        for i in range(20):
+            split = 2.0**-i
+            yield bits, levels, split, i, quantizer.quantize(x, i), exact_ties(x, split, levels)
+
+
 def test_twin_uniform_matches_code_with_branch_sum_fixed(official):
     """SoftmaxMRQ equals TQ-DiT's ``TimewiseSoSPTQSLBatchingQuantMatMul.quant_input_A`` WITH ITS
     DOCUMENTED BUG FIXED: the code adds its two branches; the fixture's fixed version (made by the
@@ -461,16 +472,11 @@ def test_twin_uniform_matches_code_with_branch_sum_fixed(official):
     Mutation caught: the threshold x ≤ s instead of x < s (values at the split in the low region)."""
     f, _ = official
     x = f["twin.x"]
-    for bits in (8, 4):
-        levels = 2 ** (bits - 1) - 1
-        quantizer = SoftmaxMRQ(bits)
-        for i in range(20):
-            split = 2.0**-i
-            ours, fixed = quantizer.quantize(x, i), f[f"twin.b{bits}.fixed"][i]
-            ties = exact_ties(x, split, levels)
-            close(ours[~ties], fixed[~ties])
-            step = torch.where(x < split, split / levels, 1.0 / levels).double()
-            assert bool(((ours[ties] - fixed[ties]).double().abs() <= step[ties] * (1 + 1e-6)).all())
+    for bits, levels, split, i, ours, ties in twin_cases(x):
+        fixed = f[f"twin.b{bits}.fixed"][i]
+        close(ours[~ties], fixed[~ties])
+        step = torch.where(x < split, split / levels, 1.0 / levels).double()
+        assert bool(((ours[ties] - fixed[ties]).double().abs() <= step[ties] * (1 + 1e-6)).all())
 
 
 def test_twin_uniform_code_offsets_values_by_the_split(official):
@@ -480,17 +486,12 @@ def test_twin_uniform_code_offsets_values_by_the_split(official):
     Mutation caught: SoftmaxMRQ adding both regions as the code does."""
     f, _ = official
     x = f["twin.x"]
-    for bits in (8, 4):
-        levels = 2 ** (bits - 1) - 1
-        quantizer = SoftmaxMRQ(bits)
-        for i in range(20):
-            split = 2.0**-i
-            ties = exact_ties(x, split, levels)
-            offset = f[f"twin.b{bits}.official"][i] - quantizer.quantize(x, i)
-            expected = torch.where(x >= split, split, round(split * levels) / levels)
-            close(offset[~ties], expected[~ties].float(), atol=1e-7)
-            if i >= int(math.log2(2 * levels)) + 1:
-                assert bool((offset[(x < split) & ~ties] == 0).all())
+    for bits, levels, split, i, ours, ties in twin_cases(x):
+        offset = f[f"twin.b{bits}.official"][i] - ours
+        expected = torch.where(x >= split, split, round(split * levels) / levels)
+        close(offset[~ties], expected[~ties].float(), atol=1e-7)
+        if i >= int(math.log2(2 * levels)) + 1:
+            assert bool((offset[(x < split) & ~ties] == 0).all())
 
 
 def test_post_gelu_codes_match_code(official):
