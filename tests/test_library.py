@@ -150,9 +150,9 @@ def test_the_engine_runs_exactly_what_the_config_says(setting, config, multi_reg
     used = quantized.quant_config
     shared = {f.name for f in fields(MethodConfig)} - {"protocol", "scope", "softmax_bits"}
     assert {k: getattr(used, k) for k in shared} == {k: getattr(config, k) for k in shared}
-    # the protocol's choices, resolved: TQ-DiT's parts quantize its code's set, uniform the shared one
+    # the protocol's choices, resolved: TQ-DiT's parts and its uniform baseline quantize its code's set
     assert (used.scope, used.softmax_bits) == (config.operand_scope(), config.operand_softmax_bits())
-    assert used.scope == ("blocks" if isinstance(config, tqdit.UniformConfig) else "tq_dit_code")
+    assert used.scope == "tq_dit_code"  # TQ-DiT's ablation rows (uniform included) share its operands
     assert (used.multi_region, used.time_groups) == (multi_region, groups)
     kinds = {type(q) for _, q in quantizers(quantized)}
     assert (SoftmaxMRQ in kinds and GeluMRQ in kinds) == multi_region

@@ -89,14 +89,15 @@ def test_fast_engine_matches_eager_on_the_cpu(setting, order, precision):
     assert changed >= 8
 
 
-@pytest.mark.parametrize("order", ["per_block", "weights_first"])
-def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, monkeypatch, order):
-    """A reconstruction stopped at the start of block 1's last fitting (per_block: its only one;
-    weights_first: the step pass, after both rounding units and block 0's steps were saved), as a kill
-    would leave it, restarts there and ends with the uninterrupted run's state, bit for bit.
+@pytest.mark.parametrize("order,kill_pass", [("per_block", 0), ("weights_first", 0), ("weights_first", 1)])
+def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, monkeypatch, order, kill_pass):
+    """A reconstruction stopped at the start of block 1's fitting in pass ``kill_pass`` (weights_first's
+    pass 0 runs with activation quantization off, pass 1 learns the steps), as a kill would leave it,
+    restarts there and ends with the uninterrupted run's state, bit for bit.
     Mutations caught: not restoring the batch generator's state, taking block 1's FP target after
-    loading block 0 (its rounded weights), skipping the saved blocks without loading them, or numbering
-    the second pass's files like the first's."""
+    loading block 0 (its rounded weights), skipping the saved blocks without loading them, numbering
+    the second pass's files like the first's, or a block loaded in pass 0 passing its inputs on with
+    its activation quantizers on (loading re-enables them)."""
     cfg = ReconConfig(**SHORT, engine="fast")
     reference, (x, t, y) = initialised(setting)
     reconstruct_blocks(reference, x, t, y, cfg, order=order, progress=False)
@@ -107,30 +108,59 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, m
     passes = len(recon_module.passes_of(order))
     calls = []
 
-    def dies_in_block_1_of_the_last_pass(*args, **kwargs):
+    def dies_in_block_1(*args, **kwargs):
         calls.append(args[-1])
-        if calls.count("block 1") == passes:
+        if calls.count("block 1") == kill_pass + 1:
             raise KeyboardInterrupt("killed")
         return fit(*args, **kwargs)
 
-    monkeypatch.setattr(recon_module, "reconstruct_block", dies_in_block_1_of_the_last_pass)
+    monkeypatch.setattr(recon_module, "reconstruct_block", dies_in_block_1)
     with pytest.raises(KeyboardInterrupt):
         reconstruct_blocks(
             killed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), order=order, progress=False
         )
     monkeypatch.undo()
-    saved = [f"block_{unit:03d}.safetensors" for unit in range(2 * passes - 1)]
+    saved = [f"block_{unit:03d}.safetensors" for unit in range(2 * kill_pass + 1)]
     assert sorted(p.name for p in folder.iterdir()) == saved
 
     resumed, _ = initialised(setting)
     reports = reconstruct_blocks(
         resumed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), order=order, progress=False
     )
-    assert [r.get("resumed", False) for r in reports] == [True] * (2 * passes - 1) + [False]
+    resumed_flags = [r.get("resumed", False) for r in reports]
+    assert resumed_flags == [True] * len(saved) + [False] * (2 * passes - len(saved))
     assert [r["pass"] for r in reports] == [0, 0, 1, 1][: 2 * passes]
     for key, value in quant_state(reference).items():
         assert torch.equal(resumed.state_dict()[key], value), key
     assert len(list(folder.iterdir())) == 2 * passes
+
+
+def test_blocks_are_fitted_on_the_quantized_patch_embedding(setting, monkeypatch):
+    """With the patch embedding in scope, block 0 is reconstructed on the quantized prefix's tokens
+    (the quantized patch embedding's output), not on the FP embedding. Mutation caught: block 0's
+    inputs taken from the FP embedding (as before scopes could quantize the patch embedding)."""
+    model, calib = setting
+    quantized = copy.deepcopy(model)
+    cfg = CalibrationConfig(w_bits=4, a_bits=4, weight_symmetric=False, num_inputs=24,
+                            scope=["x_embedder.proj", "blocks.*"],
+                            search=SearchConfig(criterion="lp", candidates=20))
+    index = np.arange(len(calib))[::2][:24]
+    calibrate(quantized, calib, cfg, progress=False, index=index)
+    x, t, y = calib.x[index], calib.t[index], calib.y[index]
+    seen = {}
+    fit = recon_module.reconstruct_block
+
+    def record(*args, **kwargs):
+        seen.setdefault(args[-1], args[2].clone())
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(recon_module, "reconstruct_block", record)
+    expected, _ = recon_module.block_inputs(quantized, x, t, y, 256)
+    with quantization_disabled(quantized):
+        fp_tokens, _ = recon_module.block_inputs(quantized, x, t, y, 256)
+    reconstruct_blocks(quantized, x, t, y, ReconConfig(**SHORT), order="joint", progress=False)
+    assert torch.equal(seen["block 0"], expected)
+    assert (expected - fp_tokens).abs().max() > 1e-2 * fp_tokens.abs().max()  # the embedding's error
 
 
 def test_weights_first_fits_rounding_with_every_activation_in_full_precision(setting):

@@ -314,9 +314,11 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path, decode=None
               "a_bits": cfg.a_bits,
               "groups": config.time_groups if METHODS[method].uses_time_groups else None,
               "search": cfg.quant.search, "protocol": config.protocol, "scope": config.operand_scope(),
-              "softmax_bits": config.operand_softmax_bits(), "quantized_layers": 0}
+              "softmax_bits": config.operand_softmax_bits(),
+              "eight_bit_roles": list(config.operand_eight_bit_roles()), "quantized_layers": 0}
     if method == "fp":
-        record.update(w_bits=None, a_bits=None, search=None, protocol=None, scope=None, softmax_bits=None)
+        record.update(w_bits=None, a_bits=None, search=None, protocol=None, scope=None, softmax_bits=None,
+                      eight_bit_roles=None)
         return record
     record["scope_layers"] = resolve_scope(model, config.operand_scope())
     if METHODS[method].own_settings:

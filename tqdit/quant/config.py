@@ -39,7 +39,7 @@ class CalibrationConfig:
 
     w_bits: int = 8
     a_bits: int = 8
-    softmax_bits: int = 8  # the post-softmax operand's width (a method's published width, or a_bits)
+    softmax_bits: int | None = None  # the post-softmax operand's width; None: a_bits
     eight_bit_roles: tuple = ()  # roles kept at 8 bits whatever w_bits/a_bits (PTQ4DM's last layer)
     runtime_scaled_roles: tuple = ()  # roles whose input is multiplied by a factor at run time (PTQ4DiT)
     weight_symmetric: bool = True  # per-output-channel weight grids: symmetric, or asymmetric (PTQ4DiT)
@@ -124,11 +124,13 @@ class MethodConfig:
         return self.published_scope if self.protocol == "published" else SHARED_SCOPE
 
     def operand_softmax_bits(self) -> int:
-        """The post-softmax operand's width: ``softmax_bits``, else the protocol's."""
+        """The post-softmax operand's width: ``softmax_bits``, else the protocol's. A published width is a
+        floor: the code's ``--sm_abit 8`` kept probabilities at 8 bits below A8, and A16 (the near no-op
+        check) stays A16."""
         if self.softmax_bits is not None:
             return self.softmax_bits
         published = self.published_softmax_bits if self.protocol == "published" else None
-        return self.a_bits if published is None else published
+        return self.a_bits if published is None else max(published, self.a_bits)
 
     def operand_eight_bit_roles(self) -> tuple:
         """Roles kept at 8 bits under this protocol (published: the method's code's; shared: none)."""

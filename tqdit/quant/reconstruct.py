@@ -8,8 +8,9 @@ The machinery Q-Diffusion and PTQ4DiT build on (after the engine has initialised
   annealed from ``b_start`` to ``b_end`` after a warm-up fraction with λ = 0, which drives every h to
   0 or 1. The result is hard rounding: ⌊W/s⌋ or ⌊W/s⌋ + 1 per element, stored as the layer's weight
   (on its grid, so the layer's weight quantizer returns it unchanged).
-- **LSQ** (Esser et al. 2020): per-tensor activation steps Δ become learnable, with the gradient of
-  ``torch._fake_quantize_learnable_per_tensor_affine`` (scaled by 1/√(numel·qmax) as LSQ prescribes).
+- **LSQ-style steps** (Esser et al. 2020): per-tensor activation steps Δ become learnable, with the
+  straight-through gradient of ``torch._fake_quantize_learnable_per_tensor_affine`` and no gradient
+  scale, as Q-Diffusion's and PTQ4DiT's code (LSQ's 1/√(numel·qmax) is not in their code).
 - **Reconstruction target** (BRECQ): a block is fed the output of the already quantized blocks
   before it and fitted to the FP block output on the FP input. The loss is |Ŷ − Y|^p summed over
   dim 1 (the tokens of a block's output) and averaged over the rest (inputs, hidden channels), as
@@ -43,7 +44,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from tqdit.models.adapters import family_of
-from tqdit.quant.layers import QuantLinear, QuantMatMul, quantization_disabled
+from tqdit.quant.layers import QuantLinear, QuantMatMul, quantization_disabled, quantizers
 from tqdit.quant.quantizers import UniformQuantizer
 from tqdit.utils import atomic_write_bytes
 
@@ -101,6 +102,12 @@ class ReconConfig:
             raise ValueError(
                 f"quant.recon.precision={self.precision!r} is unknown: use one of {', '.join(PRECISIONS)}"
             )
+        for key in ("p", "act_p"):
+            value = getattr(self, key)
+            if value is None and key == "act_p":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"quant.recon.{key}={value!r} must be a positive exponent")
         if self.reduction not in REDUCTIONS:
             raise ValueError(
                 f"quant.recon.reduction={self.reduction!r} is unknown: use one of {', '.join(REDUCTIONS)}"
@@ -184,8 +191,9 @@ class LearnedStep(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
-        grad_factor = 1.0 / math.sqrt(x[0].numel() * max(q.qmax, 1))
-        args = (self.step, self.zero_point, q.qmin, q.qmax, grad_factor)
+        # The straight-through gradient of the step, as Q-Diffusion's and PTQ4DiT's code learn it: no LSQ
+        # gradient scale 1/√(numel·qmax), which Adam cancels only while |scale·g| ≫ ε (not at DiT-XL/2 sizes)
+        args = (self.step, self.zero_point, q.qmin, q.qmax, 1.0)
         if _fused(x):
             return _fused(x).learned_step_quant(x, *args)
         return lsq_fake_quant(x.float(), *args).to(x.dtype)
@@ -611,8 +619,9 @@ def reconstruct_blocks(
     for number_of_pass, (phases, activations_off) in enumerate(passes):
         # Q-Diffusion's weight pass runs the whole model with activation quantization off
         with quantization_disabled(model, activations_only=True) if activations_off else nullcontext():
-            _, cond = block_inputs(model, x, t, y, batch)  # the timestep MLP may be quantized (scope "all")
-            x_fp, x_q = x_fp_in, x_fp_in.clone()
+            # the quantized prefix: the patch embedding and timestep MLP may be quantized (scope "all")
+            x_q, cond = block_inputs(model, x, t, y, batch)
+            x_fp = x_fp_in
             label = "reconstruct" + (f" pass {number_of_pass + 1}/{len(passes)}" if len(passes) > 1 else "")
             for number, stored in enumerate(tqdm(blocks, desc=label, unit="block", disable=not progress)):
                 unit = number_of_pass * len(blocks) + number
@@ -622,6 +631,10 @@ def reconstruct_blocks(
                     target = _batched(block, x_fp, cond_fp, batch=batch)
                 if unit < done:
                     report = {**checkpoints.load(unit, stored, generator), "resumed": True}
+                    if activations_off:  # loading refreshed (enabled) the block's quantizers; this pass has
+                        for name, q in quantizers(stored):  # its activations off, as the uninterrupted run
+                            if not name.endswith("weight_quant"):
+                                q.enabled = False
                 elif any(isinstance(m, (QuantLinear, QuantMatMul)) for m in block.modules()):
                     report = reconstruct_block(model, block, x_q, cond, target, cfg, phases, generator,
                                                progress, f"block {number}")

@@ -53,6 +53,7 @@ def load_quant_state(model, path: str | Path) -> tuple[str, CalibrationConfig, d
     config["recon"] = ReconConfig(**config.get("recon", {}))
     for key in ("eight_bit_roles", "runtime_scaled_roles"):  # JSON gave lists; the config holds tuples
         config[key] = tuple(config.get(key, ()))
+    config.setdefault("softmax_bits", config.get("a_bits"))  # files saved before it existed: a_bits
     cfg = CalibrationConfig(**config)
     wrap(model, cfg, np.array(json.loads(metadata["timesteps"])))
     device = next(model.parameters()).device

@@ -36,12 +36,14 @@ from tqdit.quant.quantizers import (
 # ``PatchLinear``); it is what PTQ4DiT's code (and its Q-Diffusion runs) wrap. The label table and the
 # norms stay in floating point. "linears": the blocks' Linears only, attention in floating point (its
 # fused SDPA kernel) — the W8A8 setting of work that quantizes only the GEMMs. "tq_dit_code": TQ-DiT's
-# released set (less its weight-only patch embedding).
+# released set (less its weight-only patch embedding). "gemms": qkv, proj, fc1, fc2 (Q-DiT's, DiTAS's code).
 LINEAR_ROLES = ("qkv", "proj", "fc1", "fc2", "adaln")
 SCOPES: dict[str, tuple[str, ...]] = {
     "blocks": LINEAR_ROLES + ("qk_matmul", "av_matmul"),
     "linears": LINEAR_ROLES,
     "tq_dit_code": ("qkv", "proj", "fc1", "fc2", "qk_matmul", "av_matmul", "final_linear"),
+    # the blocks' four GEMMs: what Q-DiT's and DiTAS's code quantize
+    "gemms": ("qkv", "proj", "fc1", "fc2"),
     "all": ("patch_embed",) + LINEAR_ROLES + ("qk_matmul", "av_matmul", "timestep_fc1", "timestep_fc2",
                                               "final_adaln", "final_linear"),
     # every Linear and the patch embedding, attention in floating point: PTQ4DM's code (its UNet's attention
@@ -118,7 +120,7 @@ def _activation_quantizer(
         return _dynamic_quantizer(cfg, linear, position)
     groups = cfg.time_groups if _is_grouped(position, cfg.grouped) else 1
     ctx = context if groups > 1 else None
-    bits = cfg.softmax_bits if position == "post_softmax" else cfg.a_bits
+    bits = cfg.softmax_bits if position == "post_softmax" and cfg.softmax_bits is not None else cfg.a_bits
     if cfg.multi_region and position == "post_softmax":
         return SoftmaxMRQ(bits, groups, ctx)
     if cfg.multi_region and position == "post_gelu":
@@ -130,7 +132,7 @@ def _dynamic_quantizer(cfg: CalibrationConfig, linear: nn.Linear | None, positio
     """Q-DiT's / DiTAS's run-time grids. A Linear's input gets ``group_size`` channel groups (Q-DiT) and
     smoothing factors (DiTAS); attention operands (in scope=blocks) the whole token or sample (kᵀ, the
     second operand of q·kᵀ, holds tokens in its columns)."""
-    bits = cfg.softmax_bits if position == "post_softmax" else cfg.a_bits
+    bits = cfg.softmax_bits if position == "post_softmax" and cfg.softmax_bits is not None else cfg.a_bits
     if cfg.activation_grid == "sample":  # DiTAS's code divides its range by 2^b
         channels = linear.in_features if (cfg.smoothing and linear is not None) else 0
         return DynamicQuantizer(bits, "sample", channels=channels, codes_per_range=2**bits)
@@ -195,9 +197,9 @@ def wrap(model: nn.Module, cfg: CalibrationConfig, timesteps: np.ndarray) -> lis
             replace_module(model, name, patch)
             name, module = f"{name}.linear", patch.linear
         wrapped.append(name)
-        # PTQ4DM's code keeps its first and last layer at 8 bits whatever the setting's widths
+        # PTQ4DM's code keeps its first and last layer at 8 bits below W8A8 (W16/A16 stay: the no-op check)
         eight_bit = role in cfg.eight_bit_roles
-        own = replace(cfg, w_bits=8, a_bits=8, softmax_bits=8) if eight_bit else cfg
+        own = replace(cfg, w_bits=max(8, cfg.w_bits), a_bits=max(8, cfg.a_bits)) if eight_bit else cfg
         if isinstance(module, MatMul):
             new = QuantMatMul(*(_activation_quantizer(p, own, context) for p in positions))
         else:

@@ -30,7 +30,8 @@ full precision); what follows is the released code (``LinearQuant.py``, ``utils_
 - Inputs ("data-free"): the code samples from Gaussian noise with 16 fixed labels, guidance 1.5; the
   shared calibration set is the same kind of data (FP trajectories from noise, with the protocol's
   guidance and labels). Nothing from a dataset.
-- Scope: the code quantizes qkv, proj, fc1, fc2 only; under the shared ``scope=blocks`` the adaLN Linear
+- Scope: the code quantizes qkv, proj, fc1, fc2 only (``gemms``, ``protocol=published``); under the
+  shared ``scope=blocks`` the adaLN Linear
   gets the same weight grid and low-rank term (no smoothing), and the attention operands the per-sample
   dynamic grid.
 """
@@ -58,6 +59,7 @@ SMOOTHED_ROLES = ("qkv", "proj", "fc1", "fc2")
 @dataclass(frozen=True, kw_only=True)
 class DiTASConfig(MethodConfig):
     runtime_grids = True  # dynamic activation grids: simulated quantization only
+    published_scope = "gemms"  # its code quantizes qkv, proj, fc1 and fc2 only
     fixed_search = "minmax"  # every grid is the min/max of its group, computed from the tensor itself
     search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="minmax"))
     rank: int = 32  # of the low-rank weight term

@@ -81,6 +81,9 @@ class PTQ4DiTConfig(QDiffusionConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.recon.act_p is not None:
+            raise ValueError(f"PTQ4DiTConfig: recon.act_p={self.recon.act_p}: PTQ4DiT learns the steps "
+                             "jointly with the rounding, under recon.p; leave act_p unset")
         if self.balance not in ("runtime", "fold"):
             raise ValueError(f"PTQ4DiTConfig: balance={self.balance!r}: use runtime (its code) or fold "
                              "(its paper)")

@@ -37,7 +37,7 @@ Paper vs released code vs tqdit:
   in floating point). Its calibration data: 256 inputs of 50-step DDIM runs with guidance 1.5
   (conditional halves, one random step each); tqdit: ``num_inputs`` inputs of the shared calibration
   set. ``weight_rounding="rtn"`` keeps round to nearest (the paper's ablation rows).
-- Scope: the code quantizes only qkv, proj, fc1 and fc2 (``scope=[*.attn.qkv, *.attn.proj, *.mlp.fc*]``);
+- Scope: the code quantizes only qkv, proj, fc1 and fc2, tqdit's ``gemms`` (``protocol=published``);
   under the shared ``scope=blocks`` the adaLN Linear is a gene too, and the attention operands get the
   dynamic per-token grid.
 Published (DiT-XL/2 256, 100 steps, cfg 1.5, 10k samples; FID/sFID/IS/precision): FP 5.31/17.61/245.85/0.8077,
@@ -66,6 +66,7 @@ FITNESS = ("fid", "output_mse")
 @dataclass(frozen=True, kw_only=True)
 class QDiTConfig(MethodConfig):
     runtime_grids = True  # dynamic activation grids: simulated quantization only
+    published_scope = "gemms"  # its code quantizes qkv, proj, fc1 and fc2 only
     fixed_search = "minmax"  # every grid is the min/max of its group, computed from the tensor itself
     search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="minmax"))
     group_size: int = 128  # the all-g start and the budget: mean group size ≥ group_size

@@ -15,6 +15,9 @@ from tqdit.quant.search import SearchConfig
 
 @dataclass(frozen=True, kw_only=True)
 class UniformConfig(MethodConfig):
+    # tqdit's own baseline: the first row of TQ-DiT's ablation (uniform → +MRQ → +TGQ), so under the
+    # published protocol it quantizes TQ-DiT's operands, as its parts do (the noise control follows it)
+    published_scope = "tq_dit_code"
     search: SearchConfig = field(default_factory=lambda: SearchConfig(criterion="lp"))
 
 
