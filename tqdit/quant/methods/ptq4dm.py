@@ -62,6 +62,8 @@ class PTQ4DMConfig(MethodConfig):
     def __post_init__(self):
         super().__post_init__()
         check_lp_exponent(self)
+        if not isinstance(self.replacement, bool):
+            raise ValueError(f"PTQ4DMConfig: replacement={self.replacement!r} must be true or false")
         if not self.std > 0:
             raise ValueError(f"PTQ4DMConfig: std={self.std} must be positive")
 
