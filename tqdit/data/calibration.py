@@ -184,7 +184,7 @@ def select_ndtc(
 
 
 def capture(model, diffusion: GaussianDiffusion, spec: CalibrationSpec) -> CalibrationSet:
-    """Run the FP sampler on ``spec.num_samples`` labels (``spec.labels``) and keep the chosen steps' inputs."""
+    """Run the FP sampler on ``spec.num_samples`` labels (``spec.labels``); keep the chosen steps' inputs."""
     device = next(model.parameters()).device
     keep = set(kept_steps(spec, diffusion.num_steps))
     indices = np.arange(spec.num_samples)
