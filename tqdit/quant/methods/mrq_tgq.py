@@ -9,7 +9,8 @@ Operands (``protocol=published``, the released code's set, scope ``tq_dit_code``
 fc2, both attention matmuls (probabilities at a_bits) and the final Linear; adaLN, the timestep MLP
 and the label table in floating point. The code's weight-only quantization of the patch embedding is
 left out (tqdit quantizes the patch embedding with its input, ``PatchLinear``, not weights alone).
-``protocol=shared``: scope ``blocks`` (adaLN quantized too), like every method. The same holds for ``mrq`` and ``tgq``, its parts.
+``protocol=shared``: scope ``blocks`` (adaLN quantized too), like every method. The same holds for
+``mrq`` and ``tgq``, its parts.
 """
 
 from dataclasses import dataclass
