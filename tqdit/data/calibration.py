@@ -163,11 +163,12 @@ def select_ndtc(
             raise ValueError(f"PTQ4DM wants {count} distinct calibration inputs but the set has {len(step)}; "
                              "capture more trajectories (quant.calib.num_samples) or lower num_inputs")
         per_step = np.bincount(step, minlength=num_steps)
-        missing = np.flatnonzero((per_step == 0) & (ndtc_step_probabilities(num_steps, mean, std) > 0))
+        probability = ndtc_step_probabilities(num_steps, mean, std)
+        missing = np.flatnonzero((per_step == 0) & (probability > 0))
         if len(missing):
             raise ValueError(f"the calibration set has no inputs from sampling step {missing[0]}, which NDTC "
                              "draws; capture all steps (policy=all)")
-        weight = ndtc_step_probabilities(num_steps, mean, std)[step] / per_step[step]
+        weight = probability[step] / per_step[step]
         rng = np.random.default_rng(seed)
         return np.sort(rng.choice(len(step), count, replace=False, p=weight / weight.sum()))
     rng = np.random.default_rng(seed)

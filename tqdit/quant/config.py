@@ -40,7 +40,7 @@ class CalibrationConfig:
     w_bits: int = 8
     a_bits: int = 8
     softmax_bits: int | None = None  # the post-softmax operand's width; None: a_bits
-    eight_bit_roles: tuple = ()  # roles kept at 8 bits whatever w_bits/a_bits (PTQ4DM's last layer)
+    eight_bit_roles: tuple = ()  # roles kept at ≥ 8 bits (PTQ4DM's first and last layer)
     runtime_scaled_roles: tuple = ()  # roles whose input is multiplied by a factor at run time (PTQ4DiT)
     weight_symmetric: bool = True  # per-output-channel weight grids: symmetric, or asymmetric (PTQ4DiT)
     scope: str | list = "blocks"

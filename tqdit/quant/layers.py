@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tqdit.quant.quantizers import InputScale
 
+
 class QuantLinear(nn.Module):
     """Linear with a fake-quantized input (``act``) and weight (``weight_quant``, per output channel).
 
@@ -46,6 +47,10 @@ class QuantLinear(nn.Module):
         self.register_forward_pre_hook(_scale_input)
 
 
+def _scale_input(module: QuantLinear, args: tuple) -> tuple:
+    return (module.input_scale(args[0]),) + tuple(args[1:])
+
+
 class PatchLinear(nn.Module):
     """A patch-embedding Conv2d (kernel = stride = patch size, no padding) computed as what it is: one
     Linear over every non-overlapping patch, unfolded channel-major as the kernel's weight is laid out.
@@ -72,10 +77,6 @@ class PatchLinear(nn.Module):
         patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (batch, patches, C·p·p)
         out = self.linear(patches).transpose(1, 2)
         return out.reshape(batch, -1, height // self.patch[0], width // self.patch[1])
-
-
-def _scale_input(module: QuantLinear, args: tuple) -> tuple:
-    return (module.input_scale(args[0]),) + tuple(args[1:])
 
 
 def _refreeze_after_load(module: QuantLinear, incompatible_keys) -> None:

@@ -120,7 +120,7 @@ def _activation_quantizer(
         return _dynamic_quantizer(cfg, linear, position)
     groups = cfg.time_groups if _is_grouped(position, cfg.grouped) else 1
     ctx = context if groups > 1 else None
-    bits = cfg.softmax_bits if position == "post_softmax" and cfg.softmax_bits is not None else cfg.a_bits
+    bits = _activation_bits(cfg, position)
     if cfg.multi_region and position == "post_softmax":
         return SoftmaxMRQ(bits, groups, ctx)
     if cfg.multi_region and position == "post_gelu":
@@ -128,11 +128,16 @@ def _activation_quantizer(
     return UniformQuantizer(bits, symmetric=position in ("q", "k", "v"), groups=groups, context=ctx)
 
 
+def _activation_bits(cfg: CalibrationConfig, position: str) -> int:
+    """The operand's width: the post-softmax operand's own (``softmax_bits``) where set, else a_bits."""
+    return cfg.softmax_bits if position == "post_softmax" and cfg.softmax_bits is not None else cfg.a_bits
+
+
 def _dynamic_quantizer(cfg: CalibrationConfig, linear: nn.Linear | None, position: str) -> DynamicQuantizer:
     """Q-DiT's / DiTAS's run-time grids. A Linear's input gets ``group_size`` channel groups (Q-DiT) and
     smoothing factors (DiTAS); attention operands (in scope=blocks) the whole token or sample (kᵀ, the
     second operand of q·kᵀ, holds tokens in its columns)."""
-    bits = cfg.softmax_bits if position == "post_softmax" and cfg.softmax_bits is not None else cfg.a_bits
+    bits = _activation_bits(cfg, position)
     if cfg.activation_grid == "sample":  # DiTAS's code divides its range by 2^b
         channels = linear.in_features if (cfg.smoothing and linear is not None) else 0
         return DynamicQuantizer(bits, "sample", channels=channels, codes_per_range=2**bits)

@@ -253,14 +253,12 @@ def balance(model, x, t, y, calib, index, config: PTQ4DiTConfig):
     returns the engine's settings and the changed parameter names. ``runtime`` wraps the model first
     (the factors live in its wrapped layers) and measures the saliences with quantization off."""
     scope = set(resolve_scope(model, config.operand_scope()))
+    runtime = config.balance == "runtime"
     cfg = engine_config(config, runtime_scaled_roles=tuple(ROLE_OF[layer] for layer in config.layers)
-                        if config.balance == "runtime" else ())
-    if config.balance == "runtime":  # factors live in the wrapped layers: wrap first, measure in FP
+                        if runtime else ())
+    if runtime:  # the factors live in the wrapped layers: wrap first (then measure with quantization off)
         wrap(model, cfg, calib.timesteps.numpy())
-        with quantization_disabled(model):
-            changed = salience_balance(model, x, t, y, calib.step.numpy()[index], config.layers, config.ssc,
-                                       scope=scope, runtime=True)
-    else:
+    with quantization_disabled(model):  # nothing to disable on the unwrapped model of a fold
         changed = salience_balance(model, x, t, y, calib.step.numpy()[index], config.layers, config.ssc,
-                                   scope=scope)
+                                   scope=scope, runtime=runtime)
     return cfg, changed

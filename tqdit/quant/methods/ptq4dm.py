@@ -22,8 +22,8 @@ Follows the paper:
 - **Operands** (``protocol=published``, its code's QDrop-based wrapper): every Linear (blocks,
   timestep MLP, adaLN, final layer) and the patch-embedding convolution, attention in floating point
   (its UNet's attention matmuls are einsum calls it never wraps), weights symmetric; the first and the
-  last layer (patch embedding, final Linear) at 8 bits whatever the setting's widths
-  (``--disable_8bit_head_stem`` off).
+  last layer (patch embedding, final Linear) at 8 bits below W8A8 (``--disable_8bit_head_stem`` off;
+  W16 stays W16, the no-op check).
   ``protocol=shared``: scope ``blocks`` at the setting's widths, like every method.
 """
 

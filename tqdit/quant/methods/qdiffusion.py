@@ -16,9 +16,8 @@ Follows the paper (and its BRECQ-based code where the paper is silent):
   learning the activation steps of every block with weights and activations quantized (``act_iters``
   5k, Adam 4e-4 cosine, p = 2.4 = ``--cali_p``); loss |Ŷ − Y|^p summed over dim 1, averaged over the
   rest (``recon.reduction=dim1``). ``phase_order=per_block`` runs both phases of a block before the
-  next (tqdit's earlier order). Its code's step learning is the straight-through gradient of the
-  step; tqdit's ``LearnedStep`` scales it by LSQ's constant 1/√(numel·qmax), which Adam's normalised
-  update all but cancels (``tests/test_official_code.py`` measures it).
+  next (tqdit's earlier order). The steps learn by the code's straight-through gradient, without
+  LSQ's scale 1/√(numel·qmax) (``tests/test_official_code.py`` compares gradient and Adam updates).
 - **Operands** (``protocol=published``): as PTQ4DiT ran this baseline on DiT with Q-Diffusion's code —
   every Linear (timestep MLP, adaLN and final layer included), the patch-embedding convolution (as
   the Linear over patches it is) and both attention matmuls, the
