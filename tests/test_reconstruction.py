@@ -2,11 +2,13 @@
 gradients against PyTorch's op, and resuming a killed reconstruction per block."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from tqdit.models.dit import timestep_frequencies
 from tqdit.quant.config import CalibrationConfig
 from tqdit.quant.layers import QuantLinear, quantization_disabled
 from tqdit.quant.search import SearchConfig
@@ -20,12 +22,13 @@ from test_baselines import setting  # noqa: F401  (the module fixture: a tiny Di
 SHORT = dict(iters=40, act_iters=30, batch=8, lr=2e-2, warmup=0.25)
 
 
-def initialised(setting, bits=4):
+def initialised(setting, bits=4, scope="blocks"):
     model, calib = setting
     quantized = copy.deepcopy(model)
     cfg = CalibrationConfig(
         w_bits=bits,
         a_bits=8,
+        scope=scope,
         weight_symmetric=False,
         num_inputs=24,
         search=SearchConfig(criterion="lp", candidates=20),
@@ -89,21 +92,27 @@ def test_fast_engine_matches_eager_on_the_cpu(setting, order, precision):
     assert changed >= 8
 
 
-@pytest.mark.parametrize("order,kill_pass", [("per_block", 0), ("weights_first", 0), ("weights_first", 1)])
-def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, monkeypatch, order, kill_pass):
+@pytest.mark.parametrize("order,kill_pass,scope", [("per_block", 0, "blocks"), ("weights_first", 0, "blocks"),
+                                                   ("weights_first", 1, "blocks"), ("weights_first", 1, "all")])
+def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, monkeypatch, order, kill_pass,
+                                                            scope):
     """A reconstruction stopped at the start of block 1's fitting in pass ``kill_pass`` (weights_first's
     pass 0 runs with activation quantization off, pass 1 learns the steps), as a kill would leave it,
-    restarts there and ends with the uninterrupted run's state, bit for bit.
+    restarts there and ends with the uninterrupted run's state, bit for bit; with scope ``all`` the
+    units outside the blocks (before and after them) are saved and resumed too.
     Mutations caught: not restoring the batch generator's state, taking block 1's FP target after
     loading block 0 (its rounded weights), skipping the saved blocks without loading them, numbering
     the second pass's files like the first's, or a block loaded in pass 0 passing its inputs on with
     its activation quantizers on (loading re-enables them)."""
     cfg = ReconConfig(**SHORT, engine="fast")
-    reference, (x, t, y) = initialised(setting)
+    reference, (x, t, y) = initialised(setting, scope=scope)
     reconstruct_blocks(reference, x, t, y, cfg, order=order, progress=False)
 
     folder = tmp_path / "recon"
-    killed, _ = initialised(setting)
+    killed, _ = initialised(setting, scope=scope)
+    before, after = recon_module.outside_units(killed)
+    assert (len(before), len(after)) == ((3, 1) if scope == "all" else (0, 0))
+    per_pass = len(before) + len(killed.blocks) + len(after)
     fit = recon_module.reconstruct_block
     passes = len(recon_module.passes_of(order))
     calls = []
@@ -120,19 +129,44 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, m
             killed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), order=order, progress=False
         )
     monkeypatch.undo()
-    saved = [f"block_{unit:03d}.safetensors" for unit in range(2 * kill_pass + 1)]
+    saved = [f"block_{unit:03d}.safetensors" for unit in range(kill_pass * per_pass + len(before) + 1)]
     assert sorted(p.name for p in folder.iterdir()) == saved
 
-    resumed, _ = initialised(setting)
+    resumed, _ = initialised(setting, scope=scope)
     reports = reconstruct_blocks(
         resumed, x, t, y, ReconConfig(**SHORT, checkpoint_dir=str(folder)), order=order, progress=False
     )
     resumed_flags = [r.get("resumed", False) for r in reports]
-    assert resumed_flags == [True] * len(saved) + [False] * (2 * passes - len(saved))
-    assert [r["pass"] for r in reports] == [0, 0, 1, 1][: 2 * passes]
+    assert resumed_flags == [True] * len(saved) + [False] * (per_pass * passes - len(saved))
+    assert [r["pass"] for r in reports] == [p for p in range(passes) for _ in range(per_pass)]
     for key, value in quant_state(reference).items():
         assert torch.equal(resumed.state_dict()[key], value), key
-    assert len(list(folder.iterdir())) == 2 * passes
+    assert len(list(folder.iterdir())) == per_pass * passes
+
+
+def test_every_pass_fits_the_blocks_to_fp_targets(setting, monkeypatch):
+    """weights_first's second pass fits each block to the FP model's output on FP inputs, as Q-Diffusion's
+    code does (its targets come from the model with quantization off, where its layers keep their FP
+    weights), although the first pass has stored each block's rounded weights. Mutation caught: the
+    targets computed with quantization off alone (the rounded weights), as tqdit did until this test."""
+    model, _ = setting
+    quantized, (x, t, y) = initialised(setting)
+    targets = {}
+    fit = recon_module.reconstruct_block
+
+    def record(*args, **kwargs):
+        targets.setdefault(args[-1], []).append(args[4].clone())
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(recon_module, "reconstruct_block", record)
+    reconstruct_blocks(quantized, x, t, y, ReconConfig(**SHORT), order="weights_first", progress=False)
+    with torch.no_grad():  # the FP model, independently
+        tokens, c = model.x_embedder(x) + model.pos_embed, model.t_embedder(t) + model.y_embedder(y, False)
+        for number, block in enumerate(model.blocks):
+            tokens = block(tokens, c)
+            assert len(targets[f"block {number}"]) == 2  # one per pass
+            for target in targets[f"block {number}"]:
+                torch.testing.assert_close(target, tokens, rtol=1e-5, atol=1e-6)
 
 
 def test_blocks_are_fitted_on_the_quantized_patch_embedding(setting, monkeypatch):
@@ -155,12 +189,71 @@ def test_blocks_are_fitted_on_the_quantized_patch_embedding(setting, monkeypatch
         return fit(*args, **kwargs)
 
     monkeypatch.setattr(recon_module, "reconstruct_block", record)
-    expected, _ = recon_module.block_inputs(quantized, x, t, y, 256)
     with quantization_disabled(quantized):
         fp_tokens, _ = recon_module.block_inputs(quantized, x, t, y, 256)
     reconstruct_blocks(quantized, x, t, y, ReconConfig(**SHORT), order="joint", progress=False)
+    assert list(seen)[:2] == ["x_embedder.proj", "block 0"]  # the patch embedding is fitted first
+    expected, _ = recon_module.block_inputs(quantized, x, t, y, 256)  # through the fitted embedding
     assert torch.equal(seen["block 0"], expected)
     assert (expected - fp_tokens).abs().max() > 1e-2 * fp_tokens.abs().max()  # the embedding's error
+
+
+def test_units_outside_the_blocks_are_fitted_as_the_baselines_code(setting, monkeypatch):
+    """Scope ``all``: the patch embedding and both timestep-MLP Linears are fitted one layer at a time
+    before the blocks and the final layer as one unit after them (PTQ4DiT's code), each on its inputs
+    in the quantized model and its target from FP, computed here without the capture hooks. With
+    ``outside_blocks=False`` they keep their initial grids. Mutations caught: the targets taken from the
+    quantized model, the inputs from FP, the final layer fitted before the blocks or not at all."""
+    model, calib = setting
+    quantized, (x, t, y) = initialised(setting, scope="all")
+    seen = {}
+    fit = recon_module.reconstruct_block
+
+    def record(*args, **kwargs):
+        seen[args[-1]] = (args[2].clone(), args[3].clone(), args[4].clone())  # inputs, condition, target
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(recon_module, "reconstruct_block", record)
+    fitting = ReconConfig(**{**SHORT, "iters": 200, "p": 2.0})  # long enough for every unit to improve
+    reports = reconstruct_blocks(quantized, x, t, y, fitting, order="per_block", progress=False)
+    monkeypatch.undo()
+    units = ["x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "blocks.0", "blocks.1", "final_layer"]
+    assert [r["unit"] for r in reports] == units
+    with torch.no_grad():  # FP, from the original model
+        freq = timestep_frequencies(t)
+        hidden = model.t_embedder.mlp[1](model.t_embedder.mlp[0](freq))
+        tokens, c = model.x_embedder(x) + model.pos_embed, model.t_embedder(t) + model.y_embedder(y, False)
+        for block in model.blocks:
+            tokens = block(tokens, c)
+        fp = {"x_embedder.proj": model.x_embedder.proj(x), "t_embedder.mlp.0": model.t_embedder.mlp[0](freq),
+              "t_embedder.mlp.2": model.t_embedder.mlp[2](hidden), "final_layer": model.final_layer(tokens, c)}
+        # inputs, from the quantized model as fitted (each unit's own weights are fixed after its fit)
+        q_tokens, q_c = recon_module.block_inputs(quantized, x, t, y, 256)
+        for block in quantized.blocks:
+            q_tokens = block(q_tokens, q_c)
+        q_hidden = quantized.t_embedder.mlp[1](quantized.t_embedder.mlp[0](freq))
+    for name, target in fp.items():
+        torch.testing.assert_close(seen[name][2], target, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen["t_embedder.mlp.2"][0], q_hidden, rtol=0, atol=0)
+    assert (q_hidden - hidden).abs().max() > 1e-3 * hidden.abs().max()  # quantized and FP inputs differ
+    torch.testing.assert_close(seen["final_layer"][0], q_tokens, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seen["final_layer"][1], q_c, rtol=0, atol=0)
+    assert torch.equal(seen["x_embedder.proj"][0], x)  # the first layer sees the model's input
+    for report in reports:
+        assert report["error_after"] < report["error_nearest"], report
+    for name in ("x_embedder.proj.linear", "t_embedder.mlp.0", "final_layer.linear"):
+        layer = quantized.get_submodule(name)
+        on_grid = layer.weight_quant(layer.weight)  # rounded weights are stored on the grid
+        assert torch.equal(on_grid, layer.weight), name
+
+    left, _ = initialised(setting, scope="all")
+    reports = reconstruct_blocks(left, x, t, y, replace(fitting, outside_blocks=False), order="per_block",
+                                 progress=False)
+    assert [r["unit"] for r in reports] == ["blocks.0", "blocks.1"]
+    initial, _ = initialised(setting, scope="all")
+    for name in ("x_embedder.proj.linear", "t_embedder.mlp.0", "final_layer.linear"):
+        assert torch.equal(left.get_submodule(name).weight, initial.get_submodule(name).weight), name
+        assert not torch.equal(quantized.get_submodule(name).weight, initial.get_submodule(name).weight)
 
 
 def test_weights_first_fits_rounding_with_every_activation_in_full_precision(setting):

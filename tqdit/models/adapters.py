@@ -38,6 +38,9 @@ class Family:
     ``block_roles``: role -> module name inside a block; ``model_roles``: role -> module name in the
     model (a role the family lacks is absent). ``units``: name prefixes whose modules are calibrated
     together, cut from the graph at that module (default: a block, or the top-level module).
+    ``final_unit``: the module holding the final layer's adaLN and Linear, called ``(tokens, condition)``
+    like a block, which reconstruction fits as one unit (PTQ4DiT's code: its ``QuantFinalLayer``); None:
+    a family without one, whose final layers are fitted one at a time.
     """
 
     name: str
@@ -52,6 +55,7 @@ class Family:
     attentions: Callable  # model -> the attention modules, one per block
     prepare: Callable = lambda model: None  # make both attention matmuls modules (idempotent)
     units: dict[str, str] = field(default_factory=dict)
+    final_unit: str | None = None
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.block_list)
@@ -109,6 +113,7 @@ TQDIT = Family(
     output_shape=lambda model: (model.out_channels, model.input_size, model.input_size),
     attentions=lambda model: [block.attn for block in model.blocks],
     units={"t_embedder.": "t_embedder.mlp"},
+    final_unit="final_layer",
 )
 
 
@@ -222,7 +227,8 @@ def _inside(family: Family, prefix: str, unwrap: Callable) -> Family:
         attentions=lambda model: family.attentions(unwrap(model)),
         prepare=lambda model: family.prepare(unwrap(model)),
         units={**{f"{prefix}.{p}": f"{prefix}.{u}" for p, u in family.units.items()},
-               **{f"{prefix}.{name}": f"{prefix}.{name}" for name in family.model_roles.values()}})
+               **{f"{prefix}.{name}": f"{prefix}.{name}" for name in family.model_roles.values()}},
+        final_unit=None if family.final_unit is None else f"{prefix}.{family.final_unit}")
 
 
 DIFFUSERS_WRAPPED = _inside(DIFFUSERS, "transformer", lambda model: model.transformer)

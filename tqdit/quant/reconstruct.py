@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -78,6 +78,10 @@ class ReconConfig:
     act_p: float | None = None  # the step phase's exponent (Q-Diffusion's code: 2.4 there, 2 for rounding)
     reduction: str = "dim1"  # dim1: Σ over dim 1, mean over the rest (BRECQ's code) | all: Σ per input
     seed: int = 0
+    # The quantized layers outside the blocks, fitted too, as the baselines' code does (BRECQ's walk over
+    # the model): before the blocks the patch embedding and the timestep MLP one layer at a time, after
+    # them the final layer as one unit (PTQ4DiT's QuantFinalLayer). False: they keep their initial grids.
+    outside_blocks: bool = True
     # How the iterations run (not part of a setting: the result is the same within float rounding, tests
     # check it). "fast": batch indices, β, λ and learning rates as device tables read by a device counter,
     # no host sync per iteration, and on CUDA the whole iteration (forward, loss, backward, Adam) captured
@@ -112,6 +116,8 @@ class ReconConfig:
             raise ValueError(
                 f"quant.recon.reduction={self.reduction!r} is unknown: use one of {', '.join(REDUCTIONS)}"
             )
+        if not isinstance(self.outside_blocks, bool):
+            raise ValueError(f"quant.recon.outside_blocks={self.outside_blocks!r} must be true or false")
         if self.log_every < 1:
             raise ValueError("quant.recon.log_every must be a positive number of iterations")
 
@@ -280,6 +286,93 @@ class BlockCall(nn.Module):
 
     def forward(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         return self.run_block(self.block, tokens, condition)
+
+
+class UnitCall(nn.Module):
+    """A module outside the blocks called as a block is: ``(inputs, condition)``. A one-input layer (the
+    patch embedding, a timestep-MLP Linear) ignores the condition, which is then a column of zeros."""
+
+    def __init__(self, module: nn.Module, takes_condition: bool):
+        super().__init__()
+        self.module, self.takes_condition = module, takes_condition
+
+    def forward(self, inputs: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.module(inputs, condition) if self.takes_condition else self.module(inputs)
+
+
+PRE_BLOCK_ROLES = ("patch_embed", "timestep_fc1", "timestep_fc2")  # in the order the model runs them
+FINAL_ROLES = ("final_adaln", "final_linear")
+
+
+def _fits(module: nn.Module) -> bool:
+    """Whether reconstruction has something to fit in ``module``: a quantized Linear or matmul."""
+    return any(isinstance(m, (QuantLinear, QuantMatMul)) for m in module.modules())
+
+
+def outside_units(model: nn.Module) -> tuple[list[str], list[str]]:
+    """The quantized modules outside the blocks that reconstruction fits, by name, in the order the
+    model runs them: (before the blocks: the patch embedding and the timestep MLP's Linears, one layer
+    each; after them: the final layer as one unit where the family has one, else its Linears)."""
+    family = family_of(model)
+    before = [family.model_roles[r] for r in PRE_BLOCK_ROLES if r in family.model_roles]
+    after = (
+        [family.final_unit]
+        if family.final_unit is not None
+        else [family.model_roles[r] for r in FINAL_ROLES if r in family.model_roles]
+    )
+    quantized = lambda names: [n for n in names if _fits(model.get_submodule(n))]  # noqa: E731
+    return quantized(before), quantized(after)
+
+
+def _weights_of(modules) -> dict[QuantLinear, torch.Tensor]:
+    """A host copy of the weight of every quantized Linear in ``modules``."""
+    return {m: m.weight.detach().to("cpu", copy=True)
+            for module in modules for m in module.modules() if isinstance(m, QuantLinear)}
+
+
+@contextmanager
+def _weights_restored(module: nn.Module, saved: dict[QuantLinear, torch.Tensor]):
+    """``module``'s Linears with the weights ``saved`` holds for them (their FP weights, where an
+    earlier pass stored rounded ones), then back."""
+    swapped = [(m, m.weight) for m in module.modules() if m in saved]
+    for m, weight in swapped:
+        m.weight = nn.Parameter(saved[m].to(weight.device), requires_grad=False)
+    try:
+        yield
+    finally:
+        for m, weight in swapped:
+            m.weight = weight
+
+
+class _Captured(Exception):
+    """Raised by the capture hook once its module has run: the rest of the model is not needed."""
+
+
+def unit_io(model, name: str, x, t, y, batch: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The positional inputs module ``name`` is given, and its output, when the model as it is
+    (quantized or not) runs on the calibration inputs; each forward stops after the module."""
+    module, predict = model.get_submodule(name), family_of(model).predict
+    inputs, outputs = [], []
+
+    def keep(_module, args, output):
+        inputs.append([a.detach() for a in args])
+        outputs.append(output.detach())
+        raise _Captured
+
+    handle = module.register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                try:
+                    predict(model, x[i : i + batch], t[i : i + batch], y[i : i + batch])
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    if len(outputs) != -(-len(x) // batch):
+        raise RuntimeError(f"{name} ran {len(outputs)} times for {-(-len(x) // batch)} batches: "
+                           "reconstruction can fit a module outside the blocks only if the model calls it once")
+    return [torch.cat(parts) for parts in zip(*inputs)], torch.cat(outputs)
 
 
 @dataclass
@@ -597,9 +690,11 @@ def reconstruct_blocks(
     progress: bool = True,
 ) -> list[dict]:
     """Reconstruct every DiT block in ``order`` (ORDERS; inputs from the quantized prefix, targets from
-    FP); returns one report per block and pass (``pass`` numbers them: 0 and 1 for ``weights_first``).
+    FP), and with ``cfg.outside_blocks`` the quantized units outside them (``outside_units``: the layers
+    before the blocks first, the final layer last); returns one report per unit and pass (``unit`` names
+    it, ``pass`` numbers the passes: 0 and 1 for ``weights_first``).
 
-    With ``cfg.checkpoint_dir``, each finished block of each pass is saved there, and those already
+    With ``cfg.checkpoint_dir``, each finished unit of each pass is saved there, and those already
     saved under the same fingerprint are loaded instead of fitted (their reports say ``resumed``): the
     result is the one an uninterrupted run gives, since the batch generator's state is saved with each.
     """
@@ -612,41 +707,76 @@ def reconstruct_blocks(
         checkpoints = BlockCheckpoints(cfg.checkpoint_dir, fingerprint(model, x, t, y, cfg, order))
     family = family_of(model)
     blocks = family.blocks(model)
-    done = checkpoints.finished(len(passes) * len(blocks)) if checkpoints else 0
+    before, after = outside_units(model) if cfg.outside_blocks else ([], [])
+    per_pass = len(before) + len(blocks) + len(after)
+    done = checkpoints.finished(len(passes) * per_pass) if checkpoints else 0
+    # FP references, taken before anything is fitted (a fitted layer stores its rounded weight, so
+    # "quantization off" no longer gives its FP output): the blocks' input, the outside units' outputs
+    # (kept on the host) and, for orders that pass over the blocks again, the blocks' FP weights.
     with quantization_disabled(model):
         x_fp_in, cond_fp = block_inputs(model, x, t, y, batch)
+        fp_outputs = {name: unit_io(model, name, x, t, y, batch)[1].cpu() for name in before + after}
+    fp_weights = _weights_of(blocks) if len(passes) > 1 else {}
     reports = []
+
+    def resume(unit: int, stored: nn.Module, activations_off: bool) -> dict:
+        report = {**checkpoints.load(unit, stored, generator), "resumed": True}
+        if activations_off:  # loading refreshed (enabled) the unit's quantizers; this pass has its
+            for name, q in quantizers(stored):  # activations off, as the uninterrupted run
+                if not name.endswith("weight_quant"):
+                    q.enabled = False
+        return report
+
+    def fit_outside(name: str, unit: int, phases, activations_off: bool) -> dict:
+        """One unit outside the blocks: its inputs from the model as it now is, its target from FP."""
+        stored = model.get_submodule(name)
+        if unit < done:
+            return resume(unit, stored, activations_off)
+        target = fp_outputs[name].to(x.device)
+        inputs, _ = unit_io(model, name, x, t, y, batch)
+        condition = inputs[1] if len(inputs) > 1 else torch.zeros(len(x), 1, device=x.device)
+        call = UnitCall(stored, takes_condition=len(inputs) > 1)
+        return reconstruct_block(model, call, inputs[0], condition, target, cfg, phases, generator, progress,
+                                 name)
+
+    def finish(report: dict, unit: int, name: str, stored: nn.Module, number_of_pass: int) -> None:
+        report.update({"pass": number_of_pass, "unit": name})
+        reports.append(report)
+        if checkpoints and unit >= done:
+            checkpoints.save(unit, stored, report, generator)
+
     for number_of_pass, (phases, activations_off) in enumerate(passes):
+        first = number_of_pass * per_pass  # the unit number of this pass's first unit
         # Q-Diffusion's weight pass runs the whole model with activation quantization off
         with quantization_disabled(model, activations_only=True) if activations_off else nullcontext():
+            for offset, name in enumerate(before):
+                report = fit_outside(name, first + offset, phases, activations_off)
+                finish(report, first + offset, name, model.get_submodule(name), number_of_pass)
             # the quantized prefix: the patch embedding and timestep MLP may be quantized (scope "all")
             x_q, cond = block_inputs(model, x, t, y, batch)
             x_fp = x_fp_in
             label = "reconstruct" + (f" pass {number_of_pass + 1}/{len(passes)}" if len(passes) > 1 else "")
             for number, stored in enumerate(tqdm(blocks, desc=label, unit="block", disable=not progress)):
-                unit = number_of_pass * len(blocks) + number
+                unit = first + len(before) + number
                 block = BlockCall(stored, family.run_block)
-                # the FP target, from the block before it is fitted
-                with torch.no_grad(), quantization_disabled(model):
+                # the FP target: the block's FP weights on the FP chain's tokens
+                with torch.no_grad(), quantization_disabled(model), _weights_restored(stored, fp_weights):
                     target = _batched(block, x_fp, cond_fp, batch=batch)
                 if unit < done:
-                    report = {**checkpoints.load(unit, stored, generator), "resumed": True}
-                    if activations_off:  # loading refreshed (enabled) the block's quantizers; this pass has
-                        for name, q in quantizers(stored):  # its activations off, as the uninterrupted run
-                            if not name.endswith("weight_quant"):
-                                q.enabled = False
-                elif any(isinstance(m, (QuantLinear, QuantMatMul)) for m in block.modules()):
+                    report = resume(unit, stored, activations_off)
+                elif _fits(block):
                     report = reconstruct_block(model, block, x_q, cond, target, cfg, phases, generator,
                                                progress, f"block {number}")
                 else:  # outside the scope: nothing to fit; its error is the quantized prefix's
                     with torch.no_grad():
                         error = float(lp_loss(_batched(block, x_q, cond, batch=batch), target, 2.0, "all"))
                     report = {"error_nearest": error, "error_after": error, "undecided_rounding": 0.0}
-                report["pass"] = number_of_pass
-                reports.append(report)
+                finish(report, unit, f"{family.block_list}.{number}", stored, number_of_pass)
                 with torch.no_grad():
                     x_q = _batched(block, x_q, cond, batch=batch)
-                if checkpoints and unit >= done:
-                    checkpoints.save(unit, stored, report, generator)
                 x_fp = target
+            for offset, name in enumerate(after):
+                unit = first + len(before) + len(blocks) + offset
+                report = fit_outside(name, unit, phases, activations_off)
+                finish(report, unit, name, model.get_submodule(name), number_of_pass)
     return reports

@@ -104,7 +104,8 @@ def initialise_and_reconstruct(model, calib, config: QDiffusionConfig, index: np
         peak_memory_bytes=peak,
         peak_memory_kind=kind,
         reconstruction={
-            "blocks": sum(r["pass"] == 0 for r in reports),
+            "blocks": len(family_of(model).blocks(model)),
+            "units": [r["unit"] for r in reports],
             "seconds": round(time.perf_counter() - recon_start, 2),
             "order": config.phase_order,
             "pass": [r["pass"] for r in reports],
@@ -115,9 +116,9 @@ def initialise_and_reconstruct(model, calib, config: QDiffusionConfig, index: np
             "engine": cfg.recon.engine,
         },
     )
-    blocks = family_of(model).block_list + "."
+    units = {r["unit"] for r in reports}  # the blocks and the units outside them that were fitted
     names = [f"{name}.weight" for name, module in model.named_modules()
-             if name.startswith(blocks) and hasattr(module, "weight_quant")]
+             if hasattr(module, "weight_quant") and any(name == u or name.startswith(u + ".") for u in units)]
     model.quant_modified_parameters = sorted(
         set(getattr(model, "quant_modified_parameters", [])) | set(names)
     )
