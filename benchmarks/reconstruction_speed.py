@@ -39,6 +39,12 @@ def iterations_per_block(recon: ReconConfig, joint: bool) -> int:
     return recon.iters if joint else recon.iters + recon.act_iters
 
 
+def fitted_units(rec: dict) -> list[str]:
+    """The units (blocks, layers outside them) that reconstruction changed, in order."""
+    changed = [u for u, e, a in zip(rec["units"], rec["error_nearest"], rec["error_after"]) if e != a]
+    return list(dict.fromkeys(changed))
+
+
 def rounded_weights(model) -> dict[str, torch.Tensor]:
     return {n: m.weight.detach().cpu() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
@@ -67,8 +73,8 @@ def measure(model, calib, method: str, recon: ReconConfig, scope, device, keep: 
         torch.cuda.reset_peak_memory_stats()
     quantized, cost = quantize(copy.deepcopy(model), calib, cfg)
     rec = cost["reconstruction"]
-    fitted = sum(1 for e, a in zip(rec["error_nearest"], rec["error_after"]) if e != a) or 1
-    iterations = iterations_per_block(recon, rec["joint"]) * fitted
+    fitted = len(fitted_units(rec)) or 1
+    iterations = iterations_per_block(recon, rec["order"] == "joint") * fitted
     row = {
         "method": method,
         "engine": recon.engine,

@@ -18,6 +18,12 @@ The machinery Q-Diffusion and PTQ4DiT build on (after the engine has initialised
   tokens × hidden (D times larger, i.e. the rounding weight λ is in effect λ/D). The conditioning
   c = t_emb + y_emb is shared by every block and computed once.
 
+With ``outside_blocks`` (default, as the baselines' code walks the model) the quantized units outside
+the blocks are fitted the same way: the patch embedding and the timestep MLP's Linears one layer at a
+time before the blocks, the final layer as one unit after them. Targets always come from FP: a fitted
+layer stores its rounded weight, so the FP references (outside units' outputs, blocks' weights for a
+second pass) are taken before anything is fitted.
+
 ``reconstruct_blocks`` runs this block by block, in one of three orders (``ORDERS``): ``joint``
 learns rounding and steps together in one pass (PTQ4DiT's code); ``weights_first`` fits the rounding
 of every block with activation quantization off everywhere, then learns the steps of every block with

@@ -29,9 +29,11 @@ Follows the paper:
   over dim 1 and averaged over the rest as its ``lp_loss``, activation lr 4e-5).
 - **Operands** (``protocol=published``, its code's ``quant_model``): every Linear (blocks, timestep
   MLP, adaLN, final layer), the patch-embedding convolution and both attention matmuls, attention
-  probabilities at 8 bits whatever a_bits (``--sm_abit 8`` in every README command); the first and
-  last layer are not reconstructed (blocks only). ``protocol=shared``: scope ``blocks`` with the
-  post-softmax operand at a_bits, like every method.
+  probabilities at 8 bits whatever a_bits (``--sm_abit 8`` in every README command). As its
+  ``recon_model``, the layers outside the blocks are reconstructed too: the patch embedding and the
+  timestep MLP's two Linears one layer at a time before the blocks, the final layer (adaLN and Linear,
+  its ``QuantFinalLayer``) as one unit after them (``recon.outside_blocks``). ``protocol=shared``:
+  scope ``blocks`` with the post-softmax operand at a_bits, like every method.
 - Quantizers as its code: weights per output channel, asymmetric; activations per tensor,
   asymmetric (non-negative post-softmax → unsigned codes). Calibration: 25 steps × 32 inputs from
   FP trajectories with guidance (uniform stride).

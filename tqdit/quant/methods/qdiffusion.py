@@ -23,8 +23,10 @@ Follows the paper (and its BRECQ-based code where the paper is silent):
   the Linear over patches it is) and both attention matmuls, the
   attention probabilities at 8 bits (``--sm_abit 8``, also Q-Diffusion's own default) whatever a_bits.
 Not applicable to DiT: the shortcut-splitting quantizer for UNet skip concatenations.
-Left out: its layer-wise reconstruction of the first and last layer (tqdit reconstructs blocks only;
-the patch embedding and final layer keep their Lp-initialised grids).
+- **Layers outside the blocks**, as its ``recon_model`` walks the model (and PTQ4DiT's harness on DiT):
+  the patch embedding and the timestep MLP's Linears layer by layer before the blocks, the final layer
+  as one unit after them, in both passes (``recon.outside_blocks``). Every pass fits to FP targets
+  (the model with quantization off and its FP weights, as its ``GetLayerInpOut``).
 Protocol choices: q, k and v use the engine's symmetric quantizers like every method's.
 """
 
