@@ -93,7 +93,8 @@ def test_fast_engine_matches_eager_on_the_cpu(setting, order, precision):
 
 
 @pytest.mark.parametrize("order,kill_pass,scope", [("per_block", 0, "blocks"), ("weights_first", 0, "blocks"),
-                                                   ("weights_first", 1, "blocks"), ("weights_first", 1, "all")])
+                                                   ("weights_first", 1, "blocks"),
+                                                   ("weights_first", 1, "all")])
 def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, monkeypatch, order, kill_pass,
                                                             scope):
     """A reconstruction stopped at the start of block 1's fitting in pass ``kill_pass`` (weights_first's
@@ -226,7 +227,8 @@ def test_units_outside_the_blocks_are_fitted_as_the_baselines_code(setting, monk
         for block in model.blocks:
             tokens = block(tokens, c)
         fp = {"x_embedder.proj": model.x_embedder.proj(x), "t_embedder.mlp.0": model.t_embedder.mlp[0](freq),
-              "t_embedder.mlp.2": model.t_embedder.mlp[2](hidden), "final_layer": model.final_layer(tokens, c)}
+              "t_embedder.mlp.2": model.t_embedder.mlp[2](hidden),
+              "final_layer": model.final_layer(tokens, c)}
         # inputs, from the quantized model as fitted (each unit's own weights are fixed after its fit)
         q_tokens, q_c = recon_module.block_inputs(quantized, x, t, y, 256)
         for block in quantized.blocks:

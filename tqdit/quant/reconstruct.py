@@ -376,8 +376,9 @@ def unit_io(model, name: str, x, t, y, batch: int) -> tuple[list[torch.Tensor], 
     finally:
         handle.remove()
     if len(outputs) != -(-len(x) // batch):
-        raise RuntimeError(f"{name} ran {len(outputs)} times for {-(-len(x) // batch)} batches: "
-                           "reconstruction can fit a module outside the blocks only if the model calls it once")
+        batches = -(-len(x) // batch)
+        raise RuntimeError(f"{name} ran {len(outputs)} times for {batches} batches: reconstruction can fit "
+                           "a module outside the blocks only if the model calls it once")
     return [torch.cat(parts) for parts in zip(*inputs)], torch.cat(outputs)
 
 
