@@ -148,15 +148,17 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, m
 def test_every_pass_fits_the_blocks_to_fp_targets(setting, monkeypatch):
     """weights_first's second pass fits each block to the FP model's output on FP inputs, as Q-Diffusion's
     code does (its targets come from the model with quantization off, where its layers keep their FP
-    weights), although the first pass has stored each block's rounded weights. Mutation caught: the
-    targets computed with quantization off alone (the rounded weights), as tqdit did until this test."""
+    weights; that pass collects its data with asym=False, so the inputs are FP too), although the first
+    pass has stored each block's rounded weights; the first pass feeds the weight-quantized prefix.
+    Mutations caught: the targets computed with quantization off alone (the rounded weights), as tqdit
+    did until this test; the step pass fed the quantized prefix."""
     model, _ = setting
     quantized, (x, t, y) = initialised(setting)
-    targets = {}
+    seen = {}
     fit = recon_module.reconstruct_block
 
     def record(*args, **kwargs):
-        targets.setdefault(args[-1], []).append(args[4].clone())
+        seen.setdefault(args[-1], []).append((args[2].clone(), args[4].clone()))  # inputs, target
         return fit(*args, **kwargs)
 
     monkeypatch.setattr(recon_module, "reconstruct_block", record)
@@ -164,9 +166,13 @@ def test_every_pass_fits_the_blocks_to_fp_targets(setting, monkeypatch):
     with torch.no_grad():  # the FP model, independently
         tokens, c = model.x_embedder(x) + model.pos_embed, model.t_embedder(t) + model.y_embedder(y, False)
         for number, block in enumerate(model.blocks):
+            (first_inputs, first_target), (second_inputs, second_target) = seen[f"block {number}"]
+            torch.testing.assert_close(second_inputs, tokens, rtol=1e-5, atol=1e-6)
+            if number > 0:  # block 0's inputs are the (unquantized) embedding in both passes
+                # 10x the tolerance the second pass meets: the first pass does see the quantized prefix
+                assert (first_inputs - tokens).abs().max() > 1e-4 * tokens.abs().max()
             tokens = block(tokens, c)
-            assert len(targets[f"block {number}"]) == 2  # one per pass
-            for target in targets[f"block {number}"]:
+            for target in (first_target, second_target):
                 torch.testing.assert_close(target, tokens, rtol=1e-5, atol=1e-6)
 
 

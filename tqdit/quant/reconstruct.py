@@ -27,7 +27,8 @@ second pass) are taken before anything is fitted.
 ``reconstruct_blocks`` runs this block by block, in one of three orders (``ORDERS``): ``joint``
 learns rounding and steps together in one pass (PTQ4DiT's code); ``weights_first`` fits the rounding
 of every block with activation quantization off everywhere, then learns the steps of every block with
-it on (Q-Diffusion's code: two passes over the model); ``per_block`` does both phases of a block before
+it on, each block fed the FP model's inputs (Q-Diffusion's code: two passes over the model, the second
+collecting its data with ``asym=False``); ``per_block`` does both phases of a block before
 the next (rounding with the block's activations in full precision, then its steps). Only per-tensor,
 ungrouped ``UniformQuantizer`` activations learn their steps; other quantizers keep their initial
 parameters.
@@ -676,14 +677,26 @@ def fingerprint(
     return digest.hexdigest()
 
 
-def passes_of(order: str) -> list[tuple[tuple[str, ...], bool]]:
-    """The passes over the blocks an order makes: (phases of each block, activations off everywhere)."""
+@dataclass(frozen=True)
+class ReconPass:
+    """One pass over the model's units."""
+
+    phases: tuple[str, ...]  # what each unit learns, in order (see reconstruct_block)
+    activations_off: bool  # activation quantization off in the whole model (Q-Diffusion's weight pass)
+    # each unit fitted on the FP model's inputs rather than the quantized prefix's (Q-Diffusion's step
+    # pass: its code collects that pass's data with asym=False, i.e. inputs and outputs both from FP)
+    fp_inputs: bool = False
+
+
+def passes_of(order: str) -> list[ReconPass]:
+    """The passes over the model an order makes."""
     if order not in ORDERS:
         raise ValueError(f"reconstruction order {order!r} is unknown: use one of {', '.join(ORDERS)}")
     return {
-        "joint": [(("joint",), False)],
-        "per_block": [(("rounding", "steps"), False)],
-        "weights_first": [(("rounding",), True), (("steps",), False)],
+        "joint": [ReconPass(("joint",), activations_off=False)],
+        "per_block": [ReconPass(("rounding", "steps"), activations_off=False)],
+        "weights_first": [ReconPass(("rounding",), activations_off=True),
+                          ReconPass(("steps",), activations_off=False, fp_inputs=True)],
     }[order]
 
 
@@ -696,10 +709,11 @@ def reconstruct_blocks(
     order: str,
     progress: bool = True,
 ) -> list[dict]:
-    """Reconstruct every DiT block in ``order`` (ORDERS; inputs from the quantized prefix, targets from
-    FP), and with ``cfg.outside_blocks`` the quantized units outside them (``outside_units``: the layers
-    before the blocks first, the final layer last); returns one report per unit and pass (``unit`` names
-    it, ``pass`` numbers the passes: 0 and 1 for ``weights_first``).
+    """Reconstruct every DiT block in ``order`` (ORDERS; inputs from the quantized prefix, or from FP in
+    Q-Diffusion's step pass; targets from FP), and with ``cfg.outside_blocks`` the quantized units
+    outside them (``outside_units``: the layers before the blocks first, the final layer last); returns
+    one report per unit and pass (``unit`` names it, ``pass`` numbers the passes: 0 and 1 for
+    ``weights_first``).
 
     With ``cfg.checkpoint_dir``, each finished unit of each pass is saved there, and those already
     saved under the same fingerprint are loaded instead of fitted (their reports say ``resumed``): the
@@ -720,9 +734,13 @@ def reconstruct_blocks(
     # FP references, taken before anything is fitted (a fitted layer stores its rounded weight, so
     # "quantization off" no longer gives its FP output): the blocks' input, the outside units' outputs
     # (kept on the host) and, for orders that pass over the blocks again, the blocks' FP weights.
+    keep_inputs = any(p.fp_inputs for p in passes)
     with quantization_disabled(model):
         x_fp_in, cond_fp = block_inputs(model, x, t, y, batch)
-        fp_outputs = {name: unit_io(model, name, x, t, y, batch)[1].cpu() for name in before + after}
+        fp_io = {}
+        for name in before + after:
+            inputs, output = unit_io(model, name, x, t, y, batch)
+            fp_io[name] = ([i.cpu() for i in inputs] if keep_inputs else None, output.cpu())
     fp_weights = _weights_of(blocks) if len(passes) > 1 else {}
     reports = []
 
@@ -734,13 +752,18 @@ def reconstruct_blocks(
                     q.enabled = False
         return report
 
-    def fit_outside(name: str, unit: int, phases, activations_off: bool) -> dict:
-        """One unit outside the blocks: its inputs from the model as it now is, its target from FP."""
+    def fit_outside(name: str, unit: int, recon_pass: ReconPass) -> dict:
+        """One unit outside the blocks: its inputs from the model as it now is (or from FP), its target
+        from FP."""
         stored = model.get_submodule(name)
         if unit < done:
-            return resume(unit, stored, activations_off)
-        target = fp_outputs[name].to(x.device)
-        inputs, _ = unit_io(model, name, x, t, y, batch)
+            return resume(unit, stored, recon_pass.activations_off)
+        fp_inputs, fp_output = fp_io[name]
+        target = fp_output.to(x.device)
+        if recon_pass.fp_inputs:
+            inputs = [i.to(x.device) for i in fp_inputs]
+        else:
+            inputs, _ = unit_io(model, name, x, t, y, batch)
         condition = inputs[1] if len(inputs) > 1 else torch.zeros(len(x), 1, device=x.device)
         call = UnitCall(stored, takes_condition=len(inputs) > 1)
         return reconstruct_block(model, call, inputs[0], condition, target, cfg, phases, generator, progress,
@@ -752,15 +775,19 @@ def reconstruct_blocks(
         if checkpoints and unit >= done:
             checkpoints.save(unit, stored, report, generator)
 
-    for number_of_pass, (phases, activations_off) in enumerate(passes):
+    for number_of_pass, recon_pass in enumerate(passes):
+        phases, activations_off = recon_pass.phases, recon_pass.activations_off
         first = number_of_pass * per_pass  # the unit number of this pass's first unit
         # Q-Diffusion's weight pass runs the whole model with activation quantization off
         with quantization_disabled(model, activations_only=True) if activations_off else nullcontext():
             for offset, name in enumerate(before):
-                report = fit_outside(name, first + offset, phases, activations_off)
+                report = fit_outside(name, first + offset, recon_pass)
                 finish(report, first + offset, name, model.get_submodule(name), number_of_pass)
             # the quantized prefix: the patch embedding and timestep MLP may be quantized (scope "all")
-            x_q, cond = block_inputs(model, x, t, y, batch)
+            if recon_pass.fp_inputs:
+                x_q, cond = x_fp_in, cond_fp
+            else:
+                x_q, cond = block_inputs(model, x, t, y, batch)
             x_fp = x_fp_in
             label = "reconstruct" + (f" pass {number_of_pass + 1}/{len(passes)}" if len(passes) > 1 else "")
             for number, stored in enumerate(tqdm(blocks, desc=label, unit="block", disable=not progress)):
@@ -769,6 +796,8 @@ def reconstruct_blocks(
                 # the FP target: the block's FP weights on the FP chain's tokens
                 with torch.no_grad(), quantization_disabled(model), _weights_restored(stored, fp_weights):
                     target = _batched(block, x_fp, cond_fp, batch=batch)
+                if recon_pass.fp_inputs:  # the FP chain's tokens, not the quantized prefix's
+                    x_q = x_fp
                 if unit < done:
                     report = resume(unit, stored, activations_off)
                 elif _fits(block):
@@ -779,11 +808,12 @@ def reconstruct_blocks(
                         error = float(lp_loss(_batched(block, x_q, cond, batch=batch), target, 2.0, "all"))
                     report = {"error_nearest": error, "error_after": error, "undecided_rounding": 0.0}
                 finish(report, unit, f"{family.block_list}.{number}", stored, number_of_pass)
-                with torch.no_grad():
-                    x_q = _batched(block, x_q, cond, batch=batch)
+                if not recon_pass.fp_inputs:
+                    with torch.no_grad():
+                        x_q = _batched(block, x_q, cond, batch=batch)
                 x_fp = target
             for offset, name in enumerate(after):
                 unit = first + len(before) + len(blocks) + offset
-                report = fit_outside(name, unit, phases, activations_off)
+                report = fit_outside(name, unit, recon_pass)
                 finish(report, unit, name, model.get_submodule(name), number_of_pass)
     return reports
