@@ -13,7 +13,8 @@ Follows the paper (and its BRECQ-based code where the paper is silent):
   losses; its code (``scripts/sample_diffusion_ldm.py``) is followed: first AdaRound weight rounding of
   *every* block with activation quantization off in the whole model (``recon.iters``, 20k, β 20→2,
   warm-up 0.2, λ 0.01, Lp p = 2, the default of its ``block_reconstruction``), then a second pass
-  learning the activation steps of every block with weights and activations quantized (``act_iters``
+  learning the activation steps of every block with weights and activations quantized, each block fed
+  the FP model's inputs (its code collects that pass's data with ``asym=False``) (``act_iters``
   5k, Adam 4e-4 cosine, p = 2.4 = ``--cali_p``); loss |Ŷ − Y|^p summed over dim 1, averaged over the
   rest (``recon.reduction=dim1``). ``phase_order=per_block`` runs both phases of a block before the
   next (tqdit's earlier order). The steps learn by the code's straight-through gradient, without
