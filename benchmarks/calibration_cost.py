@@ -169,7 +169,7 @@ def main() -> None:
         if (
             "reconstruction" in cost
         ):  # Q-Diffusion, PTQ4DiT: the reconstruction's share, and at the papers' iteration counts
-            recon_s, joint = cost["reconstruction"]["seconds"], cost["reconstruction"]["joint"]
+            recon_s, joint = cost["reconstruction"]["seconds"], cost["reconstruction"]["order"] == "joint"
             paper = (
                 ReconConfig()
             )  # joint (PTQ4DiT): rounding and steps together for iters; else iters, then act_iters

@@ -258,7 +258,10 @@ def test_ptq4dit_job_saves_folded_weights_and_reloads_them(tmp_path):
     job = run_job(tmp_path, "ptq4dit", "quant=ptq4dit", "bits=6", *RECON_FAST)
     quant = json.loads((job / "results.json").read_text())["quant"]
     assert quant["method"] == "ptq4dit" and quant["recon"]["iters"] == 20 and quant["recon"]["p"] == 2.0
-    assert quant["params"]["ssc"] is True and len(quant["reconstruction"]["error_after"]) == 4
+    assert quant["params"]["ssc"] is True
+    # published scope "all": the layers outside the 4 blocks are reconstructed too, in the model's order
+    assert quant["reconstruction"]["units"] == ["x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2",
+                                                "blocks.0", "blocks.1", "blocks.2", "blocks.3", "final_layer"]
     again = run_job(
         tmp_path,
         "reload",

@@ -94,7 +94,7 @@ def test_fast_engine_matches_eager_on_the_cpu(setting, order, precision):
 
 @pytest.mark.parametrize("order,kill_pass,scope", [("per_block", 0, "blocks"), ("weights_first", 0, "blocks"),
                                                    ("weights_first", 1, "blocks"),
-                                                   ("weights_first", 1, "all")])
+                                                   ("weights_first", 0, "all"), ("weights_first", 1, "all")])
 def test_resume_after_a_kill_gives_the_uninterrupted_result(setting, tmp_path, monkeypatch, order, kill_pass,
                                                             scope):
     """A reconstruction stopped at the start of block 1's fitting in pass ``kill_pass`` (weights_first's
@@ -174,6 +174,34 @@ def test_every_pass_fits_the_blocks_to_fp_targets(setting, monkeypatch):
             tokens = block(tokens, c)
             for target in (first_target, second_target):
                 torch.testing.assert_close(target, tokens, rtol=1e-5, atol=1e-6)
+
+
+def test_the_step_pass_feeds_units_outside_the_blocks_fp_inputs(setting, monkeypatch):
+    """Scope ``all``, weights_first: in the step pass the timestep MLP's second Linear and the final layer
+    get the FP model's inputs (its code's asym=False), in the rounding pass the weight-quantized model's.
+    Mutation caught: the outside units of the step pass fed from the quantized model."""
+    model, _ = setting
+    quantized, (x, t, y) = initialised(setting, scope="all")
+    seen = {}
+    fit = recon_module.reconstruct_block
+
+    def record(*args, **kwargs):
+        seen.setdefault(args[-1], []).append((args[2].clone(), args[3].clone()))  # inputs, condition
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(recon_module, "reconstruct_block", record)
+    reconstruct_blocks(quantized, x, t, y, ReconConfig(**SHORT), order="weights_first", progress=False)
+    with torch.no_grad():  # FP, from the original model
+        hidden = model.t_embedder.mlp[1](model.t_embedder.mlp[0](timestep_frequencies(t)))
+        tokens, c = model.x_embedder(x) + model.pos_embed, model.t_embedder(t) + model.y_embedder(y, False)
+        for block in model.blocks:
+            tokens = block(tokens, c)
+    (rounding_hidden, _), (step_hidden, _) = seen["t_embedder.mlp.2"]
+    torch.testing.assert_close(step_hidden, hidden, rtol=1e-5, atol=1e-6)
+    assert (rounding_hidden - hidden).abs().max() > 1e-4 * hidden.abs().max()  # weight-quantized there
+    _, (step_tokens, step_c) = seen["final_layer"]
+    torch.testing.assert_close(step_tokens, tokens, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step_c, c, rtol=1e-5, atol=1e-6)
 
 
 def test_blocks_are_fitted_on_the_quantized_patch_embedding(setting, monkeypatch):

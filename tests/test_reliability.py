@@ -128,8 +128,9 @@ RECONSTRUCTING = [
 
 @pytest.mark.slow  # three calibrations with reconstruction: 2.5 min on 2 cores
 def test_calibration_killed_mid_reconstruction_resumes_after_its_last_finished_block(tmp_path):
-    """Q-Diffusion killed (SIGKILL) once two of the four blocks are reconstructed: the rerun loads
-    those two, fits the other two, and saves the calibration of an uninterrupted run, tensor for
+    """Q-Diffusion killed (SIGKILL) once two of its reconstruction units are finished (with its published
+    scope: the patch embedding and the timestep MLP's first Linear, of 16 units over two passes): the
+    rerun loads those, fits the rest, and saves the calibration of an uninterrupted run, tensor for
     tensor; the per-block folder is removed once the calibration is saved.
 
     Mutations caught: the job not passing its checkpoint folder (nothing resumed); a resumed block's

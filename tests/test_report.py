@@ -149,6 +149,23 @@ def test_results_recorded_before_a_setting_existed_join_its_default_row(tmp_path
     assert sorted(zip(table["quant.recon.precision"], table["seeds"])) == [("bf16", 1), ("fp32", 2)]
 
 
+def test_results_from_before_the_reconstruction_keys_keep_their_rows(tmp_path):
+    """Results written before ``quant.recon.reduction``, ``act_p`` and ``outside_blocks`` existed: a method
+    that does not reconstruct joins today's row (its quant.recon keys mean nothing to it), a reconstructing
+    method's old result is its own setting (it ran the per-input sum, blocks only). Mutation caught:
+    ``outside_blocks`` missing from ADDED_LATER (the old TQ-DiT job becomes a row of its own)."""
+    for method, seed in (("mrq_tgq", 0), ("qdiffusion", 0)):
+        old = write_job(tmp_path, [f"quant={method}", "quant/recon=quick", f"seed={seed}"], 14.0)
+        result = json.loads((old / "results.json").read_text())
+        for key in ("reduction", "act_p", "outside_blocks"):
+            del result["config"]["quant"]["recon"][key]
+        (old / "results.json").write_text(json.dumps(result))
+        write_job(tmp_path, [f"quant={method}", "quant/recon=quick", f"seed={seed + 1}"], 12.0)
+    table = summarize(load_results([tmp_path]))
+    rows = sorted(zip(table["method"], table["quant.recon.outside_blocks"].astype(str), table["seeds"]))
+    assert rows == [("mrq_tgq", "–", 2), ("qdiffusion", "False", 1), ("qdiffusion", "True", 1)]
+
+
 def test_settings_a_method_ignores_do_not_split_its_rows(tmp_path):
     """FP's rows do not split by bit width or quantizer settings, nor a method without time groups by G
     (the job runs those once; an old sweep holding both must still give one row)."""

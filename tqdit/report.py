@@ -100,7 +100,12 @@ def canonical(value):
 
 # Settings added after results were recorded, with the value every earlier job ran under: a result or
 # saved calibration without the key is that setting, not a new row (blank where its siblings are).
-ADDED_LATER = {"quant.recon.precision": "fp32"}
+ADDED_LATER = {
+    "quant.recon.precision": "fp32",
+    "quant.recon.reduction": "all",  # the per-input sum over tokens x hidden, before BRECQ's dim-1 sum
+    "quant.recon.act_p": None,  # the step phase used recon.p
+    "quant.recon.outside_blocks": False,  # only the blocks were reconstructed
+}
 
 
 def with_added_keys(flat: dict) -> dict:
