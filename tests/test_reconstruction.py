@@ -38,6 +38,19 @@ def initialised(setting, bits=4, scope="blocks"):
     return quantized, (calib.x[index], calib.t[index], calib.y[index])
 
 
+def record_fits(monkeypatch) -> dict[str, list[tuple]]:
+    """Every ``reconstruct_block`` call's (inputs, condition, target), by its label in call order; the
+    fits still run."""
+    seen, fit = {}, recon_module.reconstruct_block
+
+    def record(*args, **kwargs):
+        seen.setdefault(args[-1], []).append((args[2].clone(), args[3].clone(), args[4].clone()))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(recon_module, "reconstruct_block", record)
+    return seen
+
+
 def quant_state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -154,19 +167,12 @@ def test_every_pass_fits_the_blocks_to_fp_targets(setting, monkeypatch):
     did until this test; the step pass fed the quantized prefix."""
     model, _ = setting
     quantized, (x, t, y) = initialised(setting)
-    seen = {}
-    fit = recon_module.reconstruct_block
-
-    def record(*args, **kwargs):
-        seen.setdefault(args[-1], []).append((args[2].clone(), args[4].clone()))  # inputs, target
-        return fit(*args, **kwargs)
-
-    monkeypatch.setattr(recon_module, "reconstruct_block", record)
+    seen = record_fits(monkeypatch)
     reconstruct_blocks(quantized, x, t, y, ReconConfig(**SHORT), order="weights_first", progress=False)
     with torch.no_grad():  # the FP model, independently
         tokens, c = model.x_embedder(x) + model.pos_embed, model.t_embedder(t) + model.y_embedder(y, False)
         for number, block in enumerate(model.blocks):
-            (first_inputs, first_target), (second_inputs, second_target) = seen[f"block {number}"]
+            (first_inputs, _, first_target), (second_inputs, _, second_target) = seen[f"block {number}"]
             torch.testing.assert_close(second_inputs, tokens, rtol=1e-5, atol=1e-6)
             if number > 0:  # block 0's inputs are the (unquantized) embedding in both passes
                 # 10x the tolerance the second pass meets: the first pass does see the quantized prefix
@@ -182,24 +188,17 @@ def test_the_step_pass_feeds_units_outside_the_blocks_fp_inputs(setting, monkeyp
     Mutation caught: the outside units of the step pass fed from the quantized model."""
     model, _ = setting
     quantized, (x, t, y) = initialised(setting, scope="all")
-    seen = {}
-    fit = recon_module.reconstruct_block
-
-    def record(*args, **kwargs):
-        seen.setdefault(args[-1], []).append((args[2].clone(), args[3].clone()))  # inputs, condition
-        return fit(*args, **kwargs)
-
-    monkeypatch.setattr(recon_module, "reconstruct_block", record)
+    seen = record_fits(monkeypatch)
     reconstruct_blocks(quantized, x, t, y, ReconConfig(**SHORT), order="weights_first", progress=False)
     with torch.no_grad():  # FP, from the original model
         hidden = model.t_embedder.mlp[1](model.t_embedder.mlp[0](timestep_frequencies(t)))
         tokens, c = model.x_embedder(x) + model.pos_embed, model.t_embedder(t) + model.y_embedder(y, False)
         for block in model.blocks:
             tokens = block(tokens, c)
-    (rounding_hidden, _), (step_hidden, _) = seen["t_embedder.mlp.2"]
+    (rounding_hidden, _, _), (step_hidden, _, _) = seen["t_embedder.mlp.2"]
     torch.testing.assert_close(step_hidden, hidden, rtol=1e-5, atol=1e-6)
     assert (rounding_hidden - hidden).abs().max() > 1e-4 * hidden.abs().max()  # weight-quantized there
-    _, (step_tokens, step_c) = seen["final_layer"]
+    _, (step_tokens, step_c, _) = seen["final_layer"]
     torch.testing.assert_close(step_tokens, tokens, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(step_c, c, rtol=1e-5, atol=1e-6)
 
@@ -216,20 +215,13 @@ def test_blocks_are_fitted_on_the_quantized_patch_embedding(setting, monkeypatch
     index = np.arange(len(calib))[::2][:24]
     calibrate(quantized, calib, cfg, progress=False, index=index)
     x, t, y = calib.x[index], calib.t[index], calib.y[index]
-    seen = {}
-    fit = recon_module.reconstruct_block
-
-    def record(*args, **kwargs):
-        seen.setdefault(args[-1], args[2].clone())
-        return fit(*args, **kwargs)
-
-    monkeypatch.setattr(recon_module, "reconstruct_block", record)
+    seen = record_fits(monkeypatch)
     with quantization_disabled(quantized):
         fp_tokens, _ = recon_module.block_inputs(quantized, x, t, y, 256)
     reconstruct_blocks(quantized, x, t, y, ReconConfig(**SHORT), order="joint", progress=False)
     assert list(seen)[:2] == ["x_embedder.proj", "block 0"]  # the patch embedding is fitted first
     expected, _ = recon_module.block_inputs(quantized, x, t, y, 256)  # through the fitted embedding
-    assert torch.equal(seen["block 0"], expected)
+    assert torch.equal(seen["block 0"][0][0], expected)
     assert (expected - fp_tokens).abs().max() > 1e-2 * fp_tokens.abs().max()  # the embedding's error
 
 
@@ -241,17 +233,11 @@ def test_units_outside_the_blocks_are_fitted_as_the_baselines_code(setting, monk
     quantized model, the inputs from FP, the final layer fitted before the blocks or not at all."""
     model, calib = setting
     quantized, (x, t, y) = initialised(setting, scope="all")
-    seen = {}
-    fit = recon_module.reconstruct_block
-
-    def record(*args, **kwargs):
-        seen[args[-1]] = (args[2].clone(), args[3].clone(), args[4].clone())  # inputs, condition, target
-        return fit(*args, **kwargs)
-
-    monkeypatch.setattr(recon_module, "reconstruct_block", record)
+    calls = record_fits(monkeypatch)
     fitting = ReconConfig(**{**SHORT, "iters": 200, "p": 2.0})  # long enough for every unit to improve
     reports = reconstruct_blocks(quantized, x, t, y, fitting, order="per_block", progress=False)
     monkeypatch.undo()
+    seen = {label: fits[-1] for label, fits in calls.items()}  # one pass: one fit per unit
     units = ["x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "blocks.0", "blocks.1", "final_layer"]
     assert [r["unit"] for r in reports] == units
     with torch.no_grad():  # FP, from the original model
