@@ -318,6 +318,34 @@ def test_checkpoints_of_another_setting_are_not_used(setting, tmp_path):
     assert checkpoints.finished(len(fresh.blocks)) == 0
 
 
+def test_checkpoints_of_another_algorithm_version_are_not_used(setting, monkeypatch):
+    """A change of the fitting algorithm (ALGORITHM_VERSION) changes every fingerprint, so a job requeued
+    across it refits. Mutation caught: the version left out of the fingerprint."""
+    quantized, (x, t, y) = initialised(setting)
+    cfg = ReconConfig(**SHORT)
+    before = recon_module.fingerprint(quantized, x, t, y, cfg, "joint")
+    monkeypatch.setattr(recon_module, "ALGORITHM_VERSION", recon_module.ALGORITHM_VERSION + 1)
+    assert recon_module.fingerprint(quantized, x, t, y, cfg, "joint") != before
+
+
+def test_a_unit_called_twice_per_forward_is_refused(setting, monkeypatch):
+    """unit_io captures a unit's first call only, so a unit the model runs twice would be fitted on half
+    its work: it is refused by name. Mutation caught: the whole-forward call count not checked."""
+    quantized, (x, t, y) = initialised(setting, scope="all")
+    twice = type(quantized.x_embedder).forward
+
+    def embed_twice(self, inp):
+        self.proj(inp)
+        return twice(self, inp)
+
+    monkeypatch.setattr(type(quantized.x_embedder), "forward", embed_twice)
+    with pytest.raises(RuntimeError, match="x_embedder.proj runs 2 times in one forward.*outside_blocks=false"):
+        recon_module.unit_io(quantized, "x_embedder.proj", x, t, y, 64)
+    monkeypatch.undo()
+    inputs, output = recon_module.unit_io(quantized, "x_embedder.proj", x, t, y, 64)
+    assert torch.equal(inputs[0], x) and len(output) == len(x)
+
+
 def test_unknown_engine_is_refused():
     with pytest.raises(ValueError, match="quant.recon.engine='graph' is unknown: use one of fast, eager"):
         ReconConfig(engine="graph")

@@ -359,6 +359,17 @@ def unit_io(model, name: str, x, t, y, batch: int) -> tuple[list[torch.Tensor], 
     """The positional inputs module ``name`` is given, and its output, when the model as it is
     (quantized or not) runs on the calibration inputs; each forward stops after the module."""
     module, predict = model.get_submodule(name), family_of(model).predict
+    calls = []
+    counter = module.register_forward_hook(lambda *_: calls.append(1))
+    try:  # one whole forward of one input: a module called twice would be fitted on its first call only
+        with torch.no_grad():
+            predict(model, x[:1], t[:1], y[:1])
+    finally:
+        counter.remove()
+    if len(calls) != 1:
+        raise RuntimeError(f"{name} runs {len(calls)} times in one forward: reconstruction fits a module "
+                           "outside the blocks only if the model calls it once; "
+                           "set quant.recon.outside_blocks=false")
     inputs, outputs = [], []
 
     def keep(_module, args, output):
@@ -376,10 +387,6 @@ def unit_io(model, name: str, x, t, y, batch: int) -> tuple[list[torch.Tensor], 
                     pass
     finally:
         handle.remove()
-    if len(outputs) != -(-len(x) // batch):
-        batches = -(-len(x) // batch)
-        raise RuntimeError(f"{name} ran {len(outputs)} times for {batches} batches: reconstruction can fit "
-                           "a module outside the blocks only if the model calls it once")
     return [torch.cat(parts) for parts in zip(*inputs)], torch.cat(outputs)
 
 
@@ -616,6 +623,12 @@ def _nearest_error(block, linears, roundings, block_error) -> float:
     return error
 
 
+# Part of every checkpoint's fingerprint. Raise it with any change here that makes the same settings fit
+# differently (2: every pass fits to FP targets, Q-Diffusion's step pass on FP inputs, units outside the
+# blocks), so that a job requeued across such a change refits instead of mixing old and new blocks.
+ALGORITHM_VERSION = 2
+
+
 class BlockCheckpoints:
     """Per-block reconstruction state in a folder, so that a killed calibration resumes after its last
     finished block: ``block_NNN.safetensors`` holds block NNN's parameters and quantizer buffers once it is
@@ -668,7 +681,8 @@ def fingerprint(
     """A hash of what a reconstruction's result depends on (see BlockCheckpoints)."""
     digest = hashlib.sha256()
     settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}
-    digest.update(json.dumps({"recon": settings, "order": order}, sort_keys=True).encode())
+    digest.update(json.dumps({"recon": settings, "order": order, "algorithm": ALGORITHM_VERSION},
+                             sort_keys=True).encode())
     for tensor in (x, t, y):
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     with torch.no_grad():
