@@ -241,7 +241,12 @@ def test_quantized_job_records_method_and_reloads_its_calibration(tmp_path):
 
 
 def test_int8_job_runs_the_integer_path_and_records_it(tmp_path):
-    job = run_job(tmp_path, "int8", "quant=tgq", "bits=8", "quant.backend=int8", "quant.protocol=shared")
+    """A fake-quantized calibration sampled on the int8 kernels (quant.load): how a calibrated model is
+    executed is not part of what was calibrated. Mutation caught: quant.backend left in the setting
+    quant.load compares (the GPU tests' int8/FP8 FID checks load the same way)."""
+    fake = run_job(tmp_path, "fake", "quant=tgq", "bits=8", "quant.protocol=shared")
+    job = run_job(tmp_path, "int8", "quant=tgq", "bits=8", "quant.backend=int8", "quant.protocol=shared",
+                  f"quant.load={fake / 'quant_params.safetensors'}")
     quant = json.loads((job / "results.json").read_text())["quant"]
     # every Linear of the 4 blocks (the shared scope) has a uniform input under TGQ: all 20 run in int8
     assert quant["lowbit"] == {"int8_linear": 20, "int8_weight_linear": 0, "simulated": 0}

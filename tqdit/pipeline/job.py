@@ -386,11 +386,17 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path, decode=None
     return record
 
 
+# Keys of a job's setting that say how the calibrated model is executed, not what was calibrated: a
+# calibration made on a GPU may sample on the CPU, a fake-quantized one on the int8/FP8 kernels (the rows
+# then differ in these keys anyway).
+EXECUTION_KEYS = ("device", "quant.backend", "compile")
+
+
 def calibrated_setting(config: dict) -> dict:
-    """What a calibration depends on: the job's table setting (tqdit.report), less the device it ran on
-    (a calibration made on a GPU may sample on the CPU: the rows then differ in their device anyway)."""
+    """What a calibration depends on: the job's table setting (tqdit.report), less EXECUTION_KEYS."""
     setting = setting_of(config, None)
-    setting.pop("device")
+    for key in EXECUTION_KEYS:
+        setting.pop(key, None)
     return setting
 
 
