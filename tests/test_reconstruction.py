@@ -339,7 +339,8 @@ def test_a_unit_called_twice_per_forward_is_refused(setting, monkeypatch):
         return twice(self, inp)
 
     monkeypatch.setattr(type(quantized.x_embedder), "forward", embed_twice)
-    with pytest.raises(RuntimeError, match="x_embedder.proj runs 2 times in one forward.*outside_blocks=false"):
+    refused = "x_embedder.proj runs 2 times in one forward.*outside_blocks=false"
+    with pytest.raises(RuntimeError, match=refused):
         recon_module.unit_io(quantized, "x_embedder.proj", x, t, y, 64)
     monkeypatch.undo()
     inputs, output = recon_module.unit_io(quantized, "x_embedder.proj", x, t, y, 64)
