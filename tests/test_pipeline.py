@@ -240,6 +240,35 @@ def test_quantized_job_records_method_and_reloads_its_calibration(tmp_path):
     assert record["groups"] is None and record["search"] == "lp"
 
 
+def test_quant_load_compares_what_was_calibrated_not_how_it_runs(tmp_path):
+    """quant.load checks the setting a file records. Keys of how the calibrated model runs (backend,
+    compile), which files saved before 2026-12-06 still record, do not count; the reconstruction code's
+    version does for a method that reconstructs (a file without it is version 1). Mutations caught: the
+    saved setting's EXECUTION_KEYS kept (the old file is refused), the version not recorded (the
+    pre-version Q-Diffusion file loads)."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+    from test_report import resolved_config
+    from tqdit.errors import TqditError
+    from tqdit.pipeline.job import calibrated_setting, check_loaded_setting
+
+    def saved_file(method: str, drop: tuple = (), add: dict | None = None) -> Path:
+        cfg = OmegaConf.create(json.loads(resolved_config((f"quant={method}",))))
+        setting = {k: v for k, v in calibrated_setting(OmegaConf.to_container(cfg)).items() if k not in drop}
+        path = tmp_path / f"{method}-{len(drop)}-{len(add or {})}.safetensors"
+        metadata = {"setting": json.dumps({**setting, **(add or {})})}
+        save_file({"x": torch.zeros(1)}, str(path), metadata=metadata)
+        return cfg, path
+
+    cfg, path = saved_file("qdiffusion", add={"quant.backend": "simulated", "compile": False})
+    check_loaded_setting(cfg, path)  # an older file of the same setting loads
+    cfg, path = saved_file("qdiffusion", drop=("quant.recon.algorithm",))
+    with pytest.raises(TqditError, match="quant.recon.algorithm=1 there, 2 here"):
+        check_loaded_setting(cfg, path)
+    cfg, path = saved_file("mrq_tgq", drop=("quant.recon.algorithm",))
+    check_loaded_setting(cfg, path)  # no reconstruction: the version means nothing to it
+
+
 def test_int8_job_runs_the_integer_path_and_records_it(tmp_path):
     """A fake-quantized calibration sampled on the int8 kernels (quant.load): how a calibrated model is
     executed is not part of what was calibrated. Mutation caught: quant.backend left in the setting
@@ -250,6 +279,7 @@ def test_int8_job_runs_the_integer_path_and_records_it(tmp_path):
     quant = json.loads((job / "results.json").read_text())["quant"]
     # every Linear of the 4 blocks (the shared scope) has a uniform input under TGQ: all 20 run in int8
     assert quant["lowbit"] == {"int8_linear": 20, "int8_weight_linear": 0, "simulated": 0}
+    assert quant["loaded_from"].endswith("quant_params.safetensors") and "calibration_s" not in quant
     model_bytes = sum(
         t.numel() * t.element_size() for t in load_file(ROOT / "tqdit/assets/dit_mnist.safetensors").values()
     )

@@ -16,6 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from tqdit.pipeline.sweep import recorded_config
 from tqdit.report import load_results, summarize, to_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def resolved_config(overrides: tuple[str, ...]) -> str:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
-    return json.dumps(OmegaConf.to_container(cfg, resolve=True))
+    return json.dumps(recorded_config(cfg))  # as a job records it
 
 
 def write_job(
@@ -164,6 +165,22 @@ def test_results_from_before_the_reconstruction_keys_keep_their_rows(tmp_path):
     table = summarize(load_results([tmp_path]))
     rows = sorted(zip(table["method"], table["quant.recon.outside_blocks"].astype(str), table["seeds"]))
     assert rows == [("mrq_tgq", "–", 2), ("qdiffusion", "False", 1), ("qdiffusion", "True", 1)]
+
+
+def test_results_of_another_reconstruction_algorithm_keep_their_rows(tmp_path):
+    """A job records the version of the reconstruction code that fitted it (quant.recon.algorithm);
+    results from before it was recorded read as version 1. A reconstructing method's old and new results
+    are two rows, a method that does not reconstruct keeps one. Mutations caught: the version not
+    recorded (recorded_config), or missing from ADDED_LATER (the old Q-Diffusion row's key is blank)."""
+    for method in ("mrq_tgq", "qdiffusion"):
+        old = write_job(tmp_path, [f"quant={method}", "seed=0"], 14.0)
+        result = json.loads((old / "results.json").read_text())
+        del result["config"]["quant"]["recon"]["algorithm"]
+        (old / "results.json").write_text(json.dumps(result))
+        write_job(tmp_path, [f"quant={method}", "seed=1"], 12.0)
+    table = summarize(load_results([tmp_path]))
+    rows = sorted(zip(table["method"], table["quant.recon.algorithm"].astype(str), table["seeds"]))
+    assert rows == [("mrq_tgq", "–", 2), ("qdiffusion", "1", 1), ("qdiffusion", "2", 1)]
 
 
 def test_settings_a_method_ignores_do_not_split_its_rows(tmp_path):

@@ -105,6 +105,9 @@ ADDED_LATER = {
     "quant.recon.reduction": "all",  # the per-input sum over tokens x hidden, before BRECQ's dim-1 sum
     "quant.recon.act_p": None,  # the step phase used recon.p
     "quant.recon.outside_blocks": False,  # only the blocks were reconstructed
+    # recorded from version 2 on (tqdit.quant.reconstruct.ALGORITHM_VERSION); 1: anything before, e.g.
+    # Q-Diffusion's step pass on the quantized prefix, a later pass's targets from rounded weights
+    "quant.recon.algorithm": 1,
 }
 
 

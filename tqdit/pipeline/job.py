@@ -45,6 +45,7 @@ from tqdit.models.checkpoint import require_checkpoint
 from tqdit.models.vae import VAE_REPOS, latent_decoder, load_vae
 from tqdit.pipeline import distributed
 from tqdit.pipeline.generate import finished_batches, generate, merge_shards
+from tqdit.pipeline.sweep import recorded_config
 from tqdit.pipeline.tracking import log_to_wandb
 from tqdit.kernels import fused_attention
 from tqdit.kernels.lowbit import fp8_supported, to_low_bit, weight_bytes
@@ -374,7 +375,7 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path, decode=None
     record.update(cost)
     save_activation_ranges(model, job_dir / "activation_ranges.csv")
     atomic_write_json(job_dir / "quant_record.json", record)  # the cost, for a resumed job's results
-    setting = json.dumps(calibrated_setting(OmegaConf.to_container(cfg, resolve=True)))
+    setting = json.dumps(calibrated_setting(recorded_config(cfg)))
     save_quant_state(
         model,
         job_dir / "quant_params.safetensors",
@@ -405,8 +406,9 @@ def check_loaded_setting(cfg: DictConfig, path: Path) -> None:
     job's setting, so a file calibrated under another one (other bits, G, search, guidance, model …)
     is refused instead of silently sampling a different quantized model under this row's name."""
     metadata = saved_metadata(path)
-    if "setting" in metadata:
-        saved = with_added_keys(json.loads(metadata["setting"]))
+    if "setting" in metadata:  # files saved before EXECUTION_KEYS were left out still hold some of them
+        saved = {k: v for k, v in with_added_keys(json.loads(metadata["setting"])).items()
+                 if k not in EXECUTION_KEYS}
     elif (path.parent / "config.json").is_file():  # saved before settings were recorded: the job beside it
         saved = calibrated_setting(json.loads((path.parent / "config.json").read_text()))
     else:
@@ -414,7 +416,7 @@ def check_loaded_setting(cfg: DictConfig, path: Path) -> None:
             f"quant.load={path}: the file does not record the setting it was calibrated under (an older "
             "file away from its job directory); recalibrate, or load it from its job directory"
         )
-    mine = calibrated_setting(OmegaConf.to_container(cfg, resolve=True))
+    mine = calibrated_setting(recorded_config(cfg))
     differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
     if differ:
         shown = ", ".join(f"{k}={saved.get(k)} there, {mine.get(k)} here" for k in differ[:3])
@@ -501,7 +503,7 @@ def identical_finished_job(cfg: DictConfig, job_dir: Path, sweep_dir: Path) -> P
             kept["quant"] = {"name": kept["quant"].get("name")}
         return kept
 
-    mine = relevant(OmegaConf.to_container(cfg, resolve=True))
+    mine = relevant(recorded_config(cfg))
     for path in sorted(sweep_dir.rglob("results.json")):
         if path.parent.resolve() == job_dir.resolve():
             continue
@@ -577,7 +579,7 @@ def run_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path | None =
     job_dir = Path(job_dir)
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else None
     validate(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = recorded_config(cfg)
     done = distributed.on_rank_zero(already_done, cfg, config, job_dir, sweep_dir)
     if done is not None:
         return done

@@ -15,7 +15,20 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tqdit.quant.reconstruct import ALGORITHM_VERSION
 from tqdit.utils import atomic_write_json, resolve_device
+
+
+def recorded_config(cfg: DictConfig) -> dict:
+    """The resolved config as config.json, results.json and saved calibrations record it, with
+    ``quant.recon.algorithm``: the version of the reconstruction code that fitted it (no override sets it).
+    Results of another version form rows of their own and quant.load refuses their calibrations; results
+    recorded before the key existed read as version 1 (tqdit.report.ADDED_LATER)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    recon = (config.get("quant") or {}).get("recon")
+    if isinstance(recon, dict):
+        recon["algorithm"] = ALGORITHM_VERSION
+    return config
 
 
 def record_failure(cfg: DictConfig, job_dir: Path, error: BaseException) -> dict:
@@ -26,7 +39,7 @@ def record_failure(cfg: DictConfig, job_dir: Path, error: BaseException) -> dict
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "error.log").write_text("".join(traceback.format_exception(error)))
     message = f"{type(error).__name__}: {error}".splitlines()[0]
-    result = {"status": "failed", "error": message, "config": OmegaConf.to_container(cfg, resolve=True)}
+    result = {"status": "failed", "error": message, "config": recorded_config(cfg)}
     try:  # the device is part of a table row's setting (CPU and GPU round differently)
         result["environment"] = {"device": str(resolve_device(cfg.device))}
     except (ValueError, RuntimeError):  # an unparseable device: the job failed on it

@@ -623,9 +623,12 @@ def _nearest_error(block, linears, roundings, block_error) -> float:
     return error
 
 
-# Part of every checkpoint's fingerprint. Raise it with any change here that makes the same settings fit
-# differently (2: every pass fits to FP targets, Q-Diffusion's step pass on FP inputs, units outside the
-# blocks), so that a job requeued across such a change refits instead of mixing old and new blocks.
+# Part of every checkpoint's fingerprint and of every job's record (quant.recon.algorithm). Raise it with
+# any change here that makes the same settings fit differently, so that a job requeued across the change
+# refits instead of mixing old and new blocks, its results form a row of their own and quant.load refuses
+# the other version's calibrations. 1: whatever ran before the version was recorded (up to 2026-12-06,
+# commit 8555c00; Q-Diffusion's step pass on the quantized prefix until 9eab76c); 2: every pass fits to
+# FP targets, Q-Diffusion's step pass on FP inputs, units outside the blocks.
 ALGORITHM_VERSION = 2
 
 
