@@ -393,12 +393,13 @@ def quantize_model(cfg: DictConfig, model, diffusion, job_dir: Path, decode=None
 EXECUTION_KEYS = ("device", "quant.backend", "compile")
 
 
+def without_execution_keys(setting: dict) -> dict:
+    return {key: value for key, value in setting.items() if key not in EXECUTION_KEYS}
+
+
 def calibrated_setting(config: dict) -> dict:
     """What a calibration depends on: the job's table setting (tqdit.report), less EXECUTION_KEYS."""
-    setting = setting_of(config, None)
-    for key in EXECUTION_KEYS:
-        setting.pop(key, None)
-    return setting
+    return without_execution_keys(setting_of(config, None))
 
 
 def check_loaded_setting(cfg: DictConfig, path: Path) -> None:
@@ -407,8 +408,7 @@ def check_loaded_setting(cfg: DictConfig, path: Path) -> None:
     is refused instead of silently sampling a different quantized model under this row's name."""
     metadata = saved_metadata(path)
     if "setting" in metadata:  # files saved before EXECUTION_KEYS were left out still hold some of them
-        saved = {k: v for k, v in with_added_keys(json.loads(metadata["setting"])).items()
-                 if k not in EXECUTION_KEYS}
+        saved = without_execution_keys(with_added_keys(json.loads(metadata["setting"])))
     elif (path.parent / "config.json").is_file():  # saved before settings were recorded: the job beside it
         saved = calibrated_setting(json.loads((path.parent / "config.json").read_text()))
     else:

@@ -800,10 +800,9 @@ def reconstruct_blocks(
             for offset, name in enumerate(before):
                 report = fit_outside(name, first + offset, recon_pass)
                 finish(report, first + offset, name, model.get_submodule(name), number_of_pass)
-            # the quantized prefix: the patch embedding and timestep MLP may be quantized (scope "all")
-            if recon_pass.fp_inputs:
-                x_q, cond = x_fp_in, cond_fp
-            else:
+            if recon_pass.fp_inputs:  # every block on the FP chain's tokens and condition
+                cond = cond_fp
+            else:  # the quantized prefix: the patch embedding and timestep MLP may be quantized (scope "all")
                 x_q, cond = block_inputs(model, x, t, y, batch)
             x_fp = x_fp_in
             label = "reconstruct" + (f" pass {number_of_pass + 1}/{len(passes)}" if len(passes) > 1 else "")
@@ -813,19 +812,19 @@ def reconstruct_blocks(
                 # the FP target: the block's FP weights on the FP chain's tokens
                 with torch.no_grad(), quantization_disabled(model), _weights_restored(stored, fp_weights):
                     target = _batched(block, x_fp, cond_fp, batch=batch)
-                if recon_pass.fp_inputs:  # the FP chain's tokens, not the quantized prefix's
-                    x_q = x_fp
+                block_in = x_fp if recon_pass.fp_inputs else x_q
                 if unit < done:
                     report = resume(unit, stored, activations_off)
                 elif _fits(block):
-                    report = reconstruct_block(model, block, x_q, cond, target, cfg, phases, generator,
+                    report = reconstruct_block(model, block, block_in, cond, target, cfg, phases, generator,
                                                progress, f"block {number}")
                 else:  # outside the scope: nothing to fit; its error is the quantized prefix's
                     with torch.no_grad():
-                        error = float(lp_loss(_batched(block, x_q, cond, batch=batch), target, 2.0, "all"))
+                        output = _batched(block, block_in, cond, batch=batch)
+                        error = float(lp_loss(output, target, 2.0, "all"))
                     report = {"error_nearest": error, "error_after": error, "undecided_rounding": 0.0}
                 finish(report, unit, f"{family.block_list}.{number}", stored, number_of_pass)
-                if not recon_pass.fp_inputs:
+                if not recon_pass.fp_inputs:  # the quantized prefix's tokens for the next block
                     with torch.no_grad():
                         x_q = _batched(block, x_q, cond, batch=batch)
                 x_fp = target
